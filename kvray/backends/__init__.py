@@ -1,0 +1,1 @@
+"""Index backends that keep their state outside the process (Redis)."""

@@ -1,0 +1,246 @@
+"""kvray's configuration: pydantic models that reject unknown keys and describe every field.
+
+One file (``kvray.yaml``) holds everything a user tunes; ``KVRAY_*`` environment variables
+override single values (``KVRAY_INDEX__BACKEND=redis`` sets ``index.backend``). Defaults work
+for vLLM pods left at their defaults (block size 16, ``sha256``, PYTHONHASHSEED unset).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kvray.core.apply import ModelHashing
+from kvray.core.hashing import BlockHasher
+from kvray.errors import ConfigError
+
+ENV_PREFIX = "KVRAY_"
+HashAlgoName = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
+
+
+class _Strict(BaseModel):
+    # Reject unknown keys so typos fail at parse time instead of being silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """How one model's pods cache and hash blocks."""
+
+    block_size: int = Field(16, gt=0, le=4096, description="Tokens per KV block (--block-size).")
+    hash_algo: HashAlgoName = Field(
+        "sha256", description="The pods' --prefix-caching-hash-algo."
+    )
+    hash_seed: str | None = Field(
+        None,
+        description="The pods' PYTHONHASHSEED as a string; null when unset (xxhash* then "
+        "cannot be reproduced: request keys still work, hash checks are off).",
+    )
+    lora_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapter name -> path as loaded by vLLM (needed for engine keys and "
+        "hash checks of LoRA blocks).",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer directory (tokenizer.json + tokenizer_config.json) or hub name; "
+        "null: the model name.",
+    )
+
+    def hashing(self) -> ModelHashing:
+        """The core's view of this model's hashing."""
+        hasher = None
+        if self.hash_seed is not None or not self.hash_algo.startswith("xxhash"):
+            hasher = BlockHasher(self.hash_algo, self.hash_seed, self.block_size)
+        return ModelHashing(self.block_size, hasher, dict(self.lora_paths))
+
+
+class IndexConfig(_Strict):
+    """The index: keying, backend, bounds, scoring weights, TTLs."""
+
+    keys: Literal["request", "engine"] = Field(
+        "request",
+        description="'request': kvray's token-derived keys (works whatever the pods' hash "
+        "settings); 'engine': the pods' own u64 hashes (needs hash_algo/hash_seed to match).",
+    )
+    default_model: ModelConfig = Field(
+        default_factory=ModelConfig, description="Settings for models not listed in 'models'."
+    )
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="Per served-model-name settings."
+    )
+    backend: Literal["memory", "budget", "redis"] = Field(
+        "memory", description="Index backend: bounded LRU, byte-budgeted, or Redis."
+    )
+    max_keys: int = Field(
+        10_000_000, gt=0, description="memory backend: most (key, tier) entries kept (LRU)."
+    )
+    budget_bytes: int = Field(
+        512 * 2**20, gt=0, description="budget backend: byte budget per shard."
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis backend: redis://, rediss:// (TLS) or unix:// URL.",
+    )
+    redis_password: str | None = Field(
+        None, description="redis backend: password (or put it in the URL)."
+    )
+    redis_prefix: str = Field("kvray", description="redis backend: key prefix.")
+    tier_weights: dict[str, float] = Field(
+        default_factory=lambda: {"GPU": 1.0, "CPU": 0.8},
+        description="Weight of a block held in each tier; unnamed tiers weigh 1.0.",
+    )
+    verify_hashes: bool = Field(
+        True, description="Re-hash stored blocks to check each pod's hash contract."
+    )
+    speculative_ttl_s: float = Field(
+        5.0, gt=0, description="Lifetime of speculative entries recorded by /route."
+    )
+    pod_ttl_s: float | None = Field(
+        None, gt=0, description="Drop pods silent for longer than this; null: never."
+    )
+
+    def model(self, name: str) -> ModelConfig:
+        """The settings of ``name``."""
+        return self.models.get(name, self.default_model)
+
+    def backend_options(self) -> dict[str, Any]:
+        """Keyword options for ``create_backend(self.backend, ...)``."""
+        if self.backend == "memory":
+            return {"max_keys": self.max_keys}
+        if self.backend == "budget":
+            return {"budget_bytes": self.budget_bytes}
+        return {
+            "url": self.redis_url,
+            "password": self.redis_password,
+            "prefix": self.redis_prefix,
+        }
+
+
+class EventsConfig(_Strict):
+    """Where KV events come from."""
+
+    bind: list[str] = Field(
+        default_factory=list,
+        description="Endpoints kvray binds a SUB socket on, for pods that connect "
+        "(llm-d topology), e.g. tcp://0.0.0.0:5557.",
+    )
+    connect: list[PodEndpoint] = Field(
+        default_factory=list, description="Pods that bind their PUB socket (vLLM default)."
+    )
+    replay_timeout_s: float = Field(
+        1.0, gt=0, description="How long to wait for a replay answer before counting a loss."
+    )
+    flush_interval_s: float = Field(
+        0.005, gt=0, description="Longest time events wait in an ingestor before shipping."
+    )
+    flush_events: int = Field(
+        2048, gt=0, description="Blocks that trigger an immediate shipment to a shard."
+    )
+    max_inflight: int = Field(
+        4, gt=0, description="Shard calls in flight per ingestor (backpressure beyond)."
+    )
+
+
+class PodEndpoint(_Strict):
+    """A pod whose PUB socket kvray connects to."""
+
+    endpoint: str = Field(description="The pod's PUB endpoint, e.g. tcp://10.0.0.7:5557.")
+    replay_endpoint: str | None = Field(
+        None, description="The pod's replay ROUTER endpoint, e.g. tcp://10.0.0.7:5558."
+    )
+    pod: str | None = Field(
+        None, description="Pod id used when the pod publishes with an empty topic."
+    )
+    model: str | None = Field(None, description="Model used when the topic is empty.")
+
+    @field_validator("endpoint", "replay_endpoint")
+    @classmethod
+    def _zmq_endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"{v!r} is not a ZMQ endpoint (tcp://, ipc:// or inproc://)")
+        return v
+
+
+EventsConfig.model_rebuild()
+
+
+class ServeConfig(_Strict):
+    """The HTTP endpoint."""
+
+    host: str = Field("127.0.0.1", description="Interface the HTTP endpoint listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    auth_token: str | None = Field(
+        None, description="Bearer token required on every route but /healthz; null: none."
+    )
+    max_body_bytes: int = Field(8 * 2**20, gt=0, description="Largest request body accepted.")
+    max_prompt_chars: int = Field(2_000_000, gt=0, description="Largest prompt accepted.")
+    max_messages: int = Field(4096, gt=0, description="Most chat messages in one request.")
+    max_pods_per_request: int = Field(4096, gt=0, description="Most pods in a 'pods' filter.")
+
+
+class Config(_Strict):
+    """Everything kvray needs to run on a Ray cluster."""
+
+    namespace: str = Field("kvray", description="Ray namespace of kvray's named actors.")
+    num_shards: int = Field(2, gt=0, le=1024, description="Index shard actors.")
+    num_ingestors: int = Field(1, gt=0, le=256, description="Ingestion actors.")
+    num_tokenizers: int = Field(1, gt=0, le=256, description="Tokenizer actors in the pool.")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="The index.")
+    events: EventsConfig = Field(default_factory=EventsConfig, description="Event sources.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP endpoint.")
+
+
+def _set_path(doc: dict[str, Any], path: list[str], value: Any) -> None:
+    node = doc
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Load ``kvray.yaml`` (or defaults when ``path`` is None) and apply ``KVRAY_*`` overrides.
+
+    ``KVRAY_A__B=value`` sets ``a.b``; the value is parsed as YAML (``2``, ``true``, ``[..]``).
+
+    Raises:
+        ConfigError: naming the file, the field and what is wrong.
+    """
+    doc: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {where}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {where} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {where} must be a mapping at the top level")
+        doc = loaded or {}
+    environ = os.environ if env is None else env
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_path(doc, name.split("__"), value)
+    try:
+        return Config.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid config ({where}): {problems}") from exc

@@ -1,0 +1,370 @@
+"""Applying decoded event batches to an index backend: keying, hash-contract checks, TTLs.
+
+This is the whole write path of a shard, as plain Python: ``IndexWriter.apply_batch`` turns one
+holder's events into backend ``add``/``remove``/``clear_pod`` calls, keyed either by kvray request
+keys (default; immune to the pods' hash settings) or by the pods' engine keys. It also
+
+* checks each pod's hash contract (re-hashes ``BlockStored`` blocks whose parent digest is known)
+  and counts mismatches per holder;
+* holds speculative entries (``record_route``) until their TTL passes;
+* remembers when each holder was last heard from, so silent holders can be dropped.
+
+Invariant: nothing here raises on event content; problems are counted in ``ApplyResult``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kvray.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, as_u64
+from kvray.core.hashing import BlockHasher, event_key
+from kvray.core.index.base import SPECULATIVE, IndexBackend, normalize_tier
+from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
+from kvray.errors import ConfigError, MalformedFrame
+from kvray.types import PodId, Tier
+
+KeyMode = Literal["request", "engine"]
+
+
+@dataclass(slots=True, frozen=True)
+class ModelHashing:
+    """How a model's pods hash blocks (for engine keys and the contract check)."""
+
+    block_size: int = 16
+    """Tokens per block (vLLM ``--block-size``)."""
+    hasher: BlockHasher | None = None
+    """The pods' algorithm and seed; None when unknown (xxhash with no seed): no checks."""
+    lora_paths: Mapping[str, str] = field(default_factory=dict)
+    """LoRA name → path, needed to reproduce vLLM ≥ 0.24's tagged LoRA extra key."""
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What one ``apply_batch`` did, as counts (metrics are published from these)."""
+
+    stored_blocks: int = 0
+    removed_blocks: int = 0
+    cleared: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Blocks (or events) not applied, by reason: ``unknown_parent``, ``no_token_ids``, ..."""
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + n
+
+    def merge(self, other: ApplyResult) -> None:
+        self.stored_blocks += other.stored_blocks
+        self.removed_blocks += other.removed_blocks
+        self.cleared += other.cleared
+        for k, v in other.rejected.items():
+            self.reject(k, v)
+
+
+@dataclass(slots=True)
+class HashContract:
+    """A holder's hash-contract record."""
+
+    checked: int = 0
+    """Blocks re-hashed."""
+    mismatched: int = 0
+    """Blocks whose published hash differed from kvray's recomputation."""
+    block_size_mismatch: int = 0
+    """Events whose block size differs from the model's configured one (never matchable)."""
+    last_mismatch: str = ""
+    """A human-readable description of the latest mismatch."""
+
+    @property
+    def status(self) -> str:
+        if self.mismatched or self.block_size_mismatch:
+            return "mismatch"
+        return "ok" if self.checked else "unchecked"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "checked": self.checked,
+            "mismatched": self.mismatched,
+            "block_size_mismatch": self.block_size_mismatch,
+            "last_mismatch": self.last_mismatch,
+        }
+
+
+_DIGEST_CACHE_MAX = 1 << 16  # digests kept to check child events (~80 B each: ~5 MiB)
+
+
+class IndexWriter:
+    """The write path (and key derivation) over one backend.
+
+    Args:
+        backend: where keys live.
+        hashing: model name → its ``ModelHashing``.
+        key_mode: ``"request"`` (default) or ``"engine"``.
+        verify_hashes: re-hash ``BlockStored`` blocks to check each pod's hash contract.
+        speculative_ttl_s: lifetime of ``record_route`` entries.
+        clock: time source (injected in tests).
+    """
+
+    def __init__(
+        self,
+        backend: IndexBackend,
+        hashing: Callable[[str], ModelHashing],
+        *,
+        key_mode: KeyMode = "request",
+        verify_hashes: bool = True,
+        speculative_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if key_mode not in ("request", "engine"):
+            raise ConfigError(f"key_mode must be 'request' or 'engine', got {key_mode!r}")
+        self.backend = backend
+        self.hashing = hashing
+        self.key_mode = key_mode
+        self.verify_hashes = verify_hashes
+        self.speculative_ttl_s = speculative_ttl_s
+        self.clock = clock
+        self.contracts: dict[PodId, HashContract] = {}
+        self.last_seen: dict[PodId, float] = {}
+        self.models: dict[PodId, str] = {}
+        self._digests: dict[int, bytes] = {}
+        self._spec: list[tuple[float, int, PodId, list[int]]] = []
+        self._spec_seq = 0
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def block_keys(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        *,
+        lora: LoRA | str | None = None,
+        cache_salt: str | None = None,
+        mm: Sequence[MMFeature] = (),
+    ) -> list[int]:
+        """The index keys of every full block of a prompt, in this writer's key mode."""
+        h = self.hashing(model)
+        n = len(tokens) // h.block_size
+        if isinstance(lora, str):
+            lora = LoRA(lora, h.lora_paths.get(lora, ""))
+        has_extra = lora is not None or cache_salt is not None or bool(mm)
+        if self.key_mode == "request":
+            extras = (
+                extra_keys(n, h.block_size, lora=lora, cache_salt=cache_salt, mm=mm, form="event")
+                if has_extra
+                else None
+            )
+            return request_keys(tokens, h.block_size, model_root(model), extras)
+        if h.hasher is None:
+            raise ConfigError(
+                f"engine keys need the hash algorithm and seed of model {model!r}'s pods"
+            )
+        tagged = (
+            extra_keys(n, h.block_size, lora=lora, cache_salt=cache_salt, mm=mm)
+            if has_extra
+            else None
+        )
+        tag = model_tag(model)
+        return [k ^ tag for k in h.hasher.event_keys(tokens, tagged)]
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def apply_batch(self, holder: PodId, model: str, batch: EventBatch) -> ApplyResult:
+        """Apply one holder's decoded batch, in order."""
+        res = ApplyResult()
+        self.last_seen[holder] = self.clock()
+        self.models[holder] = model
+        tag = model_tag(model)
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                self._stored(holder, model, tag, ev, res)
+            elif isinstance(ev, BlockRemoved):
+                self._removed(holder, tag, ev, res)
+            elif isinstance(ev, AllBlocksCleared):
+                self.backend.clear_pod(holder)
+                res.cleared += 1
+        if self._spec:
+            self.expire()
+        return res
+
+    def _stored(
+        self, holder: PodId, model: str, tag: int, ev: BlockStored, res: ApplyResult
+    ) -> None:
+        n = len(ev.block_hashes)
+        if not n:
+            return
+        h = self.hashing(model)
+        engine = [as_u64(x) ^ tag for x in ev.block_hashes]
+        if ev.block_size != h.block_size:
+            self._contract(holder).block_size_mismatch += 1
+        if self.verify_hashes and ev.token_ids and h.hasher is not None:
+            self._check_contract(holder, model, tag, ev, h)
+        tier = normalize_tier(ev.medium)
+        if self.key_mode == "engine":
+            self.backend.add(holder, tier, engine)
+            res.stored_blocks += n
+            return
+        if not ev.token_ids:
+            res.reject("no_token_ids", n)
+            return
+        if ev.parent_block_hash is None:
+            parent: int | None = model_root(model)
+        else:
+            parent = self.backend.get_engine_map([as_u64(ev.parent_block_hash) ^ tag])[0]
+            if parent is None:
+                res.reject("unknown_parent", n)
+                return
+        extras = ev.extra_keys
+        if extras is None and ev.lora_name is not None:
+            extras = [[ev.lora_name]] * n
+        try:
+            keys = request_keys(ev.token_ids, ev.block_size, parent, extras)
+        except MalformedFrame:
+            res.reject("schema", n)
+            return
+        self.backend.add(holder, tier, keys)
+        self.backend.put_engine_map(list(zip(engine, keys, strict=True)))
+        res.stored_blocks += n
+
+    def _removed(self, holder: PodId, tag: int, ev: BlockRemoved, res: ApplyResult) -> None:
+        engine = [as_u64(x) ^ tag for x in ev.block_hashes]
+        tier = normalize_tier(ev.medium)
+        if self.key_mode == "engine":
+            keys = engine
+        else:
+            resolved = self.backend.get_engine_map(engine)
+            keys = [k for k in resolved if k is not None]
+            if len(keys) != len(engine):
+                res.reject("unknown_removed", len(engine) - len(keys))
+        self.backend.remove(holder, tier, keys)
+        res.removed_blocks += len(keys)
+
+    # --- hash contract ---------------------------------------------------------------------
+
+    def _contract(self, holder: PodId) -> HashContract:
+        c = self.contracts.get(holder)
+        if c is None:
+            c = self.contracts[holder] = HashContract()
+        return c
+
+    def _check_contract(
+        self, holder: PodId, model: str, tag: int, ev: BlockStored, h: ModelHashing
+    ) -> None:
+        assert h.hasher is not None
+        if ev.parent_block_hash is None:
+            parent: bytes | None = None
+        else:
+            parent = self._digests.get(as_u64(ev.parent_block_hash) ^ tag)
+            if parent is None:
+                return  # parent digest unknown (checked elsewhere or evicted): cannot verify
+        tagged = _tagged_extras(ev, h.lora_paths)
+        if tagged is False:
+            return  # extras kvray cannot reproduce (LoRA path unknown)
+        hasher = h.hasher
+        if hasher.block_size != ev.block_size:
+            hasher = BlockHasher(hasher.algo, hasher.seed, ev.block_size)
+        digests = hasher.hashes(ev.token_ids, tagged, parent)
+        c = self._contract(holder)
+        c.checked += len(digests)
+        bad = 0
+        for i, (d, published) in enumerate(zip(digests, ev.block_hashes, strict=False)):
+            want = event_key(d)
+            got = as_u64(published)
+            if want != got:
+                bad += 1
+                if not c.last_mismatch or bad == 1:
+                    c.last_mismatch = (
+                        f"block {i} of a BlockStored: published {got:#018x}, kvray computes "
+                        f"{want:#018x} with {hasher.algo}, seed {hasher.seed!r}, "
+                        f"block size {hasher.block_size}"
+                    )
+                break  # later blocks chain from a wrong parent; one mismatch says it all
+            if len(self._digests) >= _DIGEST_CACHE_MAX:
+                self._digests.clear()
+            self._digests[got ^ tag] = d
+        c.mismatched += bad
+
+    def contract(self, holder: str | None = None) -> dict[str, dict[str, Any]]:
+        """Hash-contract status per holder (or of one holder)."""
+        if holder is not None:
+            c = self.contracts.get(PodId(holder))
+            return {holder: (c or HashContract()).as_dict()}
+        return {p: c.as_dict() for p, c in self.contracts.items()}
+
+    # --- speculative entries, staleness ----------------------------------------------------
+
+    def record_route(self, holder: PodId, keys: Sequence[int], ttl_s: float | None = None) -> None:
+        """Hold ``keys`` for ``holder`` in the speculative tier until the TTL passes."""
+        if not keys:
+            return
+        ttl = self.speculative_ttl_s if ttl_s is None else ttl_s
+        self.backend.add(holder, SPECULATIVE, keys)
+        self._spec_seq += 1
+        heapq.heappush(self._spec, (self.clock() + ttl, self._spec_seq, holder, list(keys)))
+
+    def expire(self) -> int:
+        """Drop speculative entries whose TTL passed; returns how many entries expired."""
+        now = self.clock()
+        n = 0
+        while self._spec and self._spec[0][0] <= now:
+            _, _, holder, keys = heapq.heappop(self._spec)
+            self.backend.remove(holder, SPECULATIVE, keys)
+            n += 1
+        return n
+
+    def clear_holder(self, holder: PodId) -> None:
+        """Forget a holder entirely (restart, removal, silence)."""
+        self.backend.clear_pod(holder)
+        self.last_seen.pop(holder, None)
+
+    def drop_silent(self, max_silence_s: float) -> list[PodId]:
+        """Clear holders not heard from for longer than ``max_silence_s``; returns them."""
+        cutoff = self.clock() - max_silence_s
+        gone = [p for p, t in self.last_seen.items() if t < cutoff]
+        for p in gone:
+            self.clear_holder(p)
+            self.models.pop(p, None)
+        return gone
+
+    def score(
+        self,
+        keys: Sequence[int],
+        weights: Mapping[str, float],
+        pods: Collection[str] | None = None,
+    ) -> dict[PodId, float]:
+        """Backend score after expiring stale speculative entries."""
+        if self._spec:
+            self.expire()
+        return self.backend.score(keys, weights, pods)
+
+
+def _tagged_extras(ev: BlockStored, lora_paths: Mapping[str, str]) -> list[Any] | None | bool:
+    """Rebuild vLLM ≥ 0.24's tagged extra keys from an event's untagged ones.
+
+    Returns None when no block has extras, False when they cannot be rebuilt.
+    """
+    if ev.extra_keys is None or all(e is None for e in ev.extra_keys):
+        return None
+    out: list[Any] = []
+    for i, entry in enumerate(ev.extra_keys):
+        if entry is None:
+            out.append(None)
+            continue
+        keys: list[Any] = []
+        for j, item in enumerate(entry):
+            if isinstance(item, list) and len(item) == 2:
+                keys.append(("mm", item[0], item[1]))
+            elif isinstance(item, str) and j == 0 and ev.lora_name == item:
+                path = lora_paths.get(item)
+                if path is None:
+                    return False
+                keys.append(("lora", item, path))
+            elif isinstance(item, str) and i == 0:
+                keys.append(("cache_salt", item))
+            elif isinstance(item, bytes):
+                keys.append(("prompt_embeds", item))
+            else:
+                return False
+        out.append(tuple(keys))
+    return out

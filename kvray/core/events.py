@@ -1,0 +1,317 @@
+"""vLLM's KV-event wire types, mirrored as msgspec Structs, and the one decoder kvray uses.
+
+A payload is one msgpack event batch ``[ts, events, data_parallel_rank]`` (or a map with those
+keys). Events are maps tagged by ``"type"`` (vLLM ≥ 0.24) or positional arrays whose first element
+is the type name (vLLM ≤ 0.23). Unknown fields are ignored; new vLLM fields are declared with
+defaults at the end, as vLLM itself does, so old frames keep decoding.
+
+Invariant: ``EventDecoder.decode`` returns an ``EventBatch`` or raises ``MalformedFrame``; no
+other exception escapes, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+
+from kvray.errors import MalformedFrame
+
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+BlockHash = U64 | bytes
+"""A block hash as published: a u64 (vLLM default) or the raw digest bytes."""
+
+
+class BlockStored(msgspec.Struct, tag=True, tag_field="type", gc=False):
+    """New full blocks entered a pod's prefix cache (one event per request step)."""
+
+    block_hashes: list[BlockHash]
+    """Hashes of the stored blocks, in prompt order."""
+    parent_block_hash: BlockHash | None = None
+    """Hash of the block just before the first stored block; nil when they start at token 0."""
+    token_ids: list[int] = []
+    """All tokens of all stored blocks, concatenated (n_blocks × block_size)."""
+    block_size: int = 16
+    """Tokens per block on that pod."""
+    lora_id: int | None = None
+    """Deprecated integer LoRA id."""
+    medium: str | None = None
+    """Storage tier (``"GPU"``, ``"CPU"``, ...); nil means GPU."""
+    lora_name: str | None = None
+    """LoRA adapter name, when the request used one."""
+    extra_keys: list[Any] | None = None
+    """Per block, the UNTAGGED extra keys vLLM hashed (LoRA name, salt, ``[mm_id, offset]``)."""
+    group_idx: int | None = None
+    """KV-cache group (hybrid models)."""
+
+
+class BlockRemoved(msgspec.Struct, tag=True, tag_field="type", gc=False):
+    """Blocks left a pod's prefix cache (vLLM emits one per evicted block)."""
+
+    block_hashes: list[BlockHash]
+    """Hashes of the removed blocks."""
+    medium: str | None = None
+    """Tier they were removed from; nil means GPU."""
+    group_idx: int | None = None
+    """KV-cache group (hybrid models)."""
+
+
+class AllBlocksCleared(msgspec.Struct, tag=True, tag_field="type", gc=False):
+    """The pod's prefix cache was reset: it now holds nothing (no removals precede this)."""
+
+
+class _BlockStoredArr(BlockStored, array_like=True, tag="BlockStored"):
+    pass
+
+
+class _BlockRemovedArr(BlockRemoved, array_like=True, tag="BlockRemoved"):
+    pass
+
+
+class _AllBlocksClearedArr(AllBlocksCleared, array_like=True, tag="AllBlocksCleared"):
+    pass
+
+
+Event = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class _BatchArrMap(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+class _BatchArrArr(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_BlockStoredArr | _BlockRemovedArr | _AllBlocksClearedArr]
+    data_parallel_rank: int | None = None
+
+
+class _BatchMapMap(msgspec.Struct, gc=False):
+    ts: float
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
+
+
+class _BatchMapArr(msgspec.Struct, gc=False):
+    ts: float
+    events: list[_BlockStoredArr | _BlockRemovedArr | _AllBlocksClearedArr]
+    data_parallel_rank: int | None = None
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """One decoded payload: its timestamp, events (in order) and data-parallel rank."""
+
+    ts: float
+    """Publisher wall clock, seconds."""
+    events: list[Any]
+    """``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` instances (or subclasses)."""
+    data_parallel_rank: int | None
+    """The engine's DP rank (nil or 0 for the pod itself)."""
+
+
+@dataclass(slots=True, frozen=True)
+class DecodeLimits:
+    """Bounds that turn absurd input into ``MalformedFrame(reason="size")`` instead of OOM."""
+
+    max_payload_bytes: int = 64 * 2**20
+    """Largest payload accepted (vLLM batches are KBs; 64 MiB is far beyond any real step)."""
+    max_events: int = 100_000
+    """Most events in one batch."""
+    max_blocks_per_event: int = 1 << 20
+    """Most block hashes in one event (1 M blocks = 16 M tokens at block size 16)."""
+
+
+_ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
+_MAP_HEADS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
+
+
+class EventDecoder:
+    """Decodes payloads of any supported form; remembers which event form last worked.
+
+    Build one per ingestor (decoders are cheap but not free) and call ``decode`` per payload.
+    """
+
+    def __init__(self, limits: DecodeLimits | None = None) -> None:
+        self.limits = limits or DecodeLimits()
+        self._arr = [msgspec.msgpack.Decoder(_BatchArrMap), msgspec.msgpack.Decoder(_BatchArrArr)]
+        self._map = [msgspec.msgpack.Decoder(_BatchMapMap), msgspec.msgpack.Decoder(_BatchMapArr)]
+
+    def decode(self, payload: bytes) -> EventBatch:
+        """Decode one payload.
+
+        Raises:
+            MalformedFrame: with ``reason`` ``size``, ``msgpack``, ``schema`` or ``token_count``.
+        """
+        lim = self.limits
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise MalformedFrame(f"payload must be bytes, not {type(payload).__name__}")
+        if len(payload) > lim.max_payload_bytes:
+            raise MalformedFrame(
+                f"payload of {len(payload)} bytes exceeds {lim.max_payload_bytes}", reason="size"
+            )
+        if not payload:
+            raise MalformedFrame("empty payload", reason="msgpack")
+        head = payload[0]
+        if head in _ARRAY_HEADS:
+            decoders = self._arr
+        elif head in _MAP_HEADS:
+            decoders = self._map
+        else:
+            raise MalformedFrame(
+                f"payload is not a msgpack array or map batch (first byte 0x{head:02x})",
+                reason="msgpack",
+            )
+        first_error: Exception | None = None
+        for i, dec in enumerate(decoders):
+            try:
+                raw = dec.decode(payload)
+            except msgspec.ValidationError as exc:
+                first_error = first_error or exc
+                continue
+            except (msgspec.DecodeError, RecursionError, MemoryError, ValueError) as exc:
+                raise MalformedFrame(f"invalid msgpack: {exc}", reason="msgpack") from exc
+            if i:  # the other event form worked: try it first next time (legacy pods)
+                decoders.reverse()
+            batch = EventBatch(raw.ts, raw.events, raw.data_parallel_rank)
+            self._check(batch)
+            return batch
+        raise MalformedFrame(f"not a vLLM event batch: {first_error}", reason="schema")
+
+    def _check(self, batch: EventBatch) -> None:
+        lim = self.limits
+        if len(batch.events) > lim.max_events:
+            raise MalformedFrame(
+                f"batch has {len(batch.events)} events, more than {lim.max_events}", reason="size"
+            )
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                n = len(ev.block_hashes)
+                if n > lim.max_blocks_per_event:
+                    raise MalformedFrame(f"BlockStored with {n} blocks", reason="size")
+                if ev.block_size <= 0:
+                    raise MalformedFrame(
+                        f"BlockStored block_size must be positive, got {ev.block_size}"
+                    )
+                if ev.token_ids and len(ev.token_ids) != n * ev.block_size:
+                    raise MalformedFrame(
+                        f"BlockStored has {len(ev.token_ids)} token_ids for {n} blocks of "
+                        f"{ev.block_size}",
+                        reason="token_count",
+                    )
+                if ev.extra_keys is not None and len(ev.extra_keys) != n:
+                    raise MalformedFrame(
+                        f"BlockStored has {len(ev.extra_keys)} extra_keys entries for {n} blocks"
+                    )
+            elif isinstance(ev, BlockRemoved) and len(ev.block_hashes) > lim.max_blocks_per_event:
+                raise MalformedFrame(
+                    f"BlockRemoved with {len(ev.block_hashes)} blocks", reason="size"
+                )
+
+
+def as_u64(h: int | bytes) -> int:
+    """A published hash as the u64 events carry by default (raw digests: their last 8 bytes)."""
+    return h if type(h) is int else int.from_bytes(h[-8:], "big")  # type: ignore[arg-type]
+
+
+class WireBlockStored(msgspec.Struct, tag="BlockStored", tag_field="type", omit_defaults=True):
+    """``BlockStored`` exactly as vLLM 0.33 declares it, for byte-identical encoding.
+
+    Required fields (no default) are always written, optional ones only when set: the same
+    15-field layout makes msgspec emit the same map16 header vLLM does.
+    """
+
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[Any] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[int] | None = None
+
+
+class WireBlockRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", omit_defaults=True):
+    """``BlockRemoved`` exactly as vLLM 0.33 declares it."""
+
+    block_hashes: list[int | bytes]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class WireAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", tag_field="type"):
+    """``AllBlocksCleared`` exactly as vLLM 0.33 declares it."""
+
+
+WireEvent = WireBlockStored | WireBlockRemoved | WireAllBlocksCleared
+
+
+class _WireBatch(msgspec.Struct, array_like=True, omit_defaults=False):
+    ts: float
+    events: list[WireEvent]
+    data_parallel_rank: int | None
+
+
+class _LegacyBlockStored(msgspec.Struct, array_like=True, tag="BlockStored"):
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None = None
+
+
+class _LegacyBlockRemoved(msgspec.Struct, array_like=True, tag="BlockRemoved"):
+    block_hashes: list[int | bytes]
+    medium: str | None
+
+
+class _LegacyAllBlocksCleared(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):
+    pass
+
+
+class _LegacyBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[_LegacyBlockStored | _LegacyBlockRemoved | _LegacyAllBlocksCleared]
+    data_parallel_rank: int | None
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_batch(
+    events: list[WireEvent], *, ts: float, data_parallel_rank: int | None = 0, legacy: bool = False
+) -> bytes:
+    """Encode a batch the way vLLM's publisher does: byte-identical to vLLM 0.33 by default.
+
+    With ``legacy=True``, events are positional arrays as vLLM ≤ 0.23 sent them (the fields
+    vLLM 0.33 added are dropped).
+    """
+    if not legacy:
+        return _encoder.encode(_WireBatch(ts, events, data_parallel_rank))
+    conv: list[Any] = []
+    for ev in events:
+        if isinstance(ev, WireBlockStored):
+            conv.append(
+                _LegacyBlockStored(
+                    ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size,
+                    ev.lora_id, ev.medium, ev.lora_name,
+                )
+            )
+        elif isinstance(ev, WireBlockRemoved):
+            conv.append(_LegacyBlockRemoved(ev.block_hashes, ev.medium))
+        else:
+            conv.append(_LegacyAllBlocksCleared())
+    return _encoder.encode(_LegacyBatch(ts, conv, data_parallel_rank))

@@ -1,0 +1,126 @@
+"""The index backend contract: which holder has which block key, in which tier.
+
+Every backend (in-memory LRU, byte-budgeted, Redis) implements :class:`IndexBackend`, and one
+contract test suite (``tests/unit/test_index_contract.py``) runs against all of them. Keys are
+u64 ints already namespaced by model (see ``core.keys``); the backend never interprets them.
+
+Semantics every backend keeps:
+
+* ``add``/``remove`` are idempotent per (key, holder, tier).
+* ``clear_pod`` makes the holder hold nothing, in every tier, at once (O(1) amortised in the
+  memory backends).
+* ``score`` is the longest consecutive prefix of ``keys`` held by each holder, summed with the
+  weight of the best tier the holder has for each block (spec §5); holders lacking block 0 are
+  absent, not 0.
+* The engine map (engine key → request key) lives in the backend so that it is shared by every
+  reader of the same backend (e.g. two kvray deployments on one Redis); it may forget entries
+  whose request key is no longer indexed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from kvray.types import GPU, PodId, Tier
+
+SPECULATIVE = Tier("SPECULATIVE")
+"""The tier holding speculative entries recorded by ``record_route`` (short TTL)."""
+
+DEFAULT_TIER_WEIGHTS: Mapping[str, float] = {"GPU": 1.0, "CPU": 0.8}
+"""llm-d's defaults; a tier missing from the mapping weighs 1.0."""
+
+
+def normalize_tier(medium: str | None) -> Tier:
+    """Map an event's ``medium`` to a tier name: nil means GPU; names are upper-cased."""
+    if not medium:
+        return GPU
+    return Tier(medium.upper())
+
+
+def tier_weight(weights: Mapping[str, float], tier: str) -> float:
+    """The weight of ``tier`` (1.0 when the mapping does not name it)."""
+    return weights.get(tier, 1.0)
+
+
+@dataclass(slots=True)
+class IndexStats:
+    """A backend's size and activity, as plain data (``kvray.metrics`` publishes it)."""
+
+    backend: str
+    """Registry name of the backend."""
+    keys: int = 0
+    """Distinct (key, tier) entries held."""
+    pairs: int = 0
+    """(block key, holder, tier) triples held; the denominator of bytes per pair."""
+    pods: int = 0
+    """Holders with a slot (holding, or cleared but not yet swept)."""
+    evicted_keys: int = 0
+    """Keys dropped by the size bound since start."""
+    engine_map_entries: int = 0
+    """Entries in the engine key → request key map."""
+    bytes_estimate: int = 0
+    """Estimated bytes held by the index structures (0 when unknown, e.g. Redis)."""
+    per_tier: dict[str, int] = field(default_factory=dict)
+    """Keys per tier."""
+
+
+@runtime_checkable
+class IndexBackend(Protocol):
+    """Where block keys live. All methods are synchronous and must not raise on unknown pods."""
+
+    name: str
+
+    def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        """Record that ``pod`` holds ``keys`` in ``tier``."""
+        ...
+
+    def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        """Record that ``pod`` no longer holds ``keys`` in ``tier``."""
+        ...
+
+    def clear_pod(self, pod: PodId) -> None:
+        """Forget everything ``pod`` holds, in every tier."""
+        ...
+
+    def pods(self) -> list[PodId]:
+        """Holders that currently hold at least one key (or were added and not cleared)."""
+        ...
+
+    def score(
+        self,
+        keys: Sequence[int],
+        weights: Mapping[str, float],
+        pods: Collection[str] | None = None,
+    ) -> dict[PodId, float]:
+        """Longest-consecutive-prefix score per holder (spec §5), restricted to ``pods``."""
+        ...
+
+    def holders(self, keys: Sequence[int]) -> list[dict[PodId, set[Tier]]]:
+        """For each key, which holders hold it in which tiers (slow path; tests and tools)."""
+        ...
+
+    def put_engine_map(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Remember engine key → request key for each pair."""
+        ...
+
+    def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
+        """Resolve engine keys to request keys; ``None`` where unknown."""
+        ...
+
+    def stats(self) -> IndexStats:
+        """Sizes and counters."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """Serialise the whole index in the portable snapshot format (see ``core.snapshot``)."""
+        ...
+
+    def restore(self, data: bytes) -> None:
+        """Replace the index content with a snapshot taken by any backend."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (connections); the backend is unusable afterwards."""
+        ...

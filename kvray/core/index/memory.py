@@ -1,0 +1,361 @@
+"""The default index: per tier, one dict from block key to a bitset of holder slots, LRU-bounded.
+
+Cost model (measured in ``benchmarks/bench_core.py``; CPython 3.11, 64-bit):
+
+* per key: one dict entry (~40 B with the table slack) + the u64 key int (32–36 B) + the mask int
+  (0 B for masks < 2^8, which CPython caches; 28 B + 4 B per 30 bits above). At ~4 holders per
+  block that is ~25–30 B per (block, holder) pair, against ~115–250 B for a dict of sets.
+* ``add``/``remove``: O(keys) dict operations; ``add`` re-inserts the key at the dict's end, so
+  dict order IS the recency order (least recently stored first).
+* eviction: when the key count passes ``max_keys`` the oldest ``evict_fraction`` of keys go in one
+  pass (``islice`` from the dict's start), amortised O(1) per insert. A plain dict instead of an
+  ``OrderedDict`` saves its ~50 B linked-list node per key; evicting in batches avoids the
+  quadratic rescans a dict pays when popped from the front one key at a time.
+* ``score``: ``map(dict.get)`` + ``accumulate(and_)`` + ``takewhile`` run in C and stop at the
+  first block no allowed holder has; only the (at most #holders) points where the running mask
+  shrinks are located in Python, by bisection. O(run) C steps + O(changes · log run) Python steps.
+* ``clear_pod``: O(1). The holder gets a fresh slot; its old bit is *retired* and swept out of
+  the masks incrementally (a bounded number of keys per mutating call) before the slot is reused.
+  Retired bits are never attributed to a holder, so scores are exact while the sweep runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from itertools import accumulate, chain, islice, repeat, takewhile
+from operator import and_, or_
+
+from kvray.core.index.base import IndexStats
+from kvray.core.snapshot import decode_snapshot, encode_snapshot
+from kvray.types import PodId, Tier
+
+_DICT_ENTRY_BYTES = 40  # 24-byte entry + 8-byte index slot, at CPython's ~2/3 load factor
+
+
+class MemoryIndex:
+    """Bounded in-memory index (``name = "memory"``); see the module docstring for costs.
+
+    Args:
+        max_keys: most (key, tier) entries kept; the least recently stored go first.
+        evict_fraction: share of ``max_keys`` evicted in one pass when the bound is hit.
+        sweep_batch: keys examined per mutating call while retired slots are being swept.
+    """
+
+    name = "memory"
+
+    def __init__(
+        self,
+        max_keys: int = 10_000_000,
+        *,
+        evict_fraction: float = 0.01,
+        sweep_batch: int = 4096,
+    ) -> None:
+        self.max_keys = max_keys
+        self._evict_n = max(1, int(max_keys * evict_fraction))
+        self._sweep_batch = sweep_batch
+        self._evicted = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        """Empty every structure (construction and ``restore``)."""
+        self._tiers: dict[Tier, dict[int, int]] = {}
+        self._slot: dict[PodId, int] = {}
+        self._slot_pod: dict[int, PodId] = {}
+        self._live = 0  # bitmask of live slots
+        self._free: list[int] = []
+        self._next_slot = 0
+        self._retired = 0  # slots cleared, bits still present in some masks
+        self._sweeping = 0  # the retired bits the current sweep removes
+        self._sweep_iter: Iterator[tuple[Tier, int]] | None = None
+        self._emap: dict[int, int] = {}
+        self._nkeys = 0
+
+    # --- slots -----------------------------------------------------------------------------
+
+    def _bit(self, pod: PodId) -> int:
+        slot = self._slot.get(pod)
+        if slot is None:
+            if self._free:
+                slot = self._free.pop()
+            else:
+                slot = self._next_slot
+                self._next_slot += 1
+            self._slot[pod] = slot
+            self._slot_pod[slot] = pod
+            self._live |= 1 << slot
+        return 1 << slot
+
+    def _mask_of(self, pods: Collection[str] | None) -> int:
+        if pods is None:
+            return self._live
+        mask = 0
+        for p in pods:
+            slot = self._slot.get(PodId(p))
+            if slot is not None:
+                mask |= 1 << slot
+        return mask
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        bit = self._bit(pod)
+        d = self._tiers.get(tier)
+        if d is None:
+            d = self._tiers[tier] = {}
+        pop = d.pop
+        before = len(d)
+        for k in keys:
+            # pop + insert moves the key to the dict's end: dict order is recency order.
+            d[k] = pop(k, 0) | bit
+        self._nkeys += len(d) - before
+        if self._nkeys > self.max_keys:
+            self._evict()
+        if self._retired:
+            self._sweep_step()
+
+    def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        slot = self._slot.get(pod)
+        d = self._tiers.get(tier)
+        if slot is None or d is None:
+            return
+        keep = ~(1 << slot)
+        get = d.get
+        for k in keys:
+            m = get(k)
+            if m is None:
+                continue
+            m &= keep
+            if m:
+                d[k] = m
+            else:
+                del d[k]
+                self._nkeys -= 1
+        if self._retired:
+            self._sweep_step()
+
+    def clear_pod(self, pod: PodId) -> None:
+        slot = self._slot.pop(pod, None)
+        if slot is None:
+            return
+        del self._slot_pod[slot]
+        self._live &= ~(1 << slot)
+        self._retired |= 1 << slot
+        self._sweep_step()
+
+    def _evict(self) -> None:
+        """Drop the oldest keys of the largest tier until under the bound (one batch)."""
+        while self._nkeys > self.max_keys:
+            d = max(self._tiers.values(), key=len)
+            victims = list(islice(d, self._evict_n))
+            for k in victims:
+                del d[k]
+            self._nkeys -= len(victims)
+            self._evicted += len(victims)
+
+    def _sweep_step(self) -> None:
+        """Clear retired bits from up to ``sweep_batch`` keys; free the slots when done."""
+        if self._sweep_iter is None:
+            self._sweeping = self._retired
+            # Snapshot the key lists: the sweep must tolerate concurrent inserts/deletes.
+            self._sweep_iter = chain.from_iterable(
+                [zip(repeat(t), list(d)) for t, d in self._tiers.items()]
+            )
+        keep = ~self._sweeping
+        n = 0
+        for tier, k in self._sweep_iter:
+            d = self._tiers[tier]
+            m = d.get(k)
+            if m is not None and m & self._sweeping:
+                m &= keep
+                if m:
+                    d[k] = m
+                else:
+                    del d[k]
+                    self._nkeys -= 1
+            n += 1
+            if n >= self._sweep_batch:
+                return
+        # Sweep finished: the swept slots are free again.
+        done = self._sweeping
+        self._retired &= ~done
+        self._sweeping = 0
+        self._sweep_iter = None
+        slot = 0
+        while done:
+            if done & 1:
+                self._free.append(slot)
+            done >>= 1
+            slot += 1
+        if self._retired:
+            self._sweep_iter = None  # bits retired during this sweep: next call starts anew
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def pods(self) -> list[PodId]:
+        return list(self._slot)
+
+    def score(
+        self,
+        keys: Sequence[int],
+        weights: Mapping[str, float],
+        pods: Collection[str] | None = None,
+    ) -> dict[PodId, float]:
+        allowed = self._mask_of(pods)
+        dicts = [(t, d) for t, d in self._tiers.items() if d]
+        if not allowed or not keys or not dicts:
+            return {}
+        if len(dicts) == 1:
+            masks = map(dicts[0][1].get, keys, repeat(0))
+        else:
+            gets = [map(d.get, keys, repeat(0)) for _, d in dicts]
+            masks = map(_or_all, *gets)
+        # levels[j] = holders with blocks 0..j-1 (levels[0] = allowed); stops at the first 0.
+        levels = list(takewhile(bool, accumulate(chain((allowed,), masks), and_)))
+        run_of = _runs(levels)
+        if not run_of:
+            return {}
+        slot_pod = self._slot_pod
+        weights_by_tier = {t: weights.get(t, 1.0) for t, _ in dicts}
+        top = max(weights_by_tier.values())
+        result: dict[PodId, float] = {}
+        if len(dicts) == 1 or len(set(weights_by_tier.values())) == 1:
+            for bits, run in run_of:
+                score = run * top
+                for slot in _slots(bits):
+                    result[slot_pod[slot]] = score
+            return result
+        # Several tiers with different weights: per block, each holder's best tier counts.
+        n = len(levels) - 1
+        tier_masks = [
+            (weights_by_tier[t], list(map(d.get, keys[:n], repeat(0)))) for t, d in dicts
+        ]
+        tier_masks.sort(key=lambda wm: -wm[0])
+        best_w, best_masks = tier_masks[0]
+        for bits, run in run_of:
+            for slot in _slots(bits):
+                bit = 1 << slot
+                total = 0.0
+                for i in range(run):
+                    if best_masks[i] & bit:
+                        total += best_w
+                        continue
+                    for w, ms in tier_masks[1:]:
+                        if ms[i] & bit:
+                            total += w
+                            break
+                result[slot_pod[slot]] = total
+        return result
+
+    def holders(self, keys: Sequence[int]) -> list[dict[PodId, set[Tier]]]:
+        out: list[dict[PodId, set[Tier]]] = []
+        for k in keys:
+            entry: dict[PodId, set[Tier]] = {}
+            for tier, d in self._tiers.items():
+                m = d.get(k, 0) & self._live
+                for slot in _slots(m):
+                    entry.setdefault(self._slot_pod[slot], set()).add(tier)
+            out.append(entry)
+        return out
+
+    # --- engine map ------------------------------------------------------------------------
+
+    def put_engine_map(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self._emap.update(pairs)
+        if len(self._emap) > 2 * self._nkeys + 65536:
+            self._prune_emap()
+
+    def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
+        get = self._emap.get
+        return [get(k) for k in engine_keys]
+
+    def _prune_emap(self) -> None:
+        """Forget engine keys whose request key is no longer indexed (evicted or removed)."""
+        dicts = list(self._tiers.values())
+        self._emap = {e: r for e, r in self._emap.items() if any(r in d for d in dicts)}
+
+    # --- stats, snapshot -------------------------------------------------------------------
+
+    def stats(self) -> IndexStats:
+        pairs = 0
+        mask_bytes = 0
+        live = self._live
+        for d in self._tiers.values():
+            for m in d.values():
+                pairs += (m & live).bit_count()
+                if m > 255:
+                    mask_bytes += sys.getsizeof(m)
+        key_bytes = self._nkeys * (_DICT_ENTRY_BYTES + 32)
+        emap_bytes = len(self._emap) * (_DICT_ENTRY_BYTES + 32)
+        return IndexStats(
+            backend=self.name,
+            keys=self._nkeys,
+            pairs=pairs,
+            pods=len(self._slot),
+            evicted_keys=self._evicted,
+            engine_map_entries=len(self._emap),
+            bytes_estimate=key_bytes + mask_bytes + emap_bytes,
+            per_tier={t: len(d) for t, d in self._tiers.items()},
+        )
+
+    def snapshot(self) -> bytes:
+        holders: dict[str, dict[str, list[int]]] = {}
+        for tier, d in self._tiers.items():
+            per_slot: dict[int, list[int]] = {}
+            for k, m in d.items():
+                for slot in _slots(m & self._live):
+                    per_slot.setdefault(slot, []).append(k)
+            for slot, ks in per_slot.items():
+                holders.setdefault(self._slot_pod[slot], {})[tier] = ks
+        return encode_snapshot(holders, self._emap.items())
+
+    def restore(self, data: bytes) -> None:
+        snap = decode_snapshot(data)
+        self._reset()
+        for pod, tiers in snap.holders.items():
+            for tier, keys in tiers.items():
+                self.add(PodId(pod), Tier(tier), keys)
+        self._emap.update(snap.engine_map)
+
+    def close(self) -> None:
+        self._tiers.clear()
+        self._emap.clear()
+
+
+def _or_all(*masks: int) -> int:
+    m = 0
+    for x in masks:
+        m |= x
+    return m
+
+
+def _slots(bits: int) -> Iterator[int]:
+    """Slot numbers of the set bits, lowest first."""
+    while bits:
+        low = bits & -bits
+        yield low.bit_length() - 1
+        bits ^= low
+
+
+def _runs(levels: list[int]) -> list[tuple[int, int]]:
+    """From a non-increasing chain of masks, (holders whose run is exactly r, r) for r ≥ 1.
+
+    ``levels[j]`` holds the holders whose run is ≥ j; the chain only shrinks, so the places
+    where it changes are found by bisection between equal ends.
+    """
+    n = len(levels) - 1
+    if n < 1:
+        return []
+    out: list[tuple[int, int]] = [(levels[n], n)]
+    stack = [(1, n)]  # invariant: find changes within levels[lo..hi]
+    while stack:
+        lo, hi = stack.pop()
+        if levels[lo] == levels[hi]:
+            continue
+        if hi - lo == 1:
+            out.append((levels[lo] & ~levels[hi], lo))
+            continue
+        mid = (lo + hi) // 2
+        stack.append((lo, mid))
+        stack.append((mid, hi))
+    return out
