@@ -32,9 +32,7 @@ class ModelConfig(_Strict):
     """How one model's pods cache and hash blocks."""
 
     block_size: int = Field(16, gt=0, le=4096, description="Tokens per KV block (--block-size).")
-    hash_algo: HashAlgoName = Field(
-        "sha256", description="The pods' --prefix-caching-hash-algo."
-    )
+    hash_algo: HashAlgoName = Field("sha256", description="The pods' --prefix-caching-hash-algo.")
     hash_seed: str | None = Field(
         None,
         description="The pods' PYTHONHASHSEED as a string; null when unset (xxhash* then "
@@ -204,9 +202,7 @@ def _set_path(doc: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(
-    path: str | Path | None = None, *, env: Mapping[str, str] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Load ``kvray.yaml`` (or defaults when ``path`` is None) and apply ``KVRAY_*`` overrides.
 
     ``KVRAY_A__B=value`` sets ``a.b``; the value is parsed as YAML (``2``, ``true``, ``[..]``).

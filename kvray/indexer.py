@@ -169,7 +169,9 @@ class Indexer:
         """The index keys of every full block of ``tokens`` for ``model``."""
         return self.writer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt, mm=mm)
 
-    def score_keys(self, keys: Sequence[int], pods: Sequence[str] | None = None) -> dict[PodId, float]:
+    def score_keys(
+        self, keys: Sequence[int], pods: Sequence[str] | None = None
+    ) -> dict[PodId, float]:
         """Longest-prefix scores for precomputed keys."""
         return self.writer.score(keys, self.config.tier_weights, pods)
 

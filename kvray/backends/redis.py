@@ -226,7 +226,7 @@ local function best(v)
   if w == nil then
     for t in string.gmatch(v, '[^\31]+') do
       local x = weights[t] or 1.0
-      if w == nil or x > w then w = x end
+      if w == nil or x < w then w = x end
     end
     memo[v] = w
   end
@@ -446,8 +446,7 @@ class RedisBackend:
         """
         _check_name("pod", pod)
         _check_name("tier", tier)
-        if not keys:
-            return
+        # No early return on empty keys: like the memory backend, an add registers the holder.
         with self._guard("add"):
             self._run(_ADD_S, [self._prefix, pod, tier, self._ttl_ms, *map(_hex, keys)])
 
@@ -548,7 +547,8 @@ class RedisBackend:
         """
         if not pairs:
             return
-        mapping = {_hex(e): _hex(r) for e, r in pairs}
+        # Any: redis-py's Mapping[EncodableT, EncodableT] is invariant, so dict[str, str] fails.
+        mapping: dict[Any, Any] = {_hex(e): _hex(r) for e, r in pairs}
         with self._guard("put_engine_map"):
             self._r.hset(self._emap_key, mapping=mapping)
 
@@ -629,17 +629,22 @@ class RedisBackend:
                     pipe.hget(f"{self._prefix}:k:{khex}", pod)
                 held += cast(list[str | None], pipe.execute())
 
-        holders: dict[str, dict[str, list[int]]] = {pod: {} for pod in pods}
+        # Holders without keys are left out, as the memory backend leaves them out, so that
+        # snapshots of equal content are equal whichever backend wrote them.
+        holders: dict[str, dict[str, list[int]]] = {}
         for (pod, khex), value in zip(probes, held, strict=True):
             if value is None:
                 continue
             for tier in claimed[(pod, khex)] & set(value.split(_SEP)):
-                holders[pod].setdefault(tier, []).append(int(khex, 16))
-        for tiers in holders.values():
-            for keys in tiers.values():
-                keys.sort()
+                holders.setdefault(pod, {}).setdefault(tier, []).append(int(khex, 16))
+        # Sorted throughout: Redis set order is arbitrary, and equal content should give
+        # equal bytes (tests and tools compare snapshots).
+        canonical = {
+            pod: {tier: sorted(tiers[tier]) for tier in sorted(tiers)}
+            for pod, tiers in sorted(holders.items())
+        }
         engine_map = sorted((int(e, 16), int(r, 16)) for e, r in emap.items())
-        return encode_snapshot(holders, engine_map)
+        return encode_snapshot(canonical, engine_map)
 
     def restore(self, data: bytes) -> None:
         """Replace everything under the prefix with a snapshot taken by any backend.
@@ -671,7 +676,8 @@ class RedisBackend:
                         pipe.eval(_ADD_S.body, 0, self._prefix, pod, tier, self._ttl_ms, *part)
             pairs = [(_hex(e), _hex(r)) for e, r in snap.engine_map]
             for start in range(0, len(pairs), _ARGS_PER_CALL):
-                pipe.hset(self._emap_key, mapping=dict(pairs[start : start + _ARGS_PER_CALL]))
+                chunk: dict[Any, Any] = dict(pairs[start : start + _ARGS_PER_CALL])
+                pipe.hset(self._emap_key, mapping=chunk)
             pipe.execute()
 
     def close(self) -> None:

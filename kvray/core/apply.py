@@ -25,7 +25,7 @@ from kvray.core.hashing import BlockHasher, event_key
 from kvray.core.index.base import SPECULATIVE, IndexBackend, normalize_tier
 from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
 from kvray.errors import ConfigError, MalformedFrame
-from kvray.types import PodId, Tier
+from kvray.types import PodId
 
 KeyMode = Literal["request", "engine"]
 
@@ -209,12 +209,13 @@ class IndexWriter:
             res.reject("no_token_ids", n)
             return
         if ev.parent_block_hash is None:
-            parent: int | None = model_root(model)
+            parent = model_root(model)
         else:
-            parent = self.backend.get_engine_map([as_u64(ev.parent_block_hash) ^ tag])[0]
-            if parent is None:
+            found = self.backend.get_engine_map([as_u64(ev.parent_block_hash) ^ tag])[0]
+            if found is None:
                 res.reject("unknown_parent", n)
                 return
+            parent = found
         extras = ev.extra_keys
         if extras is None and ev.lora_name is not None:
             extras = [[ev.lora_name]] * n
@@ -259,7 +260,7 @@ class IndexWriter:
             if parent is None:
                 return  # parent digest unknown (checked elsewhere or evicted): cannot verify
         tagged = _tagged_extras(ev, h.lora_paths)
-        if tagged is False:
+        if tagged is _UNREPRODUCIBLE:
             return  # extras kvray cannot reproduce (LoRA path unknown)
         hasher = h.hasher
         if hasher.block_size != ev.block_size:
@@ -339,10 +340,13 @@ class IndexWriter:
         return self.backend.score(keys, weights, pods)
 
 
-def _tagged_extras(ev: BlockStored, lora_paths: Mapping[str, str]) -> list[Any] | None | bool:
+_UNREPRODUCIBLE: list[Any] = []
+
+
+def _tagged_extras(ev: BlockStored, lora_paths: Mapping[str, str]) -> list[Any] | None:
     """Rebuild vLLM ≥ 0.24's tagged extra keys from an event's untagged ones.
 
-    Returns None when no block has extras, False when they cannot be rebuilt.
+    Returns None when no block has extras, ``_UNREPRODUCIBLE`` when they cannot be rebuilt.
     """
     if ev.extra_keys is None or all(e is None for e in ev.extra_keys):
         return None
@@ -358,13 +362,13 @@ def _tagged_extras(ev: BlockStored, lora_paths: Mapping[str, str]) -> list[Any] 
             elif isinstance(item, str) and j == 0 and ev.lora_name == item:
                 path = lora_paths.get(item)
                 if path is None:
-                    return False
+                    return _UNREPRODUCIBLE
                 keys.append(("lora", item, path))
             elif isinstance(item, str) and i == 0:
                 keys.append(("cache_salt", item))
             elif isinstance(item, bytes):
                 keys.append(("prompt_embeds", item))
             else:
-                return False
+                return _UNREPRODUCIBLE
         out.append(tuple(keys))
     return out

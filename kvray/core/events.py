@@ -136,8 +136,8 @@ class EventDecoder:
 
     def __init__(self, limits: DecodeLimits | None = None) -> None:
         self.limits = limits or DecodeLimits()
-        self._arr = [msgspec.msgpack.Decoder(_BatchArrMap), msgspec.msgpack.Decoder(_BatchArrArr)]
-        self._map = [msgspec.msgpack.Decoder(_BatchMapMap), msgspec.msgpack.Decoder(_BatchMapArr)]
+        self._arr: list[Any] = [msgspec.msgpack.Decoder(_BatchArrMap), msgspec.msgpack.Decoder(_BatchArrArr)]
+        self._map: list[Any] = [msgspec.msgpack.Decoder(_BatchMapMap), msgspec.msgpack.Decoder(_BatchMapArr)]
 
     def decode(self, payload: bytes) -> EventBatch:
         """Decode one payload.
@@ -178,7 +178,7 @@ class EventDecoder:
             batch = EventBatch(raw.ts, raw.events, raw.data_parallel_rank)
             self._check(batch)
             return batch
-        raise MalformedFrame(f"not a vLLM event batch: {first_error}", reason="schema")
+        raise MalformedFrame(f"not a vLLM event batch: {_describe(first_error)}", reason="schema")
 
     def _check(self, batch: EventBatch) -> None:
         lim = self.limits
@@ -211,9 +211,22 @@ class EventDecoder:
                 )
 
 
+_PATHS = (("$[0]", "`ts`"), ("$[1]", "`events`"), ("$[2]", "`data_parallel_rank`"))
+
+
+def _describe(exc: Exception | None) -> str:
+    """msgspec's error with batch positions named (``$[1][0]`` → ``events[0]``)."""
+    text = str(exc)
+    for raw, name in _PATHS:
+        text = text.replace(raw, name)
+    return text.replace("`$.", "`")
+
+
 def as_u64(h: int | bytes) -> int:
     """A published hash as the u64 events carry by default (raw digests: their last 8 bytes)."""
-    return h if type(h) is int else int.from_bytes(h[-8:], "big")  # type: ignore[arg-type]
+    if isinstance(h, int):
+        return h
+    return int.from_bytes(h[-8:], "big")
 
 
 class WireBlockStored(msgspec.Struct, tag="BlockStored", tag_field="type", omit_defaults=True):
@@ -306,8 +319,13 @@ def encode_batch(
         if isinstance(ev, WireBlockStored):
             conv.append(
                 _LegacyBlockStored(
-                    ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.block_size,
-                    ev.lora_id, ev.medium, ev.lora_name,
+                    ev.block_hashes,
+                    ev.parent_block_hash,
+                    ev.token_ids,
+                    ev.block_size,
+                    ev.lora_id,
+                    ev.medium,
+                    ev.lora_name,
                 )
             )
         elif isinstance(ev, WireBlockRemoved):

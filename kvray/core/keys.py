@@ -145,8 +145,10 @@ def request_keys(
         return out
     for i, off in enumerate(range(0, n * step, step)):
         extra = extras[i] if i < len(extras) else None
-        chunk = view[off : off + step] if extra is None else bytes(view[off : off + step]) + _pack(
-            extra
+        chunk = (
+            view[off : off + step]
+            if extra is None
+            else bytes(view[off : off + step]) + _pack(extra)
         )
         key = _xxh64(chunk, key)
         append(key)

@@ -65,9 +65,7 @@ def parse_topic(
         return Topic(default_pod, default_model)
     parts = topic.split("@", 2)
     if len(parts) != 3 or parts[0] != TOPIC_PREFIX or not parts[1] or not parts[2]:
-        raise MalformedFrame(
-            f"topic {topic[:200]!r} is not 'kv@<pod>@<model>'", reason="topic"
-        )
+        raise MalformedFrame(f"topic {topic[:200]!r} is not 'kv@<pod>@<model>'", reason="topic")
     return Topic(parts[1], parts[2])
 
 

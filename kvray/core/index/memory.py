@@ -24,7 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from itertools import accumulate, chain, islice, repeat, takewhile
-from operator import and_, or_
+from operator import and_
 
 from kvray.core.index.base import IndexStats
 from kvray.core.snapshot import decode_snapshot, encode_snapshot
@@ -227,9 +227,7 @@ class MemoryIndex:
             return result
         # Several tiers with different weights: per block, each holder's best tier counts.
         n = len(levels) - 1
-        tier_masks = [
-            (weights_by_tier[t], list(map(d.get, keys[:n], repeat(0)))) for t, d in dicts
-        ]
+        tier_masks = [(weights_by_tier[t], list(map(d.get, keys[:n], repeat(0)))) for t, d in dicts]
         tier_masks.sort(key=lambda wm: -wm[0])
         best_w, best_masks = tier_masks[0]
         for bits, run in run_of:
