@@ -34,17 +34,17 @@ def connect(namespace: str = "kvray", **kwargs: Any) -> Client:
 
 
 __all__ = [
+    "__version__",
     "BackendUnavailable",
     "BadRequest",
     "Config",
     "ConfigError",
+    "connect",
     "HashContractMismatch",
     "IndexConfig",
     "Indexer",
     "KvrayError",
+    "load_config",
     "MalformedFrame",
     "SequenceGap",
-    "__version__",
-    "connect",
-    "load_config",
 ]

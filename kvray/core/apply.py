@@ -95,44 +95,19 @@ class HashContract:
 _DIGEST_CACHE_MAX = 1 << 16  # digests kept to check child events (~80 B each: ~5 MiB)
 
 
-class IndexWriter:
-    """The write path (and key derivation) over one backend.
+class Keyer:
+    """Prompt → index keys, in one key mode, for any model (shared by writers and clients).
 
     Args:
-        backend: where keys live.
         hashing: model name → its ``ModelHashing``.
         key_mode: ``"request"`` (default) or ``"engine"``.
-        verify_hashes: re-hash ``BlockStored`` blocks to check each pod's hash contract.
-        speculative_ttl_s: lifetime of ``record_route`` entries.
-        clock: time source (injected in tests).
     """
 
-    def __init__(
-        self,
-        backend: IndexBackend,
-        hashing: Callable[[str], ModelHashing],
-        *,
-        key_mode: KeyMode = "request",
-        verify_hashes: bool = True,
-        speculative_ttl_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, hashing: Callable[[str], ModelHashing], key_mode: KeyMode = "request"):
         if key_mode not in ("request", "engine"):
             raise ConfigError(f"key_mode must be 'request' or 'engine', got {key_mode!r}")
-        self.backend = backend
         self.hashing = hashing
         self.key_mode = key_mode
-        self.verify_hashes = verify_hashes
-        self.speculative_ttl_s = speculative_ttl_s
-        self.clock = clock
-        self.contracts: dict[PodId, HashContract] = {}
-        self.last_seen: dict[PodId, float] = {}
-        self.models: dict[PodId, str] = {}
-        self._digests: dict[int, bytes] = {}
-        self._spec: list[tuple[float, int, PodId, list[int]]] = []
-        self._spec_seq = 0
-
-    # --- keys ------------------------------------------------------------------------------
 
     def block_keys(
         self,
@@ -143,7 +118,7 @@ class IndexWriter:
         cache_salt: str | None = None,
         mm: Sequence[MMFeature] = (),
     ) -> list[int]:
-        """The index keys of every full block of a prompt, in this writer's key mode."""
+        """The index keys of every full block of a prompt."""
         h = self.hashing(model)
         n = len(tokens) // h.block_size
         if isinstance(lora, str):
@@ -167,6 +142,55 @@ class IndexWriter:
         )
         tag = model_tag(model)
         return [k ^ tag for k in h.hasher.event_keys(tokens, tagged)]
+
+
+class IndexWriter:
+    """The write path (and key derivation) over one backend.
+
+    Args:
+        backend: where keys live.
+        hashing: model name → its ``ModelHashing``.
+        key_mode: ``"request"`` (default) or ``"engine"``.
+        verify_hashes: re-hash ``BlockStored`` blocks to check each pod's hash contract.
+        speculative_ttl_s: lifetime of ``record_route`` entries.
+        clock: time source (injected in tests).
+    """
+
+    def __init__(
+        self,
+        backend: IndexBackend,
+        hashing: Callable[[str], ModelHashing],
+        *,
+        key_mode: KeyMode = "request",
+        verify_hashes: bool = True,
+        speculative_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.keyer = Keyer(hashing, key_mode)
+        self.backend = backend
+        self.hashing = hashing
+        self.key_mode = key_mode
+        self.verify_hashes = verify_hashes
+        self.speculative_ttl_s = speculative_ttl_s
+        self.clock = clock
+        self.contracts: dict[PodId, HashContract] = {}
+        self.last_seen: dict[PodId, float] = {}
+        self.models: dict[PodId, str] = {}
+        self._digests: dict[int, bytes] = {}
+        self._spec: list[tuple[float, int, PodId, list[int]]] = []
+        self._spec_seq = 0
+
+    def block_keys(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        *,
+        lora: LoRA | str | None = None,
+        cache_salt: str | None = None,
+        mm: Sequence[MMFeature] = (),
+    ) -> list[int]:
+        """The index keys of every full block of a prompt, in this writer's key mode."""
+        return self.keyer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt, mm=mm)
 
     # --- writes ----------------------------------------------------------------------------
 

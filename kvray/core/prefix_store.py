@@ -329,9 +329,7 @@ class PrefixStore:
             ):
                 return old.version
             self._tokens -= old.cost
-        entry = _Entry(
-            new_ids, array(_U32, starts), array(_U32, ends), self._next_version, parent
-        )
+        entry = _Entry(new_ids, array(_U32, starts), array(_U32, ends), self._next_version, parent)
         self._next_version += 1
         self._entries[key] = entry
         self._tokens += entry.cost

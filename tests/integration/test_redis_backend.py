@@ -126,6 +126,56 @@ def test_u64_extremes_round_trip(backend: RedisBackend) -> None:
     assert backend.get_engine_map([2**64 - 1, 0, 5]) == [0, 2**64 - 1, None]
 
 
+def test_keys_must_be_u64(backend: RedisBackend) -> None:
+    for call in (
+        lambda: backend.add(PodId("a"), GPU, [-1]),
+        lambda: backend.remove(PodId("a"), GPU, [2**64]),
+        lambda: backend.score([1, -5], WEIGHTS),
+        lambda: backend.holders([2**70]),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert backend.pods() == []
+
+
+def test_cleared_slot_is_reused_clean(backend: RedisBackend, server: RedisServerInfo) -> None:
+    a, b, c = PodId("a"), PodId("b"), PodId("c")
+    backend.add(a, GPU, [1, 2, 3])
+    backend.add(a, CPU, [4])
+    backend.add(b, GPU, [1])
+    backend.clear_pod(a)
+    backend.add(c, CPU, [2])  # takes a's freed slot
+    admin = server.client()
+    try:
+        assert admin.hget(f"{backend._prefix}:slot", "c") == "0"
+    finally:
+        admin.close()
+    assert backend.holders([1, 2, 3, 4]) == [{b: {GPU}}, {c: {CPU}}, {}, {}]
+    assert backend.score([1, 2], WEIGHTS) == {b: 1.0}
+    assert backend.score([2], WEIGHTS) == {c: 0.8}
+    assert backend.pods() == [b, c]
+    st_ = backend.stats()
+    assert (st_.keys, st_.pairs, st_.per_tier) == (2, 2, {"GPU": 1, "CPU": 1})
+
+
+def test_wide_fleet(backend: RedisBackend) -> None:
+    # 600 holders: bitmaps several bytes wide, and filters longer than one HMGET slice.
+    prompt = list(range(100, 164))
+    model: Model = {}
+    for i in range(600):
+        pod, tier = PodId(f"10.0.{i // 256}.{i % 256}"), (GPU, CPU)[i % 2]
+        held = prompt[: (i * 7) % 65]
+        backend.add(pod, tier, held)
+        for k in held:
+            model.setdefault(k, {}).setdefault(pod, set()).add(tier)
+    view = _model_view(model, prompt)
+    everyone = [f"10.0.{i // 256}.{i % 256}" for i in range(600)]
+    everyone += [f"ghost{i}" for i in range(1500)]
+    for pods in (None, everyone, everyone[::7]):
+        assert backend.score(prompt, WEIGHTS, pods) == score_from_holders(view, WEIGHTS, pods)
+    assert backend.holders(prompt) == view
+
+
 def test_engine_map(backend: RedisBackend) -> None:
     assert backend.get_engine_map([1, 2]) == [None, None]
     backend.put_engine_map([(1, 10), (2, 20)])
@@ -191,18 +241,22 @@ def test_score_is_one_round_trip_and_stops_early(server: RedisServerInfo) -> Non
         sends, delta = count(lambda: backend.score(prompt, WEIGHTS))
         assert sends == 1
         assert delta["evalsha"] == 1
-        # One probe per block: "full" keeps the walk going to the end.
-        assert delta["hgetall"] + delta["hmget"] == 1024
+        # Blocks are fetched in a few growing MGET batches, not one command per block.
+        full_walk = delta["mget"]
+        assert 1 < full_walk <= 16
 
         backend.clear_pod(PodId("full"))
         sends, delta = count(lambda: backend.score(prompt, WEIGHTS))
         assert sends == 1
-        # Nobody holds block 512, so the walk stops there rather than probing 1024 blocks.
-        assert delta["hgetall"] + delta["hmget"] == 513
+        # Nobody holds block 512: the walk stops there and fetches fewer batches.
+        assert delta["mget"] < full_walk
 
         sends, delta = count(lambda: backend.score(prompt, WEIGHTS, pods=["pod0", "pod1"]))
         assert sends == 1
-        assert delta["hmget"] == 17  # pod1 holds 16 blocks; block 16 ends the walk
+        assert delta["mget"] <= 3  # pod1 holds 16 blocks; batches of 1, 4, 16 cover them
+
+        sends, delta = count(lambda: backend.score(list(range(1024)), WEIGHTS))
+        assert (sends, delta["evalsha"], delta["mget"]) == (1, 1, 1)  # a miss: block 0 only
 
         calls = (
             lambda: backend.add(PodId("x"), GPU, list(range(5000))),
@@ -487,6 +541,29 @@ def test_restore_of_a_foreign_snapshot(backend: RedisBackend) -> None:
     }
 
 
+def test_large_restore_in_bounded_round_trips(backend: RedisBackend) -> None:
+    big = {f"pod{i}": {"GPU": list(range(i, 2**20, 25)), "CPU": [7, 8]} for i in range(3)}
+    backend.add(PodId("old"), GPU, list(range(50_000)))
+    backend.restore(encode_snapshot(big, [(i, i) for i in range(10_000)]))
+    st_ = backend.stats()
+    n_gpu = sum(len(h["GPU"]) for h in big.values())
+    assert (st_.pairs, st_.pods, st_.engine_map_entries) == (n_gpu + 6, 3, 10_000)
+    assert backend.holders([0, 1, 2, 25, 50_001]) == [
+        {PodId("pod0"): {GPU}},
+        {PodId("pod1"): {GPU}},
+        {PodId("pod2"): {GPU}},
+        {PodId("pod0"): {GPU}},
+        {PodId("pod1"): {GPU}},
+    ]
+    assert decode_snapshot(backend.snapshot()).holders == {
+        p: {"CPU": [7, 8], "GPU": ks["GPU"]} for p, ks in big.items()
+    }
+    backend.restore(encode_snapshot({"new": {"GPU": [0]}}, []))  # wipes in several trips
+    assert backend.holders([0, 1, 25, 7]) == [{PodId("new"): {GPU}}, {}, {}, {}]
+    st_ = backend.stats()
+    assert (st_.keys, st_.pairs, st_.pods, st_.engine_map_entries) == (1, 1, 1, 0)
+
+
 def test_malformed_snapshot_leaves_the_index_alone(backend: RedisBackend) -> None:
     backend.add(PodId("a"), GPU, [1])
     with pytest.raises(MalformedFrame):
@@ -529,9 +606,10 @@ def test_key_ttl_expires_blocks(
     admin = server.client()
     try:
         prefix = backend._prefix
-        ttl_ms = admin.pttl(f"{prefix}:k:{1:016x}")
+        ttl_ms = admin.pttl(f"{prefix}:b:{1:016x}:GPU")
         assert 0 < ttl_ms <= 300
         assert admin.ttl(f"{prefix}:pod:a") == -1  # holder bookkeeping never expires
+        assert admin.ttl(f"{prefix}:slot") == -1
     finally:
         admin.close()
     assert backend.score([1, 2], WEIGHTS) == {PodId("a"): 2.0}
