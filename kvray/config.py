@@ -130,14 +130,18 @@ class EventsConfig(_Strict):
     connect: list[PodEndpoint] = Field(
         default_factory=list, description="Pods that bind their PUB socket (vLLM default)."
     )
+    replay: dict[str, str] = Field(
+        default_factory=dict,
+        description="Pod id -> replay ROUTER endpoint, for pods that connect to a bound socket.",
+    )
     replay_timeout_s: float = Field(
         1.0, gt=0, description="How long to wait for a replay answer before counting a loss."
     )
     flush_interval_s: float = Field(
         0.005, gt=0, description="Longest time events wait in an ingestor before shipping."
     )
-    flush_events: int = Field(
-        2048, gt=0, description="Blocks that trigger an immediate shipment to a shard."
+    flush_messages: int = Field(
+        64, gt=0, description="Queued messages that trigger an immediate shipment to a shard."
     )
     max_inflight: int = Field(
         4, gt=0, description="Shard calls in flight per ingestor (backpressure beyond)."

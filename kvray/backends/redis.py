@@ -532,9 +532,9 @@ def _chunks(seq: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 class RedisBackend:
     """The block-key index in a Redis server (see the module docstring for the key layout).
 
-    Every method maps a Redis or socket failure to ``BackendUnavailable``. Calls block for at
-    most about ``socket_timeout_s`` (plus one immediate reconnect attempt, which is what lets a
-    pooled connection survive a server restart).
+    Every method maps a Redis or socket failure to ``BackendUnavailable``. A call blocks for at
+    most about ``socket_timeout_s``; a broken connection is retried once at once, which is what
+    lets pooled connections survive a server restart.
 
     Args:
         url: ``redis://``, ``rediss://`` (TLS) or ``unix://`` URL; a password in the URL wins
@@ -584,10 +584,10 @@ class RedisBackend:
                 socket_timeout=socket_timeout_s,
                 socket_connect_timeout=socket_timeout_s,
                 decode_responses=True,
-                # redis-py's default retries ten times with backoff; a router must fail fast
-                # and fall back, so retry once only (enough to replace a connection the server
-                # closed while it sat in the pool).
-                retry=Retry(NoBackoff(), 1),
+                # redis-py's default retries ten times with backoff, timeouts included; a
+                # router must fail fast and fall back, so retry once, and only a broken
+                # connection (a pooled one the server closed, e.g. across a restart).
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             )
         except ValueError as exc:
             # The message names the URL's problem, not the URL, which may carry a password.

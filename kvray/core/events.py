@@ -211,6 +211,46 @@ class EventDecoder:
                 )
 
 
+class _PeekArr(msgspec.Struct, array_like=True, gc=False):
+    ts: Any
+    events: msgspec.Raw
+    data_parallel_rank: int | None = None
+
+
+class _PeekMap(msgspec.Struct, gc=False):
+    events: msgspec.Raw
+    data_parallel_rank: int | None = None
+
+
+_peek_arr = msgspec.msgpack.Decoder(_PeekArr)
+_peek_map = msgspec.msgpack.Decoder(_PeekMap)
+
+
+def peek_rank(payload: bytes) -> int | None:
+    """A batch's data-parallel rank without decoding its events (~100× cheaper than ``decode``).
+
+    Ingestors need the rank to find the stream (pod, rank) before the owning shard decodes.
+
+    Raises:
+        MalformedFrame: when the payload is not a batch at all.
+    """
+    if not payload:
+        raise MalformedFrame("empty payload", reason="msgpack")
+    head = payload[0]
+    dec = _peek_arr if head in _ARRAY_HEADS else _peek_map if head in _MAP_HEADS else None
+    if dec is None:
+        raise MalformedFrame(
+            f"payload is not a msgpack array or map batch (first byte 0x{head:02x})",
+            reason="msgpack",
+        )
+    try:
+        return dec.decode(payload).data_parallel_rank  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise MalformedFrame(f"not a vLLM event batch: {_describe(exc)}") from exc
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+        raise MalformedFrame(f"invalid msgpack: {exc}", reason="msgpack") from exc
+
+
 _PATHS = (("$[0]", "`ts`"), ("$[1]", "`events`"), ("$[2]", "`data_parallel_rank`"))
 
 

@@ -7,6 +7,8 @@ scorer, authentication, outages, snapshots across prefixes, prefix isolation and
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -207,7 +209,7 @@ class _CountingConnection(UnixDomainSocketConnection):
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         type(self).sends += 1
-        super().send_packed_command(command, check_health)
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
 
 def _commandstats(client: redis.Redis) -> dict[str, int]:
@@ -453,6 +455,28 @@ def test_killed_server_raises_backend_unavailable(tmp_path: Path) -> None:
                 assert isinstance(exc_info.value.__cause__, redis.RedisError | OSError)
                 assert time.monotonic() - started < 5.0
             b.close()
+
+
+def test_survives_a_server_restart() -> None:
+    # A short private directory, so both servers get the same socket path (and URL).
+    workdir = Path(tempfile.mkdtemp(prefix="kvr-"))
+    try:
+        with start_redis_server(workdir) as srv:
+            url = srv.url
+            backend = RedisBackend(url)
+            backend.add(PodId("a"), GPU, [1])
+            assert backend.score([1], WEIGHTS) == {PodId("a"): 1.0}
+        with pytest.raises(BackendUnavailable):
+            backend.pods()
+        with start_redis_server(workdir) as srv:
+            assert srv.url == url
+            # The pooled connection is dead and the script cache empty: both recover.
+            assert backend.score([1], WEIGHTS) == {}
+            backend.add(PodId("a"), GPU, [1])
+            assert backend.score([1], WEIGHTS) == {PodId("a"): 1.0}
+            backend.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_unreachable_server_at_construction(tmp_path: Path) -> None:

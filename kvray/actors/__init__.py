@@ -1,0 +1,1 @@
+"""Thin Ray actor shells around the core: they own state, wire modules together, count."""

@@ -1,0 +1,327 @@
+"""``Ingestor``: reads pods' ZMQ streams, checks sequence numbers, ships ops to owning shards.
+
+One daemon thread runs the loop: poll sockets → parse topic/seq/rank (the payload is decoded by
+the shard, which spreads CPU) → per stream ``(pod, rank)``: in order / gap (replay from the pod's
+ROUTER when known, else counted lost) / restart (a ``clear`` op first) → queue per shard → ship
+when ``flush_messages`` are queued or ``flush_interval_s`` passed, with at most ``max_inflight``
+calls per shard in flight (backpressure: the loop waits, ZMQ buffers).
+
+Per-holder order holds because one ingestor reads a pod and Ray runs one caller's calls to an
+actor in submission order. When a shard reports a holder ``behind`` (it restarted from an older
+snapshot) or a call fails, the ingestor replays the missing range from the pod and resends.
+
+Malformed messages are counted by reason and logged once per pod per ``log_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from kvray.config import Config, PodEndpoint
+from kvray.core.events import peek_rank
+from kvray.core.sequencing import SeqTracker, Verdict
+from kvray.core.sharding import shard_of
+from kvray.core.topics import parse_frames, parse_topic
+from kvray.errors import MalformedFrame
+from kvray.ingest.zmq_source import ZmqSource, request_replay
+from kvray.types import holder_id
+
+log = logging.getLogger("kvray.ingestor")
+
+_POLL_MS = 2  # the loop's poll timeout: bounds flush latency at low rates
+
+
+class Ingestor:
+    """The ingestor actor's body (wrapped with ``ray.remote`` by ``kvray.runtime``)."""
+
+    def __init__(
+        self,
+        ingestor_id: int,
+        config: dict[str, Any],
+        shard_names: list[str],
+        log_interval_s: float = 10.0,
+    ) -> None:
+        self.id = ingestor_id
+        self.config = Config.model_validate(config)
+        ns = self.config.namespace
+        self.shards = [ray.get_actor(n, namespace=ns) for n in shard_names]
+        ev = self.config.events
+        self.source = ZmqSource()
+        self.replay_endpoints: dict[str, str] = {}
+        for ep in ev.bind:
+            self.source.bind(ep)
+        for pod in ev.connect:
+            self._connect(pod)
+        self.seq = SeqTracker()
+        self.streams_model: dict[tuple[str, int], str] = {}
+        self._pending: list[list[tuple[Any, ...]]] = [[] for _ in self.shards]
+        self._pending_since = [0.0] * len(self.shards)
+        self._inflight: list[deque[tuple[Any, list[tuple[Any, ...]]]]] = [
+            deque() for _ in self.shards
+        ]
+        self.counters: dict[str, Any] = {
+            "messages": 0,
+            "malformed": {},
+            "seq_gaps": 0,
+            "seq_lost": 0,
+            "replayed": 0,
+            "replay_requests": 0,
+            "restarts": 0,
+            "shard_calls": 0,
+            "shard_failures": 0,
+            "recoveries": 0,
+            "stored": 0,
+            "removed": 0,
+        }
+        self._log_interval_s = log_interval_s
+        self._last_log: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._received_total = 0
+        self._shipped_upto = 0
+        self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
+        self._thread.start()
+
+    # --- control (actor methods) -----------------------------------------------------------
+
+    def endpoints(self) -> list[str]:
+        """The endpoints this ingestor's SUB sockets are bound to (ports resolved)."""
+        return list(self.source.bound_endpoints)
+
+    def add_pod(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        pod: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Start reading a pod that binds its PUB socket."""
+        with self._lock:
+            self._connect(PodEndpoint(endpoint=endpoint, replay_endpoint=replay_endpoint,
+                                      pod=pod, model=model))
+
+    def register_replay(self, pod: str, replay_endpoint: str) -> None:
+        """Tell the ingestor where a (connecting) pod's replay ROUTER is."""
+        self.replay_endpoints[pod] = replay_endpoint
+
+    def _connect(self, pod: PodEndpoint) -> None:
+        self.source.connect(pod)
+        if pod.replay_endpoint and pod.pod:
+            self.replay_endpoints[pod.pod] = pod.replay_endpoint
+        if pod.replay_endpoint:
+            self.replay_endpoints.setdefault(pod.endpoint, pod.replay_endpoint)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out = dict(self.counters)
+            out["malformed"] = dict(self.counters["malformed"])
+            out["streams"] = len(self.seq.streams())
+            out["ingestor"] = self.id
+            return out
+
+    def streams(self) -> dict[str, int]:
+        """Next expected seq per stream ``"<pod>#<rank>"``."""
+        return {f"{p}#{r}": s for (p, r), s in self.seq.streams().items()}
+
+    def sync(self, timeout_s: float = 30.0) -> bool:
+        """Block until everything received before this call is applied by the shards."""
+        target = self._received_total
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._shipped_upto >= target and not any(self._inflight):
+                return True
+            time.sleep(0.002)
+        return False
+
+    def stop(self) -> None:
+        """Stop the loop and close sockets (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.source.close()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    msgs = self.source.poll(_POLL_MS)
+                    for frames, origin in msgs:
+                        self._handle(frames, origin)
+                    self._received_total += len(msgs)
+                    self._flush(force=False)
+                    self._reap()
+                    if not any(self._pending):
+                        self._shipped_upto = self._received_total
+            except Exception:  # the loop must not die; log and back off briefly
+                log.exception("ingestor %d loop error", self.id)
+                time.sleep(0.1)
+
+    def _handle(self, frames: list[bytes], origin: PodEndpoint | None) -> None:
+        self.counters["messages"] += 1
+        pod_hint = origin.pod if origin and origin.pod else "?"
+        try:
+            topic_s, seq, payload = parse_frames(frames)
+            topic = parse_topic(
+                topic_s,
+                default_pod=origin.pod if origin else None,
+                default_model=origin.model if origin else None,
+            )
+            pod_hint = topic.pod
+            rank = peek_rank(payload)
+        except MalformedFrame as exc:
+            self._malformed(pod_hint, exc)
+            return
+        stream = (topic.pod, rank or 0)
+        self.streams_model[stream] = topic.model
+        verdict = self.seq.observe(stream, seq)
+        shard = shard_of(holder_id(topic.pod, rank), len(self.shards))
+        contiguous = True
+        if verdict.verdict is Verdict.GAP:
+            self.counters["seq_gaps"] += 1
+            if not self._replay(stream, verdict.missing_from, seq, origin):
+                contiguous = False
+        elif verdict.verdict is Verdict.RESTART:
+            self.counters["restarts"] += 1
+            self._queue(shard, ("clear", holder_id(topic.pod, rank)))
+        elif verdict.verdict is Verdict.FIRST:
+            contiguous = False
+        self._queue(shard, ("batch", topic.pod, topic.model, seq, payload, contiguous))
+
+    def _malformed(self, pod: str, exc: MalformedFrame) -> None:
+        m = self.counters["malformed"]
+        m[exc.reason] = m.get(exc.reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_log.get(pod, -1e9) >= self._log_interval_s:
+            self._last_log[pod] = now
+            log.warning("ingestor %d: malformed message from %s skipped: %s", self.id, pod, exc)
+
+    def _replay_endpoint(self, pod: str, origin: PodEndpoint | None) -> str | None:
+        if origin is not None and origin.replay_endpoint:
+            return origin.replay_endpoint
+        return self.replay_endpoints.get(pod)
+
+    def _replay(
+        self, stream: tuple[str, int], start: int, stop: int, origin: PodEndpoint | None
+    ) -> bool:
+        """Fetch ``[start, stop)`` of a stream from its pod and queue it; False if incomplete."""
+        pod, rank = stream
+        ep = self._replay_endpoint(pod, origin)
+        if ep is None:
+            self.counters["seq_lost"] += stop - start
+            return False
+        self.counters["replay_requests"] += 1
+        got, _complete = request_replay(
+            ep, start, timeout_s=self.config.events.replay_timeout_s
+        )
+        model = self.streams_model.get(stream, "")
+        shard = shard_of(holder_id(pod, rank), len(self.shards))
+        expected = start
+        for r in got:
+            if r.seq < expected or r.seq >= stop:
+                continue
+            try:
+                r_rank = peek_rank(r.payload)
+            except MalformedFrame as exc:
+                self._malformed(pod, exc)
+                continue
+            if (r_rank or 0) != rank:
+                continue
+            contiguous = r.seq == expected
+            self._queue(shard, ("batch", pod, model, r.seq, r.payload, contiguous))
+            self.counters["replayed"] += 1
+            expected = r.seq + 1
+        if expected < stop:
+            self.counters["seq_lost"] += stop - expected
+            return False
+        return True
+
+    # --- shipping --------------------------------------------------------------------------
+
+    def _queue(self, shard: int, op: tuple[Any, ...]) -> None:
+        if not self._pending[shard]:
+            self._pending_since[shard] = time.monotonic()
+        self._pending[shard].append(op)
+        if len(self._pending[shard]) >= self.config.events.flush_messages:
+            self._ship(shard)
+
+    def _flush(self, force: bool) -> None:
+        now = time.monotonic()
+        interval = self.config.events.flush_interval_s
+        for i, ops in enumerate(self._pending):
+            if ops and (force or now - self._pending_since[i] >= interval):
+                self._ship(i)
+
+    def _ship(self, shard: int) -> None:
+        ops = self._pending[shard]
+        self._pending[shard] = []
+        inflight = self._inflight[shard]
+        while len(inflight) >= self.config.events.max_inflight:
+            self._settle(shard, block=True)
+        inflight.append((self.shards[shard].apply.remote(ops), ops))
+        self.counters["shard_calls"] += 1
+
+    def _reap(self) -> None:
+        for i in range(len(self.shards)):
+            while self._inflight[i] and self._settle(i, block=False):
+                pass
+
+    def _settle(self, shard: int, *, block: bool) -> bool:
+        """Collect the oldest call to ``shard``; recover on failure. False if not done yet."""
+        ref, ops = self._inflight[shard][0]
+        if not block:
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                return False
+        self._inflight[shard].popleft()
+        try:
+            res = ray.get(ref)
+        except Exception as exc:  # the shard died or restarted: rebuild it from the pods
+            self.counters["shard_failures"] += 1
+            log.warning("ingestor %d: shard %d call failed (%s); recovering", self.id, shard, exc)
+            self._recover(shard)
+            return True
+        self.counters["stored"] += res["stored"]
+        self.counters["removed"] += res["removed"]
+        if res["behind"]:
+            self._recover(shard, res["behind"])
+        return True
+
+    def _recover(self, shard: int, behind: dict[str, int] | None = None) -> None:
+        """Bring ``shard`` back in step: replay each of its streams from its position."""
+        self.counters["recoveries"] += 1
+        # Drain the other calls to this shard first: they may fail the same way.
+        while self._inflight[shard]:
+            ref, _ = self._inflight[shard].popleft()
+            try:
+                ray.get(ref)
+            except Exception:
+                pass
+        positions: dict[str, int] = {}
+        for _ in range(60):  # a restarting actor answers once it is alive again
+            try:
+                positions = ray.get(self.shards[shard].get_positions.remote(), timeout=30)
+                break
+            except Exception:
+                time.sleep(0.5)
+        if behind:
+            positions.update(behind)
+        pending, self._pending[shard] = self._pending[shard], []
+        for (pod, rank), nxt in self.seq.streams().items():
+            holder = holder_id(pod, rank)
+            if shard_of(holder, len(self.shards)) != shard:
+                continue
+            start = positions.get(holder, -1) + 1
+            if start < nxt:
+                self._replay((pod, rank), start, nxt, None)
+        # Ops queued before the failure come after the replayed range; duplicates are skipped.
+        for op in pending:
+            self._queue(shard, op)

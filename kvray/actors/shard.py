@@ -1,0 +1,229 @@
+"""``IndexShard``: one backend holding the blocks of the holders that hash to this shard.
+
+The shard applies ops from ingestors IN ORDER per holder and tracks, per holder, the last seq it
+applied (its *position*). Positions make recovery exact: an op whose seq is not the next one
+(after a shard restart restored an older snapshot) is refused and reported as ``behind``, and the
+ingestor replays the missing range from the pod before sending more. Duplicates (seq ≤ position)
+are skipped, so replays may overlap freely.
+
+On (re)start the shard restores the controller's latest snapshot of it, if any.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import msgspec
+
+from kvray.config import Config
+from kvray.core.apply import ApplyResult, IndexWriter
+from kvray.core.events import EventDecoder
+from kvray.core.index.registry import create_backend
+from kvray.errors import MalformedFrame
+from kvray.types import PodId, holder_id
+
+log = logging.getLogger("kvray.shard")
+
+Op = tuple[Any, ...]
+"""``("batch", pod, model, seq, payload, contiguous)`` or ``("clear", holder)``."""
+
+
+class ShardSnapshot(msgspec.Struct):
+    """What a shard needs to come back: its index and per-holder positions."""
+
+    index: bytes
+    positions: dict[str, int]
+    models: dict[str, str]
+
+
+class IndexShard:
+    """The shard actor's body (wrapped with ``ray.remote`` by ``kvray.runtime``)."""
+
+    def __init__(self, shard_id: int, config: dict[str, Any], restore: bool = True) -> None:
+        self.shard_id = shard_id
+        self.config = Config.model_validate(config)
+        ic = self.config.index
+        opts = ic.backend_options()
+        if ic.backend == "redis":
+            opts["prefix"] = f"{ic.redis_prefix}:s{shard_id}"
+        self.backend = create_backend(ic.backend, **opts)
+        self._hashing: dict[str, Any] = {}
+        self.writer = IndexWriter(
+            self.backend,
+            self._model_hashing,
+            key_mode=ic.keys,
+            verify_hashes=ic.verify_hashes,
+            speculative_ttl_s=ic.speculative_ttl_s,
+        )
+        self.decoder = EventDecoder()
+        self.positions: dict[str, int] = {}
+        self.applied = ApplyResult()
+        self.malformed: dict[str, int] = {}
+        self.ops = 0
+        self.apply_seconds = 0.0
+        self.restored_from_snapshot = False
+        self._last_silence_check = time.monotonic()
+        if restore:
+            self._restore_from_controller()
+
+    def _model_hashing(self, model: str) -> Any:
+        h = self._hashing.get(model)
+        if h is None:
+            h = self._hashing[model] = self.config.index.model(model).hashing()
+        return h
+
+    def _restore_from_controller(self) -> None:
+        try:
+            import ray
+
+            from kvray.actors.naming import CONTROLLER
+
+            ctl = ray.get_actor(CONTROLLER, namespace=self.config.namespace)
+            data = ray.get(ctl.latest_snapshot.remote(self.shard_id), timeout=30)
+        except Exception:  # no controller (standalone shard) or it is gone: start empty
+            return
+        if data:
+            self.restore(data)
+            self.restored_from_snapshot = True
+
+    # --- write path ------------------------------------------------------------------------
+
+    def apply(self, ops: list[Op]) -> dict[str, Any]:
+        """Apply ops in order. Returns counts and, in ``behind``, holders needing a replay."""
+        t0 = time.perf_counter()
+        res = ApplyResult()
+        behind: dict[str, int] = {}
+        for op in ops:
+            if op[0] == "clear":
+                holder = PodId(op[1])
+                self.writer.clear_holder(holder)
+                self.positions.pop(holder, None)
+                res.cleared += 1
+                continue
+            _, pod, model, seq, payload, contiguous = op
+            try:
+                batch = self.decoder.decode(payload)
+            except MalformedFrame as exc:
+                self.malformed[exc.reason] = self.malformed.get(exc.reason, 0) + 1
+                continue
+            holder = holder_id(pod, batch.data_parallel_rank)
+            if holder in behind:
+                continue  # an earlier op of this holder was refused: keep order
+            pos = self.positions.get(holder)
+            if pos is not None:
+                if seq <= pos:
+                    res.reject("duplicate")
+                    continue
+                if contiguous and seq != pos + 1:
+                    behind[holder] = pos
+                    res.reject("out_of_order")
+                    continue
+            res.merge(self.writer.apply_batch(holder, model, batch))
+            self.positions[holder] = seq
+        self.applied.merge(res)
+        self.ops += len(ops)
+        self.apply_seconds += time.perf_counter() - t0
+        self._maybe_drop_silent()
+        return {
+            "stored": res.stored_blocks,
+            "removed": res.removed_blocks,
+            "cleared": res.cleared,
+            "rejected": res.rejected,
+            "behind": behind,
+        }
+
+    def _maybe_drop_silent(self) -> None:
+        ttl = self.config.index.pod_ttl_s
+        now = time.monotonic()
+        if ttl is None or now - self._last_silence_check < 1.0:
+            return
+        self._last_silence_check = now
+        for holder in self.writer.drop_silent(ttl):
+            self.positions.pop(holder, None)
+
+    def clear_pod(self, holder: str) -> None:
+        """Forget a holder (operator action or pod removal)."""
+        self.writer.clear_holder(PodId(holder))
+        self.positions.pop(holder, None)
+
+    def record_route(self, holder: str, keys: list[int], ttl_s: float | None = None) -> None:
+        """Speculative entries for ``holder`` (short TTL)."""
+        self.writer.record_route(PodId(holder), keys, ttl_s)
+
+    # --- read path -------------------------------------------------------------------------
+
+    def score(self, keys: list[int], pods: list[str] | None = None) -> dict[str, float]:
+        """Longest-prefix scores of this shard's holders."""
+        self._maybe_drop_silent()
+        return dict(self.writer.score(keys, self.config.index.tier_weights, pods))
+
+    def ping(self) -> int:
+        return self.shard_id
+
+    def get_positions(self) -> dict[str, int]:
+        """Last applied seq per holder."""
+        return dict(self.positions)
+
+    def pods_info(self) -> list[dict[str, Any]]:
+        """Per holder: model, last seq, seconds since last event, hash-contract status."""
+        now = self.writer.clock()
+        contracts = self.writer.contract()
+        out = []
+        for holder in set(self.writer.last_seen) | set(self.positions):
+            out.append(
+                {
+                    "pod": holder,
+                    "shard": self.shard_id,
+                    "model": self.writer.models.get(PodId(holder)),
+                    "last_seq": self.positions.get(holder),
+                    "idle_s": round(now - self.writer.last_seen.get(PodId(holder), now), 3),
+                    "hash_contract": contracts.get(holder, {"status": "unchecked"}),
+                }
+            )
+        return sorted(out, key=lambda d: d["pod"])
+
+    def stats(self) -> dict[str, Any]:
+        st = self.backend.stats()
+        return {
+            "shard": self.shard_id,
+            "backend": st.backend,
+            "keys": st.keys,
+            "pairs": st.pairs,
+            "pods": st.pods,
+            "evicted_keys": st.evicted_keys,
+            "bytes_estimate": st.bytes_estimate,
+            "stored_blocks": self.applied.stored_blocks,
+            "removed_blocks": self.applied.removed_blocks,
+            "cleared": self.applied.cleared,
+            "rejected": dict(self.applied.rejected),
+            "malformed": dict(self.malformed),
+            "ops": self.ops,
+            "apply_seconds": self.apply_seconds,
+            "restored_from_snapshot": self.restored_from_snapshot,
+            "hash_mismatched_pods": sum(
+                1 for c in self.writer.contracts.values() if c.status == "mismatch"
+            ),
+        }
+
+    # --- snapshot --------------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Index + positions, restorable by ``restore`` (also after a restart)."""
+        return msgspec.msgpack.encode(
+            ShardSnapshot(
+                self.backend.snapshot(),
+                dict(self.positions),
+                {str(k): v for k, v in self.writer.models.items()},
+            )
+        )
+
+    def restore(self, data: bytes) -> None:
+        snap = msgspec.msgpack.decode(data, type=ShardSnapshot)
+        self.backend.restore(snap.index)
+        self.positions = dict(snap.positions)
+        now = self.writer.clock()
+        for holder, model in snap.models.items():
+            self.writer.models[PodId(holder)] = model
+            self.writer.last_seen[PodId(holder)] = now

@@ -1,0 +1,1 @@
+"""Event transport: ZMQ sockets in both topologies and replay requests."""
