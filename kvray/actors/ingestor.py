@@ -35,6 +35,7 @@ from kvray.types import holder_id
 log = logging.getLogger("kvray.ingestor")
 
 _POLL_MS = 2  # the loop's poll timeout: bounds flush latency at low rates
+_RESYNC_S = 1.0  # how often idle shards' positions are compared with the streams
 
 
 class Ingestor:
@@ -83,6 +84,8 @@ class Ingestor:
         self._last_log: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._last_resync = time.monotonic()
+        self._incarnations: dict[int, str] = {}
         self._received_total = 0
         self._shipped_upto = 0
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
@@ -103,12 +106,25 @@ class Ingestor:
     ) -> None:
         """Start reading a pod that binds its PUB socket."""
         with self._lock:
-            self._connect(PodEndpoint(endpoint=endpoint, replay_endpoint=replay_endpoint,
-                                      pod=pod, model=model))
+            self._connect(
+                PodEndpoint(
+                    endpoint=endpoint, replay_endpoint=replay_endpoint, pod=pod, model=model
+                )
+            )
 
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
         """Tell the ingestor where a (connecting) pod's replay ROUTER is."""
         self.replay_endpoints[pod] = replay_endpoint
+
+    def forget_pod(self, pod: str) -> int:
+        """Stop tracking a removed pod's streams (all ranks); returns how many were dropped."""
+        with self._lock:
+            gone = [st for st in self.seq.streams() if st[0] == pod]
+            for st in gone:
+                self.seq.forget(st)
+                self.streams_model.pop(st, None)
+            self.replay_endpoints.pop(pod, None)
+            return len(gone)
 
     def _connect(self, pod: PodEndpoint) -> None:
         self.source.connect(pod)
@@ -159,6 +175,8 @@ class Ingestor:
                     self._received_total += len(msgs)
                     self._flush(force=False)
                     self._reap()
+                    if time.monotonic() - self._last_resync >= _RESYNC_S:
+                        self._resync()
                     if not any(self._pending):
                         self._shipped_upto = self._received_total
             except Exception:  # the loop must not die; log and back off briefly
@@ -219,9 +237,7 @@ class Ingestor:
             self.counters["seq_lost"] += stop - start
             return False
         self.counters["replay_requests"] += 1
-        got, _complete = request_replay(
-            ep, start, timeout_s=self.config.events.replay_timeout_s
-        )
+        got, _complete = request_replay(ep, start, timeout_s=self.config.events.replay_timeout_s)
         model = self.streams_model.get(stream, "")
         shard = shard_of(holder_id(pod, rank), len(self.shards))
         expected = start
@@ -291,9 +307,31 @@ class Ingestor:
             return True
         self.counters["stored"] += res["stored"]
         self.counters["removed"] += res["removed"]
-        if res["behind"]:
+        known = self._incarnations.setdefault(shard, res["incarnation"])
+        if res["behind"] or known != res["incarnation"]:
             self._recover(shard, res["behind"])
         return True
+
+    def _resync(self) -> None:
+        """Catch a shard that restarted while idle: compare its positions with the streams."""
+        self._last_resync = time.monotonic()
+        idle = [
+            i for i in range(len(self.shards)) if not self._pending[i] and not self._inflight[i]
+        ]
+        if not idle:
+            return
+        refs = [self.shards[i].get_positions.remote() for i in idle]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
+        for i, ref in zip(idle, refs, strict=True):
+            if ref not in ready:
+                continue
+            try:
+                incarnation, positions = ray.get(ref)
+            except Exception:
+                continue
+            known = self._incarnations.setdefault(i, incarnation)
+            if known != incarnation:  # the shard restarted while idle
+                self._recover(i, positions)
 
     def _recover(self, shard: int, behind: dict[str, int] | None = None) -> None:
         """Bring ``shard`` back in step: replay each of its streams from its position."""
@@ -308,7 +346,10 @@ class Ingestor:
         positions: dict[str, int] = {}
         for _ in range(60):  # a restarting actor answers once it is alive again
             try:
-                positions = ray.get(self.shards[shard].get_positions.remote(), timeout=30)
+                incarnation, positions = ray.get(
+                    self.shards[shard].get_positions.remote(), timeout=30
+                )
+                self._incarnations[shard] = incarnation
                 break
             except Exception:
                 time.sleep(0.5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -64,6 +65,7 @@ class IndexShard:
         self.ops = 0
         self.apply_seconds = 0.0
         self.restored_from_snapshot = False
+        self.incarnation = uuid.uuid4().hex  # changes on every (re)start: ingestors resync
         self._last_silence_check = time.monotonic()
         if restore:
             self._restore_from_controller()
@@ -81,7 +83,7 @@ class IndexShard:
             from kvray.actors.naming import CONTROLLER
 
             ctl = ray.get_actor(CONTROLLER, namespace=self.config.namespace)
-            data = ray.get(ctl.latest_snapshot.remote(self.shard_id), timeout=30)
+            data: bytes | None = ray.get(ctl.latest_snapshot.remote(self.shard_id), timeout=30)
         except Exception:  # no controller (standalone shard) or it is gone: start empty
             return
         if data:
@@ -132,6 +134,7 @@ class IndexShard:
             "cleared": res.cleared,
             "rejected": res.rejected,
             "behind": behind,
+            "incarnation": self.incarnation,
         }
 
     def _maybe_drop_silent(self) -> None:
@@ -157,14 +160,17 @@ class IndexShard:
     def score(self, keys: list[int], pods: list[str] | None = None) -> dict[str, float]:
         """Longest-prefix scores of this shard's holders."""
         self._maybe_drop_silent()
-        return dict(self.writer.score(keys, self.config.index.tier_weights, pods))
+        return {
+            str(p): s
+            for p, s in self.writer.score(keys, self.config.index.tier_weights, pods).items()
+        }
 
     def ping(self) -> int:
         return self.shard_id
 
-    def get_positions(self) -> dict[str, int]:
-        """Last applied seq per holder."""
-        return dict(self.positions)
+    def get_positions(self) -> tuple[str, dict[str, int]]:
+        """This incarnation's id and the last applied seq per holder."""
+        return self.incarnation, dict(self.positions)
 
     def pods_info(self) -> list[dict[str, Any]]:
         """Per holder: model, last seq, seconds since last event, hash-contract status."""

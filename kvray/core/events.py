@@ -136,8 +136,14 @@ class EventDecoder:
 
     def __init__(self, limits: DecodeLimits | None = None) -> None:
         self.limits = limits or DecodeLimits()
-        self._arr: list[Any] = [msgspec.msgpack.Decoder(_BatchArrMap), msgspec.msgpack.Decoder(_BatchArrArr)]
-        self._map: list[Any] = [msgspec.msgpack.Decoder(_BatchMapMap), msgspec.msgpack.Decoder(_BatchMapArr)]
+        self._arr: list[Any] = [
+            msgspec.msgpack.Decoder(_BatchArrMap),
+            msgspec.msgpack.Decoder(_BatchArrArr),
+        ]
+        self._map: list[Any] = [
+            msgspec.msgpack.Decoder(_BatchMapMap),
+            msgspec.msgpack.Decoder(_BatchMapArr),
+        ]
 
     def decode(self, payload: bytes) -> EventBatch:
         """Decode one payload.

@@ -47,9 +47,9 @@ def score_from_holders(
     return scores
 
 
-def merge_scores(parts: Iterable[Mapping[PodId, float]]) -> dict[PodId, float]:
+def merge_scores(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
     """Union per-shard results. Shards own disjoint holders, so this is a plain dict union."""
-    merged: dict[PodId, float] = {}
+    merged: dict[str, float] = {}
     for part in parts:
         merged.update(part)
     return merged

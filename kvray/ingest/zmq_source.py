@@ -57,7 +57,7 @@ class ZmqSource:
         except zmq.ZMQError as exc:
             s.close()
             raise ConfigError(f"cannot bind event endpoint {endpoint!r}: {exc}") from exc
-        resolved = s.getsockopt(zmq.LAST_ENDPOINT).decode()
+        resolved = s.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller.register(s, zmq.POLLIN)
         self._origin[s] = None
         self._by_endpoint[resolved] = s

@@ -70,8 +70,10 @@ class SimPublisher:
         self._peers = 0
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
         if _binds(endpoint):
-            self._pub.bind(endpoint.replace("*", "127.0.0.1") if endpoint.startswith("tcp://*") else endpoint)
-            self.endpoint = self._pub.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self._pub.bind(
+                endpoint.replace("*", "127.0.0.1") if endpoint.startswith("tcp://*") else endpoint
+            )
+            self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self._pub.connect(endpoint)
             self.endpoint = endpoint
@@ -84,7 +86,7 @@ class SimPublisher:
             router = self._ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.bind(replay_endpoint)
-            self.replay_endpoint = router.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._thread = threading.Thread(
                 target=self._serve_replay, args=(router,), name="sim-replay", daemon=True
             )
@@ -124,6 +126,11 @@ class SimPublisher:
             return seq
         self._pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload], copy=False)
         return seq
+
+    def history(self) -> list[list[bytes]]:
+        """Every buffered message as the 3 frames sent (or dropped), oldest first."""
+        with self._lock:
+            return [[self.topic, s.to_bytes(8, "big"), p] for s, p in self._buffer]
 
     def _serve_replay(self, router: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()

@@ -1,0 +1,126 @@
+"""``Controller``: creates kvray's actors, keeps shard snapshots, answers "where is what".
+
+It is the one named entry point of a kvray deployment (``kvray.connect()`` looks it up). A
+snapshot thread copies every shard's index into the controller's memory every
+``snapshot_interval_s``; a restarted shard loads its latest copy in ``__init__`` and the
+ingestors replay what came after from the pods.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+
+from kvray.actors.ingestor import Ingestor
+from kvray.actors.naming import ingestor_name, shard_name, tokenizer_name
+from kvray.actors.shard import IndexShard
+from kvray.actors.tokenizer import TokenizerActor
+from kvray.config import Config
+
+log = logging.getLogger("kvray.controller")
+
+
+class Controller:
+    """The controller actor's body (``max_concurrency`` > 1: shards call it while it works)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        snapshot_interval_s: float = 10.0,
+        detached: bool = False,
+    ) -> None:
+        self.config = Config.model_validate(config)
+        cfg = self.config.model_dump()
+        ns = self.config.namespace
+        life = {"lifetime": "detached"} if detached else {}
+        self.shard_names = [shard_name(i) for i in range(self.config.num_shards)]
+        self.ingestor_names = [ingestor_name(i) for i in range(self.config.num_ingestors)]
+        self.tokenizer_names = [tokenizer_name(i) for i in range(self.config.num_tokenizers)]
+        # num_cpus=0: kvray's actors are I/O- and latency-bound; they must not starve the
+        # cluster's schedulable CPUs (and a 2-core laptop could not place them otherwise).
+        # SPREAD puts shards and ingestors on different nodes when there are several.
+        common: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "namespace": ns, **life}
+        shard_cls = ray.remote(IndexShard)
+        self.shards = [
+            shard_cls.options(name=n, scheduling_strategy="SPREAD", **common).remote(i, cfg)
+            for i, n in enumerate(self.shard_names)
+        ]
+        tok_cls = ray.remote(TokenizerActor)
+        self.tokenizers = [
+            tok_cls.options(name=n, **common).remote(i, cfg)
+            for i, n in enumerate(self.tokenizer_names)
+        ]
+        ing_cls = ray.remote(Ingestor)
+        self.ingestors = [
+            ing_cls.options(
+                name=n, scheduling_strategy="SPREAD", max_concurrency=4, **common
+            ).remote(i, cfg, self.shard_names)
+            for i, n in enumerate(self.ingestor_names)
+        ]
+        self._snapshots: dict[int, bytes] = {}
+        self._snapshot_times: dict[int, float] = {}
+        self._interval = snapshot_interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._snapshot_loop, daemon=True)
+        self._thread.start()
+
+    def ready(self, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Wait until every actor answers; returns ``info()``."""
+        refs = [s.ping.remote() for s in self.shards]
+        refs += [i.endpoints.remote() for i in self.ingestors]
+        refs += [t.stats.remote() for t in self.tokenizers]
+        ray.get(refs, timeout=timeout_s)
+        return self.info()
+
+    def info(self) -> dict[str, Any]:
+        """Config and actor names, for clients."""
+        return {
+            "config": self.config.model_dump(),
+            "shards": self.shard_names,
+            "ingestors": self.ingestor_names,
+            "tokenizers": self.tokenizer_names,
+            "endpoints": ray.get([i.endpoints.remote() for i in self.ingestors]),
+        }
+
+    # --- snapshots -------------------------------------------------------------------------
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.snapshot_now()
+
+    def snapshot_now(self) -> int:
+        """Snapshot every shard now; returns how many answered."""
+        done = 0
+        for i, shard in enumerate(self.shards):
+            try:
+                self._snapshots[i] = ray.get(shard.snapshot.remote(), timeout=60)
+                self._snapshot_times[i] = time.time()
+                done += 1
+            except Exception as exc:  # a shard restarting: keep its previous snapshot
+                log.warning("snapshot of shard %d failed: %s", i, exc)
+        return done
+
+    def latest_snapshot(self, shard_id: int) -> bytes | None:
+        """The newest snapshot of a shard (None if none was taken yet)."""
+        return self._snapshots.get(shard_id)
+
+    def snapshot_ages(self) -> dict[int, float]:
+        now = time.time()
+        return {i: now - t for i, t in self._snapshot_times.items()}
+
+    def shutdown(self) -> None:
+        """Stop ingestors and kill every actor this controller created."""
+        self._stop.set()
+        try:
+            ray.get([i.stop.remote() for i in self.ingestors], timeout=10)
+        except Exception:
+            pass
+        for a in [*self.ingestors, *self.shards, *self.tokenizers]:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass

@@ -1,0 +1,265 @@
+"""``kvray.connect()``: a cluster client for Ray-hosted schedulers (no HTTP in the path).
+
+The client computes block keys itself (same ``Keyer`` as the shards), fans ``score`` out to
+every shard concurrently and unions the disjoint per-holder results. Prompts and chats go to a
+tokenizer pool member chosen by the prompt's first chunk, so repeats meet the same prefix cache.
+Every read method has an ``async`` twin (``*_async``) for use inside Serve replicas and async
+actors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from kvray.actors.naming import CONTROLLER
+from kvray.config import Config
+from kvray.core.apply import Keyer, ModelHashing
+from kvray.core.keys import LoRA
+from kvray.core.prefix_store import first_chunk_route
+from kvray.core.scoring import merge_scores
+from kvray.core.sharding import shard_of
+from kvray.errors import BadRequest, ConfigError
+
+_ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix store's chunk)
+
+
+class Client:
+    """Handles to a running kvray deployment."""
+
+    def __init__(self, namespace: str = "kvray", *, timeout_s: float = 60.0) -> None:
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        try:
+            self.controller = ray.get_actor(CONTROLLER, namespace=namespace)
+        except ValueError as exc:
+            raise ConfigError(
+                f"no kvray deployment in Ray namespace {namespace!r} (start one with "
+                "`kvray serve` or kvray.runtime.start)"
+            ) from exc
+        info = ray.get(self.controller.info.remote(), timeout=timeout_s)
+        self.config = Config.model_validate(info["config"])
+        self.shards = [ray.get_actor(n, namespace=namespace) for n in info["shards"]]
+        self.ingestors = [ray.get_actor(n, namespace=namespace) for n in info["ingestors"]]
+        self.tokenizers = [ray.get_actor(n, namespace=namespace) for n in info["tokenizers"]]
+        self.endpoints: list[list[str]] = info["endpoints"]
+        self._hashing: dict[str, ModelHashing] = {}
+        self.keyer = Keyer(self._model_hashing, self.config.index.keys)
+
+    def _model_hashing(self, model: str) -> ModelHashing:
+        h = self._hashing.get(model)
+        if h is None:
+            h = self._hashing[model] = self.config.index.model(model).hashing()
+        return h
+
+    # --- keys and tokens -------------------------------------------------------------------
+
+    def block_keys(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        lora: LoRA | str | None = None,
+        cache_salt: str | None = None,
+    ) -> list[int]:
+        """The index keys of a prompt's full blocks."""
+        return self.keyer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt)
+
+    def _tokenizer(self, text: str) -> Any:
+        return self.tokenizers[first_chunk_route(text, len(self.tokenizers), _ROUTE_CHUNK_CHARS)]
+
+    async def tokenize_async(self, prompt: str, model: str) -> list[int]:
+        """Token ids of a completion prompt."""
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt must be a string")
+        return await self._tokenizer(prompt).encode.remote(model, prompt)  # type: ignore[no-any-return]
+
+    async def tokenize_chat_async(
+        self,
+        messages: list[dict[str, Any]],
+        model: str,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of a chat conversation rendered with the model's template."""
+        first = ""
+        if messages and isinstance(messages[0], dict):
+            first = str(messages[0].get("content", ""))
+        actor = self._tokenizer(first)
+        return await actor.encode_chat.remote(  # type: ignore[no-any-return]
+            model, messages, tools, add_generation_prompt, chat_template_kwargs
+        )
+
+    # --- scoring ---------------------------------------------------------------------------
+
+    async def score_keys_async(
+        self, keys: Sequence[int], pods: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Fan ``score`` out to every shard and merge."""
+        if not keys:
+            return {}
+        klist = list(keys)
+        plist = None if pods is None else list(pods)
+        parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self.shards))
+        return merge_scores(parts)
+
+    def score_keys(
+        self, keys: Sequence[int], pods: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Synchronous ``score_keys_async``."""
+        if not keys:
+            return {}
+        klist = list(keys)
+        plist = None if pods is None else list(pods)
+        refs = [s.score.remote(klist, plist) for s in self.shards]
+        return merge_scores(ray.get(refs, timeout=self.timeout_s))
+
+    def score_tokens(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        pods: Sequence[str] | None = None,
+        lora: LoRA | str | None = None,
+    ) -> dict[str, float]:
+        """Scores of every holder (or ``pods``) for a prompt's token ids."""
+        return self.score_keys(self.block_keys(tokens, model, lora), pods)
+
+    async def score_tokens_async(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        pods: Sequence[str] | None = None,
+        lora: LoRA | str | None = None,
+    ) -> dict[str, float]:
+        return await self.score_keys_async(self.block_keys(tokens, model, lora), pods)
+
+    async def score_prompt_async(
+        self,
+        prompt: str,
+        model: str,
+        pods: Sequence[str] | None = None,
+        lora: str | None = None,
+    ) -> tuple[dict[str, float], int]:
+        """Tokenize, key and score a completion prompt; returns (scores, number of blocks)."""
+        tokens = await self.tokenize_async(prompt, model)
+        keys = self.block_keys(tokens, model, lora)
+        return await self.score_keys_async(keys, pods), len(keys)
+
+    def score_prompt(
+        self, prompt: str, model: str, pods: Sequence[str] | None = None, lora: str | None = None
+    ) -> dict[str, float]:
+        """Synchronous prompt scoring (from a driver or a sync actor)."""
+        tokens = ray.get(
+            self._tokenizer(prompt).encode.remote(model, prompt), timeout=self.timeout_s
+        )
+        return self.score_tokens(tokens, model, pods, lora)
+
+    # --- routing feedback, status ----------------------------------------------------------
+
+    def record_route(
+        self,
+        pod: str,
+        model: str,
+        tokens: Sequence[int] | None = None,
+        *,
+        keys: Sequence[int] | None = None,
+        lora: LoRA | str | None = None,
+        ttl_s: float | None = None,
+    ) -> None:
+        """Record that a prompt was routed to ``pod``: speculative entries until events arrive."""
+        if keys is None:
+            keys = self.block_keys(tokens or [], model, lora)
+        shard = self.shards[shard_of(pod, len(self.shards))]
+        ray.get(shard.record_route.remote(pod, list(keys), ttl_s), timeout=self.timeout_s)
+
+    async def record_route_async(
+        self, pod: str, keys: Sequence[int], ttl_s: float | None = None
+    ) -> None:
+        shard = self.shards[shard_of(pod, len(self.shards))]
+        await shard.record_route.remote(pod, list(keys), ttl_s)
+
+    def remove_pod(self, pod: str) -> None:
+        """Forget a pod everywhere: its streams in the ingestors, its blocks in its shard
+        (every data-parallel rank's holder too)."""
+        ray.get([i.forget_pod.remote(pod) for i in self.ingestors], timeout=self.timeout_s)
+        holders = [
+            p["pod"] for p in self.pods() if p["pod"] == pod or p["pod"].startswith(pod + "#dp")
+        ]
+        refs = [
+            self.shards[shard_of(h, len(self.shards))].clear_pod.remote(h) for h in holders or [pod]
+        ]
+        ray.get(refs, timeout=self.timeout_s)
+
+    def pods(self) -> list[dict[str, Any]]:
+        """Every holder: model, shard, last seq, idle time, hash-contract status."""
+        parts = ray.get([s.pods_info.remote() for s in self.shards], timeout=self.timeout_s)
+        return sorted((p for part in parts for p in part), key=lambda d: d["pod"])
+
+    async def pods_async(self) -> list[dict[str, Any]]:
+        parts = await asyncio.gather(*(s.pods_info.remote() for s in self.shards))
+        return sorted((p for part in parts for p in part), key=lambda d: d["pod"])
+
+    def stats(self) -> dict[str, Any]:
+        """Shard, ingestor and tokenizer stats."""
+        shards = [s.stats.remote() for s in self.shards]
+        ings = [i.stats.remote() for i in self.ingestors]
+        toks = [t.stats.remote() for t in self.tokenizers]
+        return {
+            "shards": ray.get(shards, timeout=self.timeout_s),
+            "ingestors": ray.get(ings, timeout=self.timeout_s),
+            "tokenizers": ray.get(toks, timeout=self.timeout_s),
+        }
+
+    async def stats_async(self) -> dict[str, Any]:
+        shards, ings, toks = await asyncio.gather(
+            asyncio.gather(*(s.stats.remote() for s in self.shards)),
+            asyncio.gather(*(i.stats.remote() for i in self.ingestors)),
+            asyncio.gather(*(t.stats.remote() for t in self.tokenizers)),
+        )
+        return {"shards": list(shards), "ingestors": list(ings), "tokenizers": list(toks)}
+
+    def sync(self, expect: dict[str, int] | None = None, timeout_s: float = 30.0) -> bool:
+        """Wait until events are applied (tests, demo, benchmarks).
+
+        Args:
+            expect: pod (stream ``"<pod>#<rank>"`` or bare pod for rank 0) → the next seq its
+                publisher will use, i.e. how many batches it sent. Without it, only what the
+                ingestors already received is waited for.
+            timeout_s: give up after this long (returns False).
+        """
+        deadline = time.monotonic() + timeout_s
+        if expect:
+            want = {(k if "#" in k else f"{k}#0"): v for k, v in expect.items()}
+            while True:
+                seen: dict[str, int] = {}
+                for part in ray.get([i.streams.remote() for i in self.ingestors]):
+                    seen.update(part)
+                if all(seen.get(k, 0) >= v for k, v in want.items()):
+                    break
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.005)
+        left = max(0.1, deadline - time.monotonic())
+        return all(ray.get([i.sync.remote(left) for i in self.ingestors], timeout=left + 5))
+
+    def wait_until(self, predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
+        """Poll ``predicate(self)`` until true (tests and examples; no fixed sleeps)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(interval_s)
+        return False
+
+
+def connect(namespace: str = "kvray", *, timeout_s: float = 60.0) -> Client:
+    """A ``Client`` for the kvray deployment in Ray namespace ``namespace``.
+
+    ``ray.init`` must have been called (or this runs inside a Ray task/actor).
+    """
+    return Client(namespace, timeout_s=timeout_s)

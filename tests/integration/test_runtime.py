@@ -1,0 +1,218 @@
+"""The Ray runtime against real ZMQ publishers: ingestion, sharding, replay, restarts, recovery."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+
+import kvray
+from kvray import runtime
+from kvray.client import Client
+from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
+from kvray.core.sharding import shard_of
+from kvray.sim import SimPod, SimPublisher
+from kvray.tokenization import find_bundled_qwen3
+
+NS = "kvray-it-runtime"
+MODEL = "qwen3"
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_session: None) -> Iterator[Client]:
+    cfg = Config(
+        namespace=NS,
+        num_shards=2,
+        num_ingestors=1,
+        num_tokenizers=1,
+        index=IndexConfig(models={MODEL: ModelConfig(tokenizer=str(find_bundled_qwen3()))}),
+        events=EventsConfig(bind=["tcp://127.0.0.1:0"], flush_interval_s=0.002),
+    )
+    runtime.start(cfg, snapshot_interval_s=3600)
+    client = kvray.connect(NS)
+    yield client
+    runtime.stop(NS)
+
+
+class Fleet:
+    """Simulated pods publishing into the deployment's bound endpoint."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.endpoint = client.endpoints[0][0]
+        self.pods: dict[str, SimPod] = {}
+
+    def add(self, pod_id: str, *, replay: bool = True, num_blocks: int = 64) -> SimPod:
+        pub = SimPublisher(
+            self.endpoint,
+            f"kv@{pod_id}@{MODEL}",
+            replay_endpoint="tcp://127.0.0.1:0" if replay else None,
+        )
+        assert pub.wait_connected()
+        if replay:
+            ray.get(self.client.ingestors[0].register_replay.remote(pod_id, pub.replay_endpoint))
+        pod = SimPod(pod_id, MODEL, num_blocks=num_blocks, publisher=pub)
+        self.pods[pod_id] = pod
+        return pod
+
+    def sync(self) -> bool:
+        """Wait until every batch the pods published (or dropped) is applied."""
+        expect = {p: pod.publisher.seq for p, pod in self.pods.items() if pod.publisher}
+        return self.client.sync(expect)
+
+    def reference(self) -> kvray.Indexer:
+        ix = kvray.Indexer()
+        for pod in self.pods.values():
+            assert pod.publisher is not None
+            for frames in pod.publisher.history():
+                ix.apply(frames)
+        return ix
+
+    def close(self) -> None:
+        for pod in self.pods.values():
+            assert pod.publisher is not None
+            pod.publisher.close()
+
+
+@pytest.fixture()
+def fleet(deployment: Client) -> Iterator[Fleet]:
+    f = Fleet(deployment)
+    yield f
+    f.close()
+    for pod in f.pods:
+        deployment.remove_pod(pod)
+
+
+def _prompts(rng: random.Random, n: int, shared: int = 48) -> list[list[int]]:
+    system = [rng.randrange(150_000) for _ in range(shared)]
+    return [system + [rng.randrange(150_000) for _ in range(rng.randint(0, 90))] for _ in range(n)]
+
+
+def _agree(client: Client, ref: kvray.Indexer, prompts: list[list[int]]) -> None:
+    for p in prompts:
+        assert client.score_tokens(p, MODEL) == ref.score_tokens(p, MODEL)
+
+
+def test_events_land_in_owning_shards_and_scores_match_indexer(
+    deployment: Client, fleet: Fleet
+) -> None:
+    rng = random.Random(1)
+    prompts = _prompts(rng, 30)
+    pods = [fleet.add(f"10.1.0.{i}") for i in range(4)]
+    for i, p in enumerate(prompts):
+        pods[i % 4].serve(p)
+    assert fleet.sync()
+    ref = fleet.reference()
+    _agree(deployment, ref, prompts)
+    assert any(deployment.score_tokens(p, MODEL) for p in prompts)
+    for info in deployment.pods():
+        if info["pod"].startswith("10.1.0."):
+            assert info["shard"] == shard_of(info["pod"], 2)
+            assert info["hash_contract"]["status"] == "ok"
+
+
+def test_seq_gap_is_healed_by_replay(deployment: Client, fleet: Fleet) -> None:
+    rng = random.Random(2)
+    pod = fleet.add("10.2.0.1")
+    prompts = _prompts(rng, 12)
+    for p in prompts[:4]:
+        pod.serve(p)
+    assert pod.publisher is not None
+    pod.publisher.drop_next = 3  # lost on the wire, kept in the pod's replay buffer
+    for p in prompts[4:]:
+        pod.serve(p)
+    assert fleet.sync()
+    _agree(deployment, fleet.reference(), prompts)
+    st = deployment.stats()["ingestors"][0]
+    assert st["replayed"] >= 3 and st["seq_gaps"] >= 1
+
+
+def test_gap_without_replay_is_counted_lost(deployment: Client, fleet: Fleet) -> None:
+    rng = random.Random(3)
+    pod = fleet.add("10.3.0.1", replay=False)
+    before = deployment.stats()["ingestors"][0]["seq_lost"]
+    prompts = _prompts(rng, 6)
+    pod.serve(prompts[0])
+    assert pod.publisher is not None
+    pod.publisher.drop_next = 2
+    for p in prompts[1:]:
+        pod.serve(p)
+    assert fleet.sync()
+    assert deployment.stats()["ingestors"][0]["seq_lost"] >= before + 2
+
+
+def test_pod_restart_clears_its_blocks(deployment: Client, fleet: Fleet) -> None:
+    rng = random.Random(4)
+    pod = fleet.add("10.4.0.1")
+    old = _prompts(rng, 3)
+    for p in old:
+        pod.serve(p)
+    assert fleet.sync()
+    assert deployment.score_tokens(old[0], MODEL).get("10.4.0.1")
+    assert pod.publisher is not None
+    pod.publisher.close()
+    fresh = fleet.add("10.4.0.1")  # a new process: seq starts at 0 again
+    new = [rng.randrange(150_000) for _ in range(64)]
+    fresh.serve(new)
+    assert fleet.sync()
+    assert deployment.score_tokens(old[0], MODEL).get("10.4.0.1") is None
+    assert deployment.score_tokens(new, MODEL) == {"10.4.0.1": 4.0}
+
+
+def test_killed_shard_is_rebuilt_from_snapshot_and_replay(deployment: Client, fleet: Fleet) -> None:
+    rng = random.Random(5)
+    pods = [fleet.add(f"10.5.0.{i}") for i in range(4)]
+    prompts = _prompts(rng, 24)
+    for i, p in enumerate(prompts[:12]):
+        pods[i % 4].serve(p)
+    assert fleet.sync()
+    ray.get(deployment.controller.snapshot_now.remote())
+    for i, p in enumerate(prompts[12:]):
+        pods[i % 4].serve(p)
+    assert fleet.sync()
+    before = {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts}
+    victim = deployment.shards[shard_of("10.5.0.0", 2)]
+    ray.kill(victim, no_restart=False)
+    ref = fleet.reference()
+
+    def rebuilt(c: Client) -> bool:
+        try:
+            return all(c.score_tokens(p, MODEL) == ref.score_tokens(p, MODEL) for p in prompts)
+        except ray.exceptions.RayActorError:
+            return False
+
+    ok = deployment.wait_until(rebuilt, timeout_s=60, interval_s=0.2)
+    assert ok, str(deployment.stats()["ingestors"])
+    assert {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts} == before
+    st: dict[str, Any] = ray.get(victim.stats.remote())
+    assert st["restored_from_snapshot"]
+
+
+def test_speculative_route_then_real_events(deployment: Client, fleet: Fleet) -> None:
+    pod = fleet.add("10.6.0.1")
+    toks = list(range(1000, 1064))
+    deployment.record_route("10.6.0.1", MODEL, toks, ttl_s=0.5)
+    assert deployment.score_tokens(toks, MODEL) == {"10.6.0.1": 4.0}
+    pod.serve(toks[:32])
+    assert fleet.sync()
+    ok = deployment.wait_until(
+        lambda c: c.score_tokens(toks, MODEL) == {"10.6.0.1": 2.0}, timeout_s=5
+    )
+    assert ok, deployment.score_tokens(toks, MODEL)
+
+
+def test_prompt_scoring_through_tokenizer_actor(deployment: Client, fleet: Fleet) -> None:
+    from kvray.tokenization import load_tokenizer
+
+    tok = load_tokenizer(find_bundled_qwen3())
+    prompt = "You are a helpful assistant. " * 20 + "What is the capital of France?"
+    tokens = tok.encode(prompt)
+    pod = fleet.add("10.7.0.1")
+    pod.serve(tokens)
+    assert fleet.sync()
+    want = {"10.7.0.1": float(len(tokens) // 16)}
+    assert deployment.score_prompt(prompt, MODEL) == want
+    assert deployment.score_prompt(prompt, MODEL, pods=["nobody"]) == {}
