@@ -8,6 +8,7 @@ ingestors replay what came after from the pods.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -115,12 +116,8 @@ class Controller:
     def shutdown(self) -> None:
         """Stop ingestors and kill every actor this controller created."""
         self._stop.set()
-        try:
+        with contextlib.suppress(Exception):
             ray.get([i.stop.remote() for i in self.ingestors], timeout=10)
-        except Exception:
-            pass
         for a in [*self.ingestors, *self.shards, *self.tokenizers]:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
-            except Exception:
-                pass

@@ -15,6 +15,7 @@ Malformed messages are counted by reason and logged once per pod per ``log_inter
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -339,10 +340,8 @@ class Ingestor:
         # Drain the other calls to this shard first: they may fail the same way.
         while self._inflight[shard]:
             ref, _ = self._inflight[shard].popleft()
-            try:
+            with contextlib.suppress(Exception):
                 ray.get(ref)
-            except Exception:
-                pass
         positions: dict[str, int] = {}
         for _ in range(60):  # a restarting actor answers once it is alive again
             try:

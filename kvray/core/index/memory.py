@@ -162,8 +162,7 @@ class MemoryIndex:
                 [zip(repeat(t), list(d)) for t, d in self._tiers.items()]
             )
         keep = ~self._sweeping
-        n = 0
-        for tier, k in self._sweep_iter:
+        for n, (tier, k) in enumerate(self._sweep_iter, 1):
             d = self._tiers[tier]
             m = d.get(k)
             if m is not None and m & self._sweeping:
@@ -173,7 +172,6 @@ class MemoryIndex:
                 else:
                     del d[k]
                     self._nkeys -= 1
-            n += 1
             if n >= self._sweep_batch:
                 return
         # Sweep finished: the swept slots are free again.

@@ -1,0 +1,1 @@
+"""kvray's HTTP surface: a Ray Serve FastAPI ingress (``app``), its schemas, the LLM router."""

@@ -1,0 +1,344 @@
+"""The Ray Serve HTTP ingress: tokenize → keys → fan-out score → merge, with 4xx for bad input.
+
+Routes: ``POST /score_completions``, ``POST /score_chat_completions``, ``POST /score_tokens``,
+``POST /route``, ``GET /pods``, ``GET /healthz``, ``GET /metrics``. A bearer token, when
+configured, is required on every route but ``/healthz``. Bodies above ``max_body_bytes`` get 413.
+Error mapping: ``BadRequest``/``ConfigError``/``MalformedFrame`` → 400, ``BackendUnavailable`` → 503,
+pydantic validation → 422 (FastAPI's, naming the field).
+
+No ``from __future__ import annotations`` here: Serve's class-based views and FastAPI resolve
+route annotations at runtime, and postponed (string) annotations break that resolution.
+
+The deployment is also reachable from Python inside Ray: ``serve.get_app_handle("kvray")`` and
+call ``.score_tokens.remote({...})`` etc. with the same JSON-shaped dicts.
+"""
+
+import hmac
+import os
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from kvray.config import Config, ServeConfig
+from kvray.errors import BackendUnavailable, BadRequest, ConfigError, KvrayError, MalformedFrame
+from kvray.metrics import CONTENT_TYPE, LatencyHistogram, render
+from kvray.serve.schemas import (
+    ErrorResponse,
+    PodsResponse,
+    RouteRequest,
+    RouteResponse,
+    ScoreChatRequest,
+    ScoreCompletionsRequest,
+    ScoreResponse,
+    ScoreTokensRequest,
+)
+
+APP_NAME = "kvray"
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The request is invalid."},
+    401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
+    413: {"model": ErrorResponse, "description": "Body too large."},
+    503: {"model": ErrorResponse, "description": "The index backend is unavailable."},
+}
+
+
+def _status_for(exc: KvrayError) -> int:
+    if isinstance(exc, BackendUnavailable):
+        return 503
+    if isinstance(exc, BadRequest | ConfigError | MalformedFrame):
+        return 400
+    return 500
+
+
+def _check_tokens(tokens: list[int]) -> None:
+    for t in tokens:
+        if t < 0 or t >= 2**32:
+            raise BadRequest(f"token id {t} is out of range [0, 2^32)")
+
+
+class _Ingress:
+    """Shared logic of the deployment (kept free of Serve decorators for direct tests)."""
+
+    def __init__(self, namespace: str, serve_config: dict[str, Any]) -> None:
+        from kvray.client import connect
+
+        self.cfg = ServeConfig.model_validate(serve_config)
+        self.client = connect(namespace)
+        self.latency = LatencyHistogram()
+
+    def _limits(self, pods: list[str] | None, prompt: str | None = None) -> None:
+        if pods is not None and len(pods) > self.cfg.max_pods_per_request:
+            raise BadRequest(
+                f"{len(pods)} pods in the request; at most {self.cfg.max_pods_per_request}"
+            )
+        if prompt is not None and len(prompt) > self.cfg.max_prompt_chars:
+            raise BadRequest(
+                f"prompt of {len(prompt)} characters; at most {self.cfg.max_prompt_chars}"
+            )
+
+    async def _score(
+        self,
+        model: str,
+        tokens: list[int],
+        pods: list[str] | None,
+        lora: str | None,
+        cache_salt: str | None = None,
+    ) -> ScoreResponse:
+        keys = self.client.keyer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt)
+        scores = await self.client.score_keys_async(keys, pods)
+        return ScoreResponse(model=model, scores=scores, blocks=len(keys), tokens=len(tokens))
+
+    async def score_completions(self, req: ScoreCompletionsRequest) -> ScoreResponse:
+        self._limits(req.pods, req.prompt)
+        t0 = time.perf_counter()
+        tokens = await self.client.tokenize_async(req.prompt, req.model)
+        out = await self._score(req.model, tokens, req.pods, req.lora, req.cache_salt)
+        self.latency.observe(time.perf_counter() - t0)
+        return out
+
+    async def score_chat(self, req: ScoreChatRequest) -> ScoreResponse:
+        self._limits(req.pods)
+        if len(req.messages) > self.cfg.max_messages:
+            raise BadRequest(f"{len(req.messages)} messages; at most {self.cfg.max_messages}")
+        t0 = time.perf_counter()
+        tokens = await self.client.tokenize_chat_async(
+            req.messages,
+            req.model,
+            tools=req.tools,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        out = await self._score(req.model, tokens, req.pods, req.lora)
+        self.latency.observe(time.perf_counter() - t0)
+        return out
+
+    async def score_tokens(self, req: ScoreTokensRequest) -> ScoreResponse:
+        self._limits(req.pods)
+        _check_tokens(req.token_ids)
+        t0 = time.perf_counter()
+        out = await self._score(req.model, req.token_ids, req.pods, req.lora, req.cache_salt)
+        self.latency.observe(time.perf_counter() - t0)
+        return out
+
+    async def route(self, req: RouteRequest) -> RouteResponse:
+        self._limits(req.pods, req.prompt)
+        given = [x is not None for x in (req.prompt, req.token_ids, req.messages)]
+        if sum(given) != 1:
+            raise BadRequest("give exactly one of prompt, token_ids or messages")
+        if req.prompt is not None:
+            tokens = await self.client.tokenize_async(req.prompt, req.model)
+        elif req.messages is not None:
+            tokens = await self.client.tokenize_chat_async(req.messages, req.model)
+        else:
+            tokens = list(req.token_ids or [])
+            _check_tokens(tokens)
+        keys = self.client.keyer.block_keys(tokens, req.model, lora=req.lora)
+        scores = await self.client.score_keys_async(keys, req.pods)
+        pod, reason = choose_pod(req.pods, scores, req.load, req.load_weight)
+        if req.record and keys:
+            await self.client.record_route_async(pod, keys)
+        return RouteResponse(pod=pod, scores=scores, blocks=len(keys), reason=reason)
+
+    async def pods(self) -> PodsResponse:
+        return PodsResponse.model_validate({"pods": await self.client.pods_async()})
+
+    async def metrics(self) -> bytes:
+        stats = await self.client.stats_async()
+        serve_stats = {"score_buckets": self.latency.buckets(), "score_sum": self.latency.total}
+        return render(stats, serve_stats)
+
+
+def choose_pod(
+    candidates: list[str],
+    scores: dict[str, float],
+    load: dict[str, float] | None,
+    load_weight: float,
+) -> tuple[str, str]:
+    """The best candidate: highest normalized score minus ``load_weight`` × normalized load.
+
+    Ties go to the lighter pod, then to the candidate order. With no score at all and no load,
+    the first candidate is returned with reason ``fallback``.
+    """
+    present = [scores.get(c, 0.0) for c in candidates]
+    hi = max(present) if present else 0.0
+    loads = [float((load or {}).get(c, 0.0)) for c in candidates]
+    lmax = max(loads) if loads else 0.0
+    best, best_val = candidates[0], float("-inf")
+    for c, s, ld in zip(candidates, present, loads, strict=True):
+        val = (s / hi if hi > 0 else 0.0) - load_weight * (ld / lmax if lmax > 0 else 0.0)
+        val -= 1e-9 * (ld / lmax if lmax > 0 else 0.0)  # tie-break: lighter first
+        if val > best_val:
+            best, best_val = c, val
+    if hi <= 0:
+        return best, "load" if load else "fallback"
+    top = max(candidates, key=lambda c: scores.get(c, 0.0))
+    return best, "cache" if best == top or scores.get(best) == hi else "load"
+
+
+def _auth(cfg: ServeConfig) -> Any:
+    token = cfg.auth_token or os.environ.get("KVRAY_AUTH_TOKEN")
+
+    async def check(request: Request) -> None:
+        if not token:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(
+                401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+            )
+
+    return check
+
+
+def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
+    """A fresh FastAPI app and the Serve deployment class serving it (no Ray needed)."""
+    cfg = ServeConfig.model_validate(serve_config)
+    auth = Depends(_auth(cfg))
+    app = FastAPI(
+        title="kvray",
+        version="0.1.0",
+        description="KV-cache-aware scoring for vLLM fleets: which pod already holds a "
+        "prompt's prefix.",
+    )
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
+            return JSONResponse(
+                {"detail": f"body of {size} bytes exceeds {cfg.max_body_bytes}"}, status_code=413
+            )
+        return await call_next(request)
+
+    @app.exception_handler(KvrayError)
+    async def _kvray_error(request: Request, exc: KvrayError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=_status_for(exc))
+
+    @serve.deployment(
+        name="KvrayIngress",
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 0},
+    )
+    @serve.ingress(app)
+    class KvrayIngress(_Ingress):
+        @app.get("/healthz", summary="Liveness")
+        async def healthz(self) -> dict[str, str]:
+            return {"status": "ok", "app": APP_NAME}
+
+        @app.post(
+            "/score_completions",
+            response_model=ScoreResponse,
+            responses=_ERRORS,
+            dependencies=[auth],
+            summary="Score a completion prompt per pod",
+        )
+        async def http_score_completions(self, req: ScoreCompletionsRequest) -> ScoreResponse:
+            return await self.score_completions(req)
+
+        @app.post(
+            "/score_chat_completions",
+            response_model=ScoreResponse,
+            responses=_ERRORS,
+            dependencies=[auth],
+            summary="Score a chat conversation per pod",
+        )
+        async def http_score_chat(self, req: ScoreChatRequest) -> ScoreResponse:
+            return await self.score_chat(req)
+
+        @app.post(
+            "/score_tokens",
+            response_model=ScoreResponse,
+            responses=_ERRORS,
+            dependencies=[auth],
+            summary="Score token ids per pod",
+        )
+        async def http_score_tokens(self, req: ScoreTokensRequest) -> ScoreResponse:
+            return await self.score_tokens(req)
+
+        @app.post(
+            "/route",
+            response_model=RouteResponse,
+            responses=_ERRORS,
+            dependencies=[auth],
+            summary="Pick a pod among candidates and record the choice",
+        )
+        async def http_route(self, req: RouteRequest) -> RouteResponse:
+            return await self.route(req)
+
+        @app.get("/pods", response_model=PodsResponse, dependencies=[auth], summary="Pods")
+        async def http_pods(self) -> PodsResponse:
+            return await self.pods()
+
+        @app.get("/metrics", dependencies=[auth], summary="Prometheus metrics")
+        async def http_metrics(self) -> Response:
+            return Response(await self.metrics(), media_type=CONTENT_TYPE)
+
+        # Deployment-handle entry points (dicts in, dicts out) for Python callers inside Ray.
+        async def score_tokens_dict(self, body: dict[str, Any]) -> dict[str, Any]:
+            return (await self.score_tokens(ScoreTokensRequest.model_validate(body))).model_dump()
+
+        async def score_completions_dict(self, body: dict[str, Any]) -> dict[str, Any]:
+            req = ScoreCompletionsRequest.model_validate(body)
+            return (await self.score_completions(req)).model_dump()
+
+        async def route_dict(self, body: dict[str, Any]) -> dict[str, Any]:
+            return (await self.route(RouteRequest.model_validate(body))).model_dump()
+
+    return app, KvrayIngress
+
+
+def build_ingress(namespace: str, serve_config: dict[str, Any]) -> Any:
+    """The Serve application bound to a kvray runtime's namespace and HTTP settings."""
+    _, deployment = make_app(serve_config)
+    return deployment.bind(namespace, serve_config)
+
+
+def direct_ingress_enabled() -> bool:
+    """Whether replicas serve HTTP themselves (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``)."""
+    return os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") == "1"
+
+
+def start_http(config: Config, *, timeout_s: float = 60.0) -> str:
+    """Deploy the ingress for the kvray runtime in ``config.namespace``; returns its base URL.
+
+    With direct ingress the replica listens from port 30000 up on the node; the URL returned
+    is the one that answered ``/healthz``. Otherwise Serve's proxy on ``config.serve.port``.
+    """
+    import httpx
+
+    s = config.serve
+    serve.start(
+        http_options={"host": s.host, "port": s.port},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
+    serve.run(
+        build_ingress(config.namespace, s.model_dump()),
+        name=APP_NAME,
+        route_prefix="/",
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
+    candidates = (
+        [f"http://127.0.0.1:{p}" for p in range(30000, 30016)]
+        if direct_ingress_enabled()
+        else [f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"]
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for base in candidates:
+            try:
+                r = httpx.get(f"{base}/healthz", timeout=0.5)
+                if r.status_code == 200 and r.json().get("app") == APP_NAME:
+                    return base
+            except httpx.HTTPError:
+                continue
+        time.sleep(0.1)
+    raise ConfigError(f"kvray's HTTP endpoint did not come up on {candidates}")
+
+
+def stop_http() -> None:
+    """Delete the Serve application (the runtime's actors are left running)."""
+    serve.delete(APP_NAME)
