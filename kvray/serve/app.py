@@ -3,7 +3,8 @@
 Routes: ``POST /score_completions``, ``POST /score_chat_completions``, ``POST /score_tokens``,
 ``POST /route``, ``GET /pods``, ``GET /healthz``, ``GET /metrics``. A bearer token, when
 configured, is required on every route but ``/healthz``. Bodies above ``max_body_bytes`` get 413.
-Error mapping: ``BadRequest``/``ConfigError``/``MalformedFrame`` → 400, ``BackendUnavailable`` → 503,
+Error mapping: ``BadRequest``, ``ConfigError``, ``MalformedFrame`` → 400;
+``BackendUnavailable`` → 503;
 pydantic validation → 422 (FastAPI's, naming the field).
 
 No ``from __future__ import annotations`` here: Serve's class-based views and FastAPI resolve
