@@ -76,6 +76,15 @@ class _StatsCollector(Collector):
             for s in shards:
                 g.add_metric([str(s["shard"])], s[key])
             yield g
+        g = GaugeMetricFamily(
+            "kvray_event_lag_seconds",
+            "Publisher timestamp to applied, recent batches",
+            labels=["shard", "quantile"],
+        )
+        for s in shards:
+            g.add_metric([str(s["shard"]), "0.5"], s["lag_p50_s"])
+            g.add_metric([str(s["shard"]), "0.99"], s["lag_p99_s"])
+        yield g
         c = CounterMetricFamily(
             "kvray_shard_apply_seconds", "Time shards spent applying ops", labels=["shard"]
         )
