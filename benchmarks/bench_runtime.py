@@ -68,7 +68,7 @@ def publish(
 ) -> tuple[float, int, dict[str, int]]:
     ctx = zmq.Context.instance()
     socks = []
-    for i in range(pods):
+    for _ in range(pods):
         s = ctx.socket(zmq.PUB)
         s.setsockopt(zmq.SNDHWM, 0)
         s.connect(endpoint)
