@@ -89,8 +89,10 @@ def publish(
     for p, payload, n in stream:
         if rate:
             due = t0 + sent_blocks / rate
-            while time.perf_counter() < due:
-                pass
+            # Sleep rather than spin: a spinning publisher would take one of the 2 cores
+            # the system under test needs.
+            while (left := due - time.perf_counter()) > 0:
+                time.sleep(left if left > 0.0005 else 0)
         # Patch the send time into ts (bytes 2..10: after the array header and 0xcb) instead
         # of re-encoding, which would cost more than the ingestion being measured.
         frame = payload[:2] + struct.pack(">d", time.time()) + payload[10:]
@@ -200,23 +202,31 @@ def main() -> None:
     stream = make_stream(args.pods, args.blocks)
     dt, blocks, _ = publish(ep, args.pods, stream, None, client)
     full_rate = blocks / dt
-    half = make_stream(args.pods, args.blocks // 4, seed=2)
-    for p in range(args.pods):
-        client.remove_pod(f"pod{p}")
-    # Lag is measured by the shards (publisher ts → applied); reset by reading after a pause.
-    dt2, blocks2, _ = publish(ep, args.pods, half, full_rate / 2, client)
-    st = client.stats()
-    lag50 = max(s["lag_p50_s"] for s in st["shards"])
-    lag99 = max(s["lag_p99_s"] for s in st["shards"])
     rows = [
         [
             "sustained ingest (ZMQ → ingestor → 4 shards), hash checks off",
             f"{full_rate / 1e3:.0f} k block-events/s",
             "≥ 300 k/s",
         ],
-        [f"lag at {full_rate / 2e3:.0f} k block-events/s: p50", f"{lag50 * 1e3:.1f} ms", ""],
-        [f"lag at {full_rate / 2e3:.0f} k block-events/s: p99", f"{lag99 * 1e3:.1f} ms", "≤ 50 ms"],
     ]
+    # Event-to-visible lag at fixed rates: half the sustained rate (the target), and lower.
+    for i, rate in enumerate((full_rate / 2, 150_000.0, 50_000.0)):
+        for p in range(args.pods):
+            client.remove_pod(f"pod{p}")
+        ray.get([s.reset_lags.remote() for s in client.shards])
+        n = int(min(args.blocks // 4, rate * 3))  # ~3 s per rate
+        publish(ep, args.pods, make_stream(args.pods, n, seed=2 + i), rate, client)
+        st = client.stats()
+        lag50 = max(s["lag_p50_s"] for s in st["shards"])
+        lag99 = max(s["lag_p99_s"] for s in st["shards"])
+        target = "≤ 50 ms" if i == 0 else ""
+        rows.append(
+            [
+                f"lag p50 / p99 at {rate / 1e3:.0f} k block-events/s",
+                f"{lag50 * 1e3:.1f} / {lag99 * 1e3:.1f} ms",
+                target,
+            ]
+        )
     scoring = bench_scoring(client, ep)
     runtime.stop("bench")
     ray.shutdown()

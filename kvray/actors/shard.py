@@ -128,7 +128,8 @@ class IndexShard:
                     continue
             res.merge(self.writer.apply_batch(holder, model, batch))
             self.positions[holder] = seq
-            self.lags.append(time.time() - batch.ts)
+            if batch.ts > 0:  # a zero ts is a publisher that does not stamp batches
+                self.lags.append(time.time() - batch.ts)
         self.applied.merge(res)
         self.ops += len(ops)
         self.apply_seconds += time.perf_counter() - t0
@@ -170,8 +171,18 @@ class IndexShard:
             for p, s in self.writer.score(keys, self.config.index.tier_weights, pods).items()
         }
 
+    def reset_lags(self) -> None:
+        """Forget recorded lags (benchmarks measure phases separately)."""
+        self.lags.clear()
+
     def ping(self) -> int:
         return self.shard_id
+
+    def node_id(self) -> str:
+        """The Ray node this shard runs on (placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
 
     def get_positions(self) -> tuple[str, dict[str, int]]:
         """This incarnation's id and the last applied seq per holder."""
