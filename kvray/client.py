@@ -183,6 +183,28 @@ class Client:
         shard = self.shards[shard_of(pod, len(self.shards))]
         await shard.record_route.remote(pod, list(keys), ttl_s)
 
+    def register_replay(self, pod: str, replay_endpoint: str) -> None:
+        """Tell kvray where a (connecting) pod's replay ROUTER is; survives restarts."""
+        ray.get(
+            self.controller.register_replay.remote(pod, replay_endpoint), timeout=self.timeout_s
+        )
+
+    def add_pod(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        pod: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Subscribe to a pod that binds its PUB socket (vLLM's default topology).
+
+        ``pod``/``model`` name the pod when it publishes with an empty topic.
+        """
+        ray.get(
+            self.controller.add_pod.remote(endpoint, replay_endpoint, pod, model),
+            timeout=self.timeout_s,
+        )
+
     def remove_pod(self, pod: str) -> None:
         """Forget a pod everywhere: its streams in the ingestors, its blocks in its shard
         (every data-parallel rank's holder too)."""

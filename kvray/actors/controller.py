@@ -62,6 +62,9 @@ class Controller:
             ).remote(i, cfg, self.shard_names)
             for i, n in enumerate(self.ingestor_names)
         ]
+        self._ingestor_endpoints: dict[int, list[str]] = {}
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._replay: dict[str, str] = {}
         self._snapshots: dict[int, bytes] = {}
         self._snapshot_times: dict[int, float] = {}
         self._interval = snapshot_interval_s
@@ -79,13 +82,48 @@ class Controller:
 
     def info(self) -> dict[str, Any]:
         """Config and actor names, for clients."""
+        endpoints = ray.get([i.endpoints.remote() for i in self.ingestors])
+        for i, eps in enumerate(endpoints):
+            self._ingestor_endpoints.setdefault(i, eps)
         return {
             "config": self.config.model_dump(),
             "shards": self.shard_names,
             "ingestors": self.ingestor_names,
             "tokenizers": self.tokenizer_names,
-            "endpoints": ray.get([i.endpoints.remote() for i in self.ingestors]),
+            "endpoints": endpoints,
         }
+
+    def ingestor_memory(self, ingestor_id: int) -> dict[str, Any]:
+        """What a restarted ingestor needs: the endpoints it bound in its first life (it
+        rebinds them), pods added at runtime and known replay sockets."""
+        return {
+            "endpoints": self._ingestor_endpoints.get(ingestor_id, []),
+            "pods": list(self._pods.values()),
+            "replay": dict(self._replay),
+        }
+
+    def register_replay(self, pod: str, replay_endpoint: str) -> None:
+        """Remember a connecting pod's replay socket and tell every ingestor."""
+        self._replay[pod] = replay_endpoint
+        ray.get([i.register_replay.remote(pod, replay_endpoint) for i in self.ingestors])
+
+    def add_pod(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        pod: str | None = None,
+        model: str | None = None,
+        ingestor: int = 0,
+    ) -> None:
+        """Have ``ingestor`` subscribe to a pod that binds (remembered across restarts)."""
+        spec = {
+            "endpoint": endpoint,
+            "replay_endpoint": replay_endpoint,
+            "pod": pod,
+            "model": model,
+        }
+        self._pods[endpoint] = spec
+        ray.get(self.ingestors[ingestor].add_pod.remote(endpoint, replay_endpoint, pod, model))
 
     # --- snapshots -------------------------------------------------------------------------
 

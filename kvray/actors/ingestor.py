@@ -36,7 +36,10 @@ from kvray.types import holder_id
 log = logging.getLogger("kvray.ingestor")
 
 _POLL_MS = 2  # the loop's poll timeout: bounds flush latency at low rates
-_RESYNC_S = 1.0  # how often idle shards' positions are compared with the streams
+_RESYNC_S = 1.0
+_OPEN = (
+    2**63
+)  # an open-ended replay range ("everything the pod still has")  # how often idle shards' positions are compared with the streams
 
 
 class Ingestor:
@@ -56,7 +59,11 @@ class Ingestor:
         ev = self.config.events
         self.source = ZmqSource()
         self.replay_endpoints: dict[str, str] = {}
-        for ep in ev.bind:
+        # After a restart, rebind the ports this ingestor had (pods keep connecting to them)
+        # and learn where each holder stopped, so the first message of every stream is
+        # checked against the shard instead of being taken on faith.
+        previous, self._known_positions = self._previous_life(ns)
+        for ep in previous or ev.bind:
             self.source.bind(ep)
         for pod in ev.connect:
             self._connect(pod)
@@ -91,6 +98,46 @@ class Ingestor:
         self._shipped_upto = 0
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
         self._thread.start()
+
+    def _previous_life(self, ns: str) -> tuple[list[str], dict[str, int]]:
+        """What the controller and shards remember: bound endpoints, registered pods and
+        replay sockets, and each holder's last applied seq and model."""
+        from kvray.actors.naming import CONTROLLER
+
+        self._known_models: dict[str, str] = {}
+        try:
+            ctl = ray.get_actor(CONTROLLER, namespace=ns)
+            mem = ray.get(ctl.ingestor_memory.remote(self.id), timeout=10)
+        except Exception:  # no controller (standalone) or first start
+            return [], {}
+        self.replay_endpoints.update(mem["replay"])
+        for pod in mem["pods"]:
+            self._connect(PodEndpoint.model_validate(pod))
+        positions: dict[str, int] = {}
+        try:
+            for part in ray.get([s.pods_info.remote() for s in self.shards], timeout=30):
+                for info in part:
+                    if info["last_seq"] is not None:
+                        positions[info["pod"]] = info["last_seq"]
+                        self._known_models[info["pod"]] = info["model"] or ""
+        except Exception:
+            positions = {}
+        return mem["endpoints"], positions
+
+    def _catch_up(self) -> None:
+        """After a restart: replay, from each holder's last applied seq, what the pods sent
+        while this ingestor was down (for pods whose replay socket is known)."""
+        for holder, pos in list(self._known_positions.items()):
+            pod, _, rank_s = holder.partition("#dp")
+            rank = int(rank_s) if rank_s.isdigit() else 0
+            if self._replay_endpoint(pod, None) is None:
+                continue
+            stream = (pod, rank)
+            self.streams_model[stream] = self._known_models.get(holder, "")
+            got = self._replay(stream, pos + 1, _OPEN, None, count_missing=False)
+            if got is not None:
+                self.seq.observe(stream, got)
+                del self._known_positions[holder]
 
     # --- control (actor methods) -----------------------------------------------------------
 
@@ -167,6 +214,12 @@ class Ingestor:
     # --- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self._known_positions:
+            with self._lock:
+                try:
+                    self._catch_up()
+                except Exception:
+                    log.exception("ingestor %d: catch-up after restart failed", self.id)
         while not self._stop.is_set():
             try:
                 with self._lock:
@@ -206,13 +259,23 @@ class Ingestor:
         contiguous = True
         if verdict.verdict is Verdict.GAP:
             self.counters["seq_gaps"] += 1
-            if not self._replay(stream, verdict.missing_from, seq, origin):
+            if self._replay(stream, verdict.missing_from, seq, origin) is None:
                 contiguous = False
         elif verdict.verdict is Verdict.RESTART:
             self.counters["restarts"] += 1
             self._queue(shard, ("clear", holder_id(topic.pod, rank)))
         elif verdict.verdict is Verdict.FIRST:
             contiguous = False
+            known = self._known_positions.pop(holder_id(topic.pod, rank), None)
+            if known is not None:  # this ingestor restarted: where did the shard stop?
+                if seq <= known:
+                    self.counters["restarts"] += 1
+                    self._queue(shard, ("clear", holder_id(topic.pod, rank)))
+                elif seq > known + 1:
+                    self.counters["seq_gaps"] += 1
+                    contiguous = self._replay(stream, known + 1, seq, origin) is not None
+                else:
+                    contiguous = True
         self._queue(shard, ("batch", topic.pod, topic.model, seq, payload, contiguous))
 
     def _malformed(self, pod: str, exc: MalformedFrame) -> None:
@@ -229,16 +292,28 @@ class Ingestor:
         return self.replay_endpoints.get(pod)
 
     def _replay(
-        self, stream: tuple[str, int], start: int, stop: int, origin: PodEndpoint | None
-    ) -> bool:
-        """Fetch ``[start, stop)`` of a stream from its pod and queue it; False if incomplete."""
+        self,
+        stream: tuple[str, int],
+        start: int,
+        stop: int,
+        origin: PodEndpoint | None,
+        *,
+        count_missing: bool = True,
+    ) -> int | None:
+        """Fetch ``[start, stop)`` of a stream from its pod and queue it.
+
+        Returns the last seq queued when the range is complete (``start - 1`` if the pod had
+        nothing), None when something is missing (counted lost unless ``count_missing`` is
+        False, for open-ended catch-up requests).
+        """
         pod, rank = stream
         ep = self._replay_endpoint(pod, origin)
         if ep is None:
-            self.counters["seq_lost"] += stop - start
-            return False
+            if count_missing:
+                self.counters["seq_lost"] += stop - start
+            return None
         self.counters["replay_requests"] += 1
-        got, _complete = request_replay(ep, start, timeout_s=self.config.events.replay_timeout_s)
+        got, complete = request_replay(ep, start, timeout_s=self.config.events.replay_timeout_s)
         model = self.streams_model.get(stream, "")
         shard = shard_of(holder_id(pod, rank), len(self.shards))
         expected = start
@@ -252,14 +327,18 @@ class Ingestor:
                 continue
             if (r_rank or 0) != rank:
                 continue
-            contiguous = r.seq == expected
-            self._queue(shard, ("batch", pod, model, r.seq, r.payload, contiguous))
+            if r.seq != expected:
+                break  # the pod's buffer no longer holds [expected, r.seq)
+            self._queue(shard, ("batch", pod, model, r.seq, r.payload, True))
             self.counters["replayed"] += 1
             expected = r.seq + 1
+        if stop == _OPEN:  # catch-up: complete only if the pod's end marker arrived
+            return expected - 1 if complete else None
         if expected < stop:
-            self.counters["seq_lost"] += stop - expected
-            return False
-        return True
+            if count_missing:
+                self.counters["seq_lost"] += stop - expected
+            return None
+        return expected - 1
 
     # --- shipping --------------------------------------------------------------------------
 

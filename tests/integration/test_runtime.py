@@ -53,7 +53,7 @@ class Fleet:
         )
         assert pub.wait_connected()
         if replay:
-            ray.get(self.client.ingestors[0].register_replay.remote(pod_id, pub.replay_endpoint))
+            self.client.register_replay(pod_id, pub.replay_endpoint)
         pod = SimPod(pod_id, MODEL, num_blocks=num_blocks, publisher=pub)
         self.pods[pod_id] = pod
         return pod

@@ -33,7 +33,7 @@ def test_pods_that_bind_with_empty_topic_and_dp_ranks(deployment: Client) -> Non
         pub = SimPublisher(
             "tcp://127.0.0.1:0", "", replay_endpoint="tcp://127.0.0.1:0", data_parallel_rank=rank
         )
-        ray.get(ing.add_pod.remote(pub.endpoint, pub.replay_endpoint, "10.8.0.1", "m"))
+        deployment.add_pod(pub.endpoint, pub.replay_endpoint, "10.8.0.1", "m")
         assert pub.wait_connected()
         pubs.append(pub)
         pods.append(SimPod("10.8.0.1", "m", publisher=pub))
