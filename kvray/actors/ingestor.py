@@ -36,10 +36,8 @@ from kvray.types import holder_id
 log = logging.getLogger("kvray.ingestor")
 
 _POLL_MS = 2  # the loop's poll timeout: bounds flush latency at low rates
-_RESYNC_S = 1.0
-_OPEN = (
-    2**63
-)  # an open-ended replay range ("everything the pod still has")  # how often idle shards' positions are compared with the streams
+_RESYNC_S = 1.0  # how often idle shards' positions are compared with the streams
+_OPEN = 2**63  # an open-ended replay range ("everything the pod still has")
 
 
 class Ingestor:

@@ -25,7 +25,6 @@ def deployment(ray_session: None) -> Iterator[Client]:
 
 
 def test_pods_that_bind_with_empty_topic_and_dp_ranks(deployment: Client) -> None:
-    ing = deployment.ingestors[0]
     pubs = []
     pods = []
     for rank in (0, 1):
