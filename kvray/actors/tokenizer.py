@@ -31,7 +31,11 @@ class TokenizerActor:
             try:
                 tok = load_tokenizer(source)
             except ConfigError as exc:
-                raise BadRequest(f"no tokenizer for model {model!r}: {exc}") from exc
+                raise BadRequest(f"no tokenizer for model {model[:200]!r}: {exc}") from exc
+            except Exception as exc:  # e.g. OSError for a name too long to be a path
+                raise BadRequest(
+                    f"no tokenizer for model {model[:200]!r}: {type(exc).__name__}: {exc}"
+                ) from exc
             self._toks[model] = tok
         return tok
 

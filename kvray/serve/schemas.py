@@ -6,12 +6,14 @@ than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_POD_ID = 256
 MAX_MODEL = 512
+TokenId = Annotated[int, Field(ge=0, lt=2**32)]
+"""A token id as vLLM stores it (u32)."""
 
 
 class _Req(BaseModel):
@@ -48,7 +50,7 @@ class ScoreTokensRequest(_Req):
     """Score already tokenized input."""
 
     model: str = Field(min_length=1, max_length=MAX_MODEL, description="Served model name.")
-    token_ids: list[int] = Field(description="Prompt token ids.")
+    token_ids: list[TokenId] = Field(description="Prompt token ids.")
     pods: list[str] | None = Field(None, description="Only score these pods (default: all).")
     lora: str | None = Field(None, max_length=MAX_MODEL, description="LoRA adapter name.")
     cache_salt: str | None = Field(None, description="vLLM cache_salt of the request.")
@@ -69,7 +71,7 @@ class RouteRequest(_Req):
     model: str = Field(min_length=1, max_length=MAX_MODEL, description="Served model name.")
     pods: list[str] = Field(min_length=1, description="Candidate pods.")
     prompt: str | None = Field(None, description="Completion prompt (or token_ids/messages).")
-    token_ids: list[int] | None = Field(None, description="Prompt token ids.")
+    token_ids: list[TokenId] | None = Field(None, description="Prompt token ids.")
     messages: list[dict[str, Any]] | None = Field(None, description="Chat messages.")
     lora: str | None = Field(None, max_length=MAX_MODEL, description="LoRA adapter name.")
     load: dict[str, float] | None = Field(

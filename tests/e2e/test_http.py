@@ -103,7 +103,7 @@ def test_route_records_a_speculative_entry(stack: tuple[str, Client, SimPod]) ->
     [
         ("/score_completions", {"model": MODEL}, 422, "prompt"),
         ("/score_completions", {"model": MODEL, "prompt": "x", "bogus": 1}, 422, "bogus"),
-        ("/score_tokens", {"model": MODEL, "token_ids": [-1]}, 400, "out of range"),
+        ("/score_tokens", {"model": MODEL, "token_ids": [-1]}, 422, "greater than or equal to 0"),
         ("/score_tokens", {"model": MODEL, "token_ids": [1], "pods": ["p"] * 9}, 400, "at most 8"),
         (
             "/score_chat_completions",
