@@ -63,7 +63,7 @@ def main() -> int:
         [str(Path(sys.executable).with_name("st")), "run", f"{base}/openapi.json",
          "--checks", "not_a_server_error", "-n", str(args.examples),
          "-H", f"Authorization: Bearer {TOKEN}", "--no-shrink", "--request-timeout", "30",
-         "--seed", "1"],
+         "--seed", "1", "--report", "har", "--report-dir", "/tmp/kvray-fuzz-report"],
         capture_output=True, text=True, timeout=3600,
     )
     dt = time.time() - t0

@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The replica serves HTTP itself (ports 30000+): ~1 ms instead of the proxy's ~15 ms here.
 os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+# Deleting an app waits for replicas to drain (~30 s by default); tests need no draining.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

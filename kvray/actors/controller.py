@@ -98,7 +98,11 @@ class Controller:
         rebinds them), pods added at runtime and known replay sockets."""
         return {
             "endpoints": self._ingestor_endpoints.get(ingestor_id, []),
-            "pods": list(self._pods.values()),
+            "pods": [
+                p
+                for ep, p in self._pods.items()
+                if Ingestor.owner_of(ep, len(self.ingestors)) == ingestor_id
+            ],
             "replay": dict(self._replay),
         }
 

@@ -40,6 +40,14 @@ _RESYNC_S = 1.0  # how often idle shards' positions are compared with the stream
 _OPEN = 2**63  # an open-ended replay range ("everything the pod still has")
 
 
+def offset_port(endpoint: str, offset: int) -> str:
+    """``tcp://host:port`` with ``port + offset`` (vLLM's data-parallel port rule)."""
+    head, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not endpoint.startswith("tcp://"):
+        return endpoint
+    return f"{head}:{int(port) + offset}"
+
+
 class Ingestor:
     """The ingestor actor's body (wrapped with ``ray.remote`` by ``kvray.runtime``)."""
 
@@ -61,10 +69,11 @@ class Ingestor:
         # and learn where each holder stopped, so the first message of every stream is
         # checked against the shard instead of being taken on faith.
         previous, self._known_positions = self._previous_life(ns)
-        for ep in previous or ev.bind:
+        for ep in previous or self.owned_binds(self.config, ingestor_id):
             self.source.bind(ep)
         for pod in ev.connect:
-            self._connect(pod)
+            if self.owner_of(pod.endpoint, self.config.num_ingestors) == ingestor_id:
+                self._connect(pod)
         self.seq = SeqTracker()
         self.streams_model: dict[tuple[str, int], str] = {}
         self._pending: list[list[tuple[Any, ...]]] = [[] for _ in self.shards]
@@ -97,6 +106,18 @@ class Ingestor:
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def owned_binds(config: Config, ingestor_id: int) -> list[str]:
+        """The bind endpoints ingestor ``ingestor_id`` owns (round-robin: one socket, one
+        owner, so several ingestors never fight over a port)."""
+        n = config.num_ingestors
+        return [ep for j, ep in enumerate(config.events.bind) if j % n == ingestor_id]
+
+    @staticmethod
+    def owner_of(endpoint: str, num_ingestors: int) -> int:
+        """The ingestor that connects to a binding pod's endpoint (stable hash)."""
+        return shard_of(endpoint, num_ingestors)
+
     def _previous_life(self, ns: str) -> tuple[list[str], dict[str, int]]:
         """What the controller and shards remember: bound endpoints, registered pods and
         replay sockets, and each holder's last applied seq and model."""
@@ -128,7 +149,7 @@ class Ingestor:
         for holder, pos in list(self._known_positions.items()):
             pod, _, rank_s = holder.partition("#dp")
             rank = int(rank_s) if rank_s.isdigit() else 0
-            if self._replay_endpoint(pod, None) is None:
+            if self._replay_endpoint(pod, None, rank) is None:
                 continue
             stream = (pod, rank)
             self.streams_model[stream] = self._known_models.get(holder, "")
@@ -284,10 +305,13 @@ class Ingestor:
             self._last_log[pod] = now
             log.warning("ingestor %d: malformed message from %s skipped: %s", self.id, pod, exc)
 
-    def _replay_endpoint(self, pod: str, origin: PodEndpoint | None) -> str | None:
+    def _replay_endpoint(self, pod: str, origin: PodEndpoint | None, rank: int = 0) -> str | None:
         if origin is not None and origin.replay_endpoint:
-            return origin.replay_endpoint
-        return self.replay_endpoints.get(pod)
+            return origin.replay_endpoint  # configured per endpoint, so per rank already
+        ep = self.replay_endpoints.get(pod)
+        if ep is not None and rank:
+            ep = offset_port(ep, rank)  # vLLM adds the DP rank to the replay port too
+        return ep
 
     def _replay(
         self,
@@ -305,7 +329,7 @@ class Ingestor:
         False, for open-ended catch-up requests).
         """
         pod, rank = stream
-        ep = self._replay_endpoint(pod, origin)
+        ep = self._replay_endpoint(pod, origin, rank)
         if ep is None:
             if count_missing:
                 self.counters["seq_lost"] += stop - start

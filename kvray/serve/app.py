@@ -181,7 +181,7 @@ def choose_pod(
 
 
 def _auth(cfg: ServeConfig) -> Any:
-    token = cfg.auth_token or os.environ.get("KVRAY_AUTH_TOKEN")
+    token = cfg.auth_token
 
     async def check(request: Request) -> None:
         if not token:
@@ -217,7 +217,11 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
 
     @app.exception_handler(KvrayError)
     async def _kvray_error(request: Request, exc: KvrayError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=_status_for(exc))
+        # Errors raised inside an actor arrive as Ray task errors that are also instances of
+        # the cause; answer with the cause's own message, not Ray's traceback banner.
+        cause = getattr(exc, "cause", None)
+        msg = str(cause) if isinstance(cause, KvrayError) else str(exc)
+        return JSONResponse({"detail": msg}, status_code=_status_for(exc))
 
     @serve.deployment(
         name="KvrayIngress",
@@ -228,7 +232,7 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
     class KvrayIngress(_Ingress):
         @app.get("/healthz", summary="Liveness")
         async def healthz(self) -> dict[str, str]:
-            return {"status": "ok", "app": APP_NAME}
+            return {"status": "ok", "app": APP_NAME, "namespace": self.client.namespace}
 
         @app.post(
             "/score_completions",
@@ -298,6 +302,16 @@ def build_ingress(namespace: str, serve_config: dict[str, Any]) -> Any:
     return deployment.bind(namespace, serve_config)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for ``serve deploy serve_config.yaml``.
+
+    kvray's actors must already run in ``args["namespace"]`` (``kvray serve`` starts both).
+    """
+    namespace = str(args.get("namespace", "kvray"))
+    cfg = ServeConfig.model_validate(args.get("serve") or {})
+    return build_ingress(namespace, cfg.model_dump())
+
+
 def direct_ingress_enabled() -> bool:
     """Whether replicas serve HTTP themselves (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``)."""
     return os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") == "1"
@@ -322,17 +336,20 @@ def start_http(config: Config, *, timeout_s: float = 60.0) -> str:
         route_prefix="/",
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
     )
-    candidates = (
-        [f"http://127.0.0.1:{p}" for p in range(30000, 30016)]
-        if direct_ingress_enabled()
-        else [f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"]
-    )
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    if direct_ingress_enabled():
+        low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+        candidates = [f"http://{host}:{p}" for p in range(low, low + 16)]
+    else:
+        candidates = [f"http://{host}:{s.port}"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for base in candidates:
             try:
                 r = httpx.get(f"{base}/healthz", timeout=0.5)
-                if r.status_code == 200 and r.json().get("app") == APP_NAME:
+                body = r.json() if r.status_code == 200 else {}
+                # Match the namespace too: another kvray may serve on this machine.
+                if body.get("app") == APP_NAME and body.get("namespace") == config.namespace:
                     return base
             except httpx.HTTPError:
                 continue
