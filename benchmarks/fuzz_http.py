@@ -11,16 +11,22 @@ schemathesis report).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1",
-             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}.items():
+for k, v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+}.items():
     os.environ.setdefault(k, v)
 
 import ray  # noqa: E402
@@ -36,6 +42,7 @@ from kvray.sim import SimPod, SimPublisher  # noqa: E402
 from kvray.tokenization import find_bundled_qwen3  # noqa: E402
 
 TOKEN = "fuzz-token"
+REPORT_DIR = "/tmp/kvray-fuzz-report"
 
 
 def main() -> int:
@@ -43,12 +50,18 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=2000, help="cases per operation")
     ap.add_argument("--out", default="benchmarks/results/fuzz_http.md")
     args = ap.parse_args()
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             object_store_memory=256 * 2**20)
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+        object_store_memory=256 * 2**20,
+    )
     cfg = Config(
         namespace="fuzz",
-        index=IndexConfig(models={"qwen3": ModelConfig(tokenizer=str(find_bundled_qwen3()))},
-                          default_model=ModelConfig(tokenizer=str(find_bundled_qwen3()))),
+        index=IndexConfig(
+            models={"qwen3": ModelConfig(tokenizer=str(find_bundled_qwen3()))},
+            default_model=ModelConfig(tokenizer=str(find_bundled_qwen3())),
+        ),
         events=EventsConfig(bind=["tcp://127.0.0.1:0"]),
         serve=ServeConfig(auth_token=TOKEN, max_prompt_chars=200_000),
     )
@@ -58,16 +71,40 @@ def main() -> int:
     pub = SimPublisher(client.endpoints[0][0], "kv@10.0.0.1@qwen3")
     pub.wait_connected()
     SimPod("10.0.0.1", "qwen3", publisher=pub).serve(list(range(256)))
+    shutil.rmtree(REPORT_DIR, ignore_errors=True)
     t0 = time.time()
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("st")), "run", f"{base}/openapi.json",
-         "--checks", "not_a_server_error", "-n", str(args.examples),
-         "-H", f"Authorization: Bearer {TOKEN}", "--no-shrink", "--request-timeout", "30",
-         "--seed", "1", "--report", "har", "--report-dir", "/tmp/kvray-fuzz-report"],
-        capture_output=True, text=True, timeout=3600,
+        [
+            str(Path(sys.executable).with_name("st")),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "-n",
+            str(args.examples),
+            "-H",
+            f"Authorization: Bearer {TOKEN}",
+            "--no-shrink",
+            "--request-timeout",
+            "30",
+            "--seed",
+            "1",
+            "--report",
+            "har",
+            "--report-dir",
+            REPORT_DIR,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     dt = time.time() - t0
     out = proc.stdout + proc.stderr
+    statuses: dict[str, int] = {}
+    for har in Path(REPORT_DIR).glob("*.json"):
+        for entry in json.loads(har.read_text())["log"]["entries"]:
+            code = str(entry["response"]["status"])
+            statuses[code] = statuses.get(code, 0) + 1
     import httpx
 
     print(out[-6000:], flush=True)
@@ -78,18 +115,25 @@ def main() -> int:
         print(f"ingress unreachable after the run: {exc}", flush=True)
     m = re.search(r"kvray_scoring_latency_seconds_count (\S+)", metrics)
     scored = int(float(m.group(1))) if m else 0
-    summary = [line for line in out.splitlines() if re.search(r"passed|failed|error|cases", line,
-                                                              re.I)]
+    summary = [
+        line for line in out.splitlines() if re.search(r"passed|failed|error|cases", line, re.I)
+    ]
     pub.close()
     stop_http()
     runtime.stop("fuzz")
     ray.shutdown()
-    text = write_report(args.out, "kvray HTTP fuzzing (schemathesis)", [
-        f"`st run` exit code {proc.returncode} in {dt:.0f} s; check: not_a_server_error; "
-        f"{args.examples} cases per operation; successfully scored requests counted by the "
-        f"ingress: {scored:,}",
-        "```\n" + "\n".join(summary[-25:]) + "\n```",
-    ])
+    text = write_report(
+        args.out,
+        "kvray HTTP fuzzing (schemathesis)",
+        [
+            f"`st run` exit code {proc.returncode} in {dt:.0f} s; check: not_a_server_error; "
+            f"{args.examples} cases per operation; {sum(statuses.values()):,} HTTP requests "
+            f"recorded (HAR), by status: {dict(sorted(statuses.items()))}; 5xx: "
+            f"{sum(n for c, n in statuses.items() if c.startswith('5'))}; requests scored by the "
+            f"ingress: {scored:,}",
+            "```\n" + "\n".join(summary[-25:]) + "\n```",
+        ],
+    )
     print(text)
     return proc.returncode
 

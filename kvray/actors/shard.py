@@ -12,6 +12,7 @@ On (re)start the shard restores the controller's latest snapshot of it, if any.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -224,6 +225,7 @@ class IndexShard:
             "ops": self.ops,
             "apply_seconds": self.apply_seconds,
             "restored_from_snapshot": self.restored_from_snapshot,
+            "rss_bytes": _rss_bytes(),
             "lag_p50_s": _pct(self.lags, 0.50),
             "lag_p99_s": _pct(self.lags, 0.99),
             "hash_mismatched_pods": sum(
@@ -258,3 +260,12 @@ def _pct(values: deque[float], q: float) -> float:
         return 0.0
     s = sorted(values)
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
