@@ -27,9 +27,24 @@ from kvray.core.topics import parse_frames, parse_topic  # noqa: E402
 from kvray.errors import ConfigError, MalformedFrame  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-BOUNDARY = [b"\x00", b"\x7f", b"\x80", b"\xff", b"\xcc\xff", b"\xcd\xff\xff", b"\xce\xff\xff\xff\xff",
-            b"\xcf" + b"\xff" * 8, b"\xd3" + b"\x80" + b"\x00" * 7, b"\xdc\xff\xff",
-            b"\xdd\xff\xff\xff\xff", b"\xde\xff\xff", b"\xc4\xff", b"\xc0", b"\xc3", b"\xcb"]
+BOUNDARY = [
+    b"\x00",
+    b"\x7f",
+    b"\x80",
+    b"\xff",
+    b"\xcc\xff",
+    b"\xcd\xff\xff",
+    b"\xce\xff\xff\xff\xff",
+    b"\xcf" + b"\xff" * 8,
+    b"\xd3" + b"\x80" + b"\x00" * 7,
+    b"\xdc\xff\xff",
+    b"\xdd\xff\xff\xff\xff",
+    b"\xde\xff\xff",
+    b"\xc4\xff",
+    b"\xc0",
+    b"\xc3",
+    b"\xcb",
+]
 
 
 def seeds() -> list[bytes]:
@@ -86,12 +101,19 @@ def random_doc(rng: random.Random, depth: int = 0) -> object:
     if k == "list":
         return [random_doc(rng, depth + 1) for _ in range(rng.randrange(5))]
     if k == "map":
-        return {rng.choice(["type", "ts", "events", "block_hashes", "token_ids", "block_size"]):
-                random_doc(rng, depth + 1) for _ in range(rng.randrange(5))}
-    return {"type": rng.choice(["BlockStored", "BlockRemoved", "AllBlocksCleared"]),
-            "block_hashes": [rng.randrange(2**64) for _ in range(rng.randrange(4))],
-            "token_ids": [rng.randrange(2**17) for _ in range(rng.choice([0, 16, 15, 32]))],
-            "block_size": rng.choice([16, 0, -1, 64]), "parent_block_hash": None}
+        return {
+            rng.choice(
+                ["type", "ts", "events", "block_hashes", "token_ids", "block_size"]
+            ): random_doc(rng, depth + 1)
+            for _ in range(rng.randrange(5))
+        }
+    return {
+        "type": rng.choice(["BlockStored", "BlockRemoved", "AllBlocksCleared"]),
+        "block_hashes": [rng.randrange(2**64) for _ in range(rng.randrange(4))],
+        "token_ids": [rng.randrange(2**17) for _ in range(rng.choice([0, 16, 15, 32]))],
+        "block_size": rng.choice([16, 0, -1, 64]),
+        "parent_block_hash": None,
+    }
 
 
 def main() -> int:
@@ -111,8 +133,9 @@ def main() -> int:
         if r < 7:
             data = mutate(rng, rng.choice(pool), pool)
         elif r < 9:
-            data = msgspec.msgpack.encode([rng.random(), [random_doc(rng) for _ in range(3)],
-                                           random_doc(rng)])
+            data = msgspec.msgpack.encode(
+                [rng.random(), [random_doc(rng) for _ in range(3)], random_doc(rng)]
+            )
         else:
             data = rng.randbytes(rng.randrange(64))
         try:
@@ -131,12 +154,15 @@ def main() -> int:
     real_topics = [b"kv@10.0.0.7@meta-llama/Llama-3.1-8B", b"", b"kv@p:8000@org/m@v2"]
     for _ in range(args.n // 10):
         if rng.random() < 0.5:  # mutated real topics and seq frames
-            frames = [mutate(rng, rng.choice(real_topics), real_topics),
-                      mutate(rng, (rng.randrange(2**64)).to_bytes(8, "big"), [b"\x00" * 8]),
-                      rng.choice(pool)]
+            frames = [
+                mutate(rng, rng.choice(real_topics), real_topics),
+                mutate(rng, (rng.randrange(2**64)).to_bytes(8, "big"), [b"\x00" * 8]),
+                rng.choice(pool),
+            ]
         else:
-            frames = [rng.randbytes(rng.randrange(24))
-                      for _ in range(rng.choice([1, 2, 3, 3, 3, 4]))]
+            frames = [
+                rng.randbytes(rng.randrange(24)) for _ in range(rng.choice([1, 2, 3, 3, 3, 4]))
+            ]
         try:
             t, _, _ = parse_frames(frames)
             parse_topic(t)
@@ -150,8 +176,12 @@ def main() -> int:
     cfg_crashes = 0
     tmp = Path("/tmp/kvray-fuzz.yaml")
     for _ in range(2000):
-        doc = {rng.choice(["num_shards", "index", "events", "serve", "namespace", "x"]):
-               random_doc(rng) for _ in range(rng.randrange(4))}
+        doc = {
+            rng.choice(["num_shards", "index", "events", "serve", "namespace", "x"]): random_doc(
+                rng
+            )
+            for _ in range(rng.randrange(4))
+        }
         tmp.write_text(json.dumps(doc, default=str))
         try:
             load_config(tmp, env={})
@@ -161,13 +191,17 @@ def main() -> int:
             cfg_crashes += 1
             print(f"CRASH config {type(exc).__name__}: {exc}", file=sys.stderr)
     rows = [[k, f"{v:,}"] for k, v in sorted(reasons.items())]
-    text = write_report(args.out, "kvray fuzzing", [
-        f"## Decoder: {args.n:,} inputs in {dt:.1f} s ({args.n / dt / 1e3:.0f} k/s), "
-        f"crashes: {crashes}\n\n" + table(["outcome (MalformedFrame reason)", "inputs"], rows),
-        f"## Frames + topic parser: {args.n // 10:,} inputs, {topics:,} parsed, crashes: "
-        f"{frame_crashes}",
-        f"## Config loader: 2,000 random documents, crashes: {cfg_crashes}",
-    ])
+    text = write_report(
+        args.out,
+        "kvray fuzzing",
+        [
+            f"## Decoder: {args.n:,} inputs in {dt:.1f} s ({args.n / dt / 1e3:.0f} k/s), "
+            f"crashes: {crashes}\n\n" + table(["outcome (MalformedFrame reason)", "inputs"], rows),
+            f"## Frames + topic parser: {args.n // 10:,} inputs, {topics:,} parsed, crashes: "
+            f"{frame_crashes}",
+            f"## Config loader: 2,000 random documents, crashes: {cfg_crashes}",
+        ],
+    )
     print(text)
     return 1 if crashes or frame_crashes or cfg_crashes else 0
 

@@ -29,7 +29,7 @@ from kvray.core.events import peek_rank
 from kvray.core.sequencing import SeqTracker, Verdict
 from kvray.core.sharding import shard_of
 from kvray.core.topics import parse_frames, parse_topic
-from kvray.errors import MalformedFrame
+from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.ingest.zmq_source import ZmqSource, request_replay
 from kvray.types import holder_id
 
@@ -37,6 +37,7 @@ log = logging.getLogger("kvray.ingestor")
 
 _POLL_MS = 2  # the loop's poll timeout: bounds flush latency at low rates
 _RESYNC_S = 1.0  # how often idle shards' positions are compared with the streams
+_BACKEND_RETRY_S = 0.5  # pause before resending to a shard whose backend is unavailable
 _OPEN = 2**63  # an open-ended replay range ("everything the pod still has")
 
 
@@ -402,9 +403,11 @@ class Ingestor:
         self._inflight[shard].popleft()
         try:
             res = ray.get(ref)
-        except Exception as exc:  # the shard died or restarted: rebuild it from the pods
+        except Exception as exc:  # the shard died, restarted or its backend is down
             self.counters["shard_failures"] += 1
             log.warning("ingestor %d: shard %d call failed (%s); recovering", self.id, shard, exc)
+            if isinstance(exc, BackendUnavailable):
+                time.sleep(_BACKEND_RETRY_S)  # Redis is down: don't spin; ZMQ buffers meanwhile
             self._recover(shard)
             return True
         self.counters["stored"] += res["stored"]

@@ -23,11 +23,15 @@ import msgspec
 from kvray.config import Config
 from kvray.core.apply import ApplyResult, IndexWriter
 from kvray.core.events import EventDecoder
+from kvray.core.index.base import IndexStats
+from kvray.core.index.memory import MemoryIndex
 from kvray.core.index.registry import create_backend
-from kvray.errors import MalformedFrame
+from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.types import PodId, holder_id
 
 log = logging.getLogger("kvray.shard")
+
+_EPOCH_CHECK_S = 1.0  # also catch a backend that restarted empty between two of our calls
 
 Op = tuple[Any, ...]
 """``("batch", pod, model, seq, payload, contiguous)`` or ``("clear", holder)``."""
@@ -67,6 +71,7 @@ class IndexShard:
         self.ops = 0
         self.apply_seconds = 0.0
         self.restored_from_snapshot = False
+        self.rebuilds = 0
         # Event-to-visible lag (publisher ts → applied here), last 8192 batches; same-host
         # wall clocks, so it is exact in the demo and benchmarks, NTP-accurate across hosts.
         self.lags: deque[float] = deque(maxlen=8192)
@@ -74,6 +79,45 @@ class IndexShard:
         self._last_silence_check = time.monotonic()
         if restore:
             self._restore_from_controller()
+        # Shared backends (Redis) can lose their content while this shard lives on; a mark
+        # written now tells, after an outage, whether the content survived.
+        self._backend_down = False
+        self._epoch_checked = time.monotonic()
+        self._epoch = uuid.uuid4().hex
+        self._mark_epoch()
+
+    def _mark_epoch(self) -> None:
+        set_epoch = getattr(self.backend, "set_epoch", None)
+        if set_epoch is not None:
+            try:
+                set_epoch(self._epoch)
+            except BackendUnavailable:
+                self._backend_down = True
+
+    def _check_backend(self) -> None:
+        """After an outage: if the backend lost our content, rebuild like a restarted shard
+        (latest snapshot, new incarnation so the ingestors replay from its positions)."""
+        get_epoch = getattr(self.backend, "get_epoch", None)
+        now = time.monotonic()
+        if not self._backend_down and (
+            get_epoch is None or now - self._epoch_checked < _EPOCH_CHECK_S
+        ):
+            return
+        self._epoch_checked = now
+        if get_epoch is None:
+            self._backend_down = False
+            return
+        if get_epoch() != self._epoch:  # raises BackendUnavailable while still down
+            log.warning("shard %d: backend lost its content; rebuilding", self.shard_id)
+            self.positions = {}
+            self.backend.restore(MemoryIndex().snapshot())  # start from empty, then restore
+            self._restore_from_controller()
+            self.incarnation = uuid.uuid4().hex
+            self.rebuilds += 1
+            set_epoch = getattr(self.backend, "set_epoch", None)
+            if set_epoch is not None:
+                set_epoch(self._epoch)
+        self._backend_down = False
 
     def _model_hashing(self, model: str) -> Any:
         h = self._hashing.get(model)
@@ -98,7 +142,20 @@ class IndexShard:
     # --- write path ------------------------------------------------------------------------
 
     def apply(self, ops: list[Op]) -> dict[str, Any]:
-        """Apply ops in order. Returns counts and, in ``behind``, holders needing a replay."""
+        """Apply ops in order. Returns counts and, in ``behind``, holders needing a replay.
+
+        Raises:
+            BackendUnavailable: the backend is down; ops from the failing one on are not
+                applied (positions say where to resume).
+        """
+        try:
+            self._check_backend()
+            return self._apply(ops)
+        except BackendUnavailable:
+            self._backend_down = True
+            raise
+
+    def _apply(self, ops: list[Op]) -> dict[str, Any]:
         t0 = time.perf_counter()
         res = ApplyResult()
         behind: dict[str, int] = {}
@@ -166,11 +223,14 @@ class IndexShard:
 
     def score(self, keys: list[int], pods: list[str] | None = None) -> dict[str, float]:
         """Longest-prefix scores of this shard's holders."""
-        self._maybe_drop_silent()
-        return {
-            str(p): s
-            for p, s in self.writer.score(keys, self.config.index.tier_weights, pods).items()
-        }
+        try:
+            self._check_backend()
+            self._maybe_drop_silent()
+            scores = self.writer.score(keys, self.config.index.tier_weights, pods)
+        except BackendUnavailable:  # remember the outage: the content may be gone after it
+            self._backend_down = True
+            raise
+        return {str(p): s for p, s in scores.items()}
 
     def reset_lags(self) -> None:
         """Forget recorded lags (benchmarks measure phases separately)."""
@@ -208,8 +268,14 @@ class IndexShard:
         return sorted(out, key=lambda d: d["pod"])
 
     def stats(self) -> dict[str, Any]:
-        st = self.backend.stats()
+        try:
+            st = self.backend.stats()
+            up = True
+        except BackendUnavailable:  # stats must answer while the backend is down
+            st = IndexStats(backend=self.config.index.backend)
+            up = False
         return {
+            "backend_up": up,
             "shard": self.shard_id,
             "backend": st.backend,
             "keys": st.keys,
@@ -225,6 +291,7 @@ class IndexShard:
             "ops": self.ops,
             "apply_seconds": self.apply_seconds,
             "restored_from_snapshot": self.restored_from_snapshot,
+            "rebuilds": self.rebuilds,
             "rss_bytes": _rss_bytes(),
             "lag_p50_s": _pct(self.lags, 0.50),
             "lag_p99_s": _pct(self.lags, 0.99),

@@ -901,6 +901,21 @@ class RedisBackend:
 
     # -- extras --------------------------------------------------------------------------------
 
+    def set_epoch(self, token: str) -> None:
+        """Mark this index's content with ``token`` (kvray's shard writes one at start).
+
+        A Redis that restarts without persistence comes back empty and without the mark, which
+        is how a shard tells "Redis was down" from "Redis lost my data" (then it rebuilds).
+        """
+        with self._guard("set_epoch"):
+            self._r.set(self._key("epoch"), token)
+
+    def get_epoch(self) -> str | None:
+        """The mark written by ``set_epoch`` (None when the content was lost)."""
+        with self._guard("get_epoch"):
+            value = self._r.get(self._key("epoch"))
+        return None if value is None else str(value)
+
     def ping(self) -> None:
         """Check the server answers (for readiness probes).
 

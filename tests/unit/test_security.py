@@ -6,8 +6,14 @@ import re
 from pathlib import Path
 
 KVRAY = Path(__file__).resolve().parents[2] / "kvray"
-FORBIDDEN = [r"pickle\.loads?\(", r"(?<![\w.])eval\(", r"(?<![\w.])exec\(", r"yaml\.load\(",
-             r"yaml\.unsafe_load", r"marshal\.loads?\("]
+FORBIDDEN = [
+    r"pickle\.loads?\(",
+    r"(?<![\w.])eval\(",
+    r"(?<![\w.])exec\(",
+    r"yaml\.load\(",
+    r"yaml\.unsafe_load",
+    r"marshal\.loads?\(",
+]
 
 
 def test_no_unsafe_deserialisation_in_the_package() -> None:
