@@ -25,6 +25,9 @@ from kvray.config import Config
 log = logging.getLogger("kvray.controller")
 
 
+_SHARD_CPU = 0.01
+
+
 class Controller:
     """The controller actor's body (``max_concurrency`` > 1: shards call it while it works)."""
 
@@ -45,9 +48,29 @@ class Controller:
         # cluster's schedulable CPUs (and a 2-core laptop could not place them otherwise).
         # SPREAD puts shards and ingestors on different nodes when there are several.
         common: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "namespace": ns, **life}
+        # Shards go in a SPREAD placement group: one bundle per shard, on different nodes when
+        # there are several (Ray's "SPREAD" task strategy and soft node affinity both packed
+        # zero-CPU actors on one node here). Bundles are rescheduled when a node dies, and the
+        # shard restarts in its bundle. 0.01 CPU each: a token amount, so a laptop fits them.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.pg = placement_group(
+            [{"CPU": _SHARD_CPU}] * self.config.num_shards,
+            strategy="SPREAD",
+            lifetime="detached" if detached else None,
+        )
+        ray.get(self.pg.ready(), timeout=120)
         shard_cls = ray.remote(IndexShard)
+        shard_common = {**common, "num_cpus": _SHARD_CPU}
         self.shards = [
-            shard_cls.options(name=n, scheduling_strategy="SPREAD", **common).remote(i, cfg)
+            shard_cls.options(
+                name=n,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i
+                ),
+                **shard_common,
+            ).remote(i, cfg)
             for i, n in enumerate(self.shard_names)
         ]
         tok_cls = ray.remote(TokenizerActor)
@@ -163,3 +186,7 @@ class Controller:
         for a in [*self.ingestors, *self.shards, *self.tokenizers]:
             with contextlib.suppress(Exception):
                 ray.kill(a, no_restart=True)
+        from ray.util.placement_group import remove_placement_group
+
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.pg)
