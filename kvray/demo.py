@@ -456,9 +456,12 @@ def run_demo(argv: list[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized() and args.address is None:
-        # Our own cluster: let the Serve replica answer HTTP itself (~1 ms per score here,
-        # ~10 ms through Serve's proxy on 2 cores). Set to 0 to measure through the proxy.
-        os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+        # Our own local cluster: loopback only, no auth token, quiet, offline tokenizers, and
+        # the Serve replica answering HTTP itself (~1 ms per score here, ~10 ms through
+        # Serve's proxy on 2 cores; set RAY_SERVE_ENABLE_DIRECT_INGRESS=0 to compare).
+        from kvray._env import apply_local_defaults
+
+        apply_local_defaults()
 
     from kvray import runtime
     from kvray.client import connect
