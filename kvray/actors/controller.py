@@ -95,6 +95,10 @@ class Controller:
         self._thread = threading.Thread(target=self._snapshot_loop, daemon=True)
         self._thread.start()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (placement checks, fault tests)."""
+        return str(ray.get_runtime_context().get_node_id())
+
     def ready(self, timeout_s: float = 120.0) -> dict[str, Any]:
         """Wait until every actor answers; returns ``info()``."""
         refs = [s.ping.remote() for s in self.shards]

@@ -161,6 +161,10 @@ class Ingestor:
 
     # --- control (actor methods) -----------------------------------------------------------
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (placement checks, fault tests)."""
+        return str(ray.get_runtime_context().get_node_id())
+
     def endpoints(self) -> list[str]:
         """The endpoints this ingestor's SUB sockets are bound to (ports resolved)."""
         return list(self.source.bound_endpoints)

@@ -1,4 +1,5 @@
-"""Shards spread over the nodes of a 3-node ``ray.cluster_utils.Cluster`` still score exactly.
+"""Shards spread over the nodes of a 3-node ``ray.cluster_utils.Cluster`` score exactly, and
+the index converges again after a worker node hosting a shard is removed.
 
 The cluster runs in a subprocess: this pytest session already has its own Ray cluster.
 """
@@ -21,3 +22,4 @@ def test_multinode_cluster() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MULTINODE OK 2" in proc.stdout
+    assert "NODE REMOVAL OK" in proc.stdout or "NODE REMOVAL SKIPPED" in proc.stdout
