@@ -182,6 +182,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/runtime.md")
     ap.add_argument("--blocks", type=int, default=1_000_000)
     ap.add_argument("--pods", type=int, default=16)
+    ap.add_argument(
+        "--flush-ms",
+        type=float,
+        default=None,
+        help="ingestor flush interval (default: the config default)",
+    )
     args = ap.parse_args()
     ray.init(
         include_dashboard=False,
@@ -195,6 +201,9 @@ def main() -> None:
         num_ingestors=1,
         events=EventsConfig(bind=["tcp://127.0.0.1:0"]),
     )
+    if args.flush_ms is not None:
+        events = cfg.events.model_copy(update={"flush_interval_s": args.flush_ms / 1000})
+        cfg = cfg.model_copy(update={"events": events})
     cfg = cfg.model_copy(update={"index": cfg.index.model_copy(update={"verify_hashes": False})})
     runtime.start(cfg, snapshot_interval_s=3600)
     client = kvray.connect("bench")
