@@ -27,6 +27,11 @@ Dynamo's HTTP server always binds 0.0.0.0 (no host option), so its whole phase r
 network namespace (``unshare -n``, loopback only) when this runs as root; otherwise it runs on
 the host and the report says so.
 
+Other people's work on a shared machine: before each system's phase the script waits for
+processes outside its own tree to go quiet (``--quiet-wait``), records their CPU during the
+phase, and redoes a disturbed phase (``--retries``). Linux only (reads ``/proc``). Findings and
+proposed changes: ``docs/dynamo.md``.
+
 Targets (kvray/Dynamo): ingest ≥ 0.5×; memory per pair ≤ 1.0×; ``kvray.connect()`` query p50
 ≤ 1.0× Dynamo's HTTP p50; kvray HTTP p50 ≤ 3×; zero disagreements.
 """
@@ -49,6 +54,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +64,17 @@ for k, v in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "HF_HUB_OFFLINE": "1",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # Direct-ingress replicas listen from port 30000 up by default, where other kvray
+    # deployments on a shared machine (and their HTTP fuzzers) listen too: use a range of our
+    # own so nobody else's traffic reaches the endpoint being measured.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "45310",
+    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "45330",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "45330",
+    "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "45350",
 }.items():
     os.environ.setdefault(k, v)
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import zmq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -263,56 +275,116 @@ def send_all(pubs: list[BoundPublisher], frames: list[tuple[int, bytes, int, int
 # --- measuring helpers -----------------------------------------------------------------------
 
 
-def cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
-def rss(procs: list[psutil.Process]) -> int:
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
+class Proc:
+    """The few facts about a process the benchmark needs, read from /proc (Linux only)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def stat(self) -> list[str]:
+        """/proc/<pid>/stat fields from field 3 (state) on: field N is at index N - 3."""
+        raw = Path(f"/proc/{self.pid}/stat").read_text()
+        return raw[raw.rindex(")") + 2 :].split()
+
+    def cpu_s(self) -> float:
+        f = self.stat()
+        return (int(f[11]) + int(f[12])) / _TICK  # utime + stime
+
+    def status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def cmdline(self) -> str:
+        return Path(f"/proc/{self.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
-def foreign_cpu(root: int) -> dict[tuple[int, float], float]:
-    """CPU seconds so far of every process outside ``root``'s tree (other people's work)."""
-    mine = {root}
-    with contextlib.suppress(psutil.Error):
-        mine |= {c.pid for c in psutil.Process(root).children(recursive=True)}
-    out: dict[tuple[int, float], float] = {}
-    for p in psutil.process_iter(["pid", "create_time", "cpu_times"]):
-        if p.info["pid"] in mine or p.info["cpu_times"] is None:
-            continue
-        t = p.info["cpu_times"]
-        out[(p.info["pid"], p.info["create_time"])] = t.user + t.system
+def _all_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def descendants(root: int) -> list[Proc]:
+    """Every process below ``root`` (children, their children, ...)."""
+    kids: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            kids.setdefault(int(Proc(pid).stat()[1]), []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(Proc(c))
+            todo.append(c)
     return out
 
 
-def foreign_delta(before: dict[tuple[int, float], float], root: int) -> float:
+def cpu_s(procs: list[Proc]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += p.cpu_s()
+    return total
+
+
+def rss(procs: list[Proc]) -> int:
+    total = 0
+    for p in procs:
+        with contextlib.suppress(OSError, ValueError):
+            total += p.status("VmRSS") * 1024
+    return total
+
+
+def rss_anon(procs: list[Proc]) -> int:
+    """Private anonymous resident memory (``RssAnon``): the heap, without shared pages such as
+    Ray's plasma store mapped into a worker, which plain RSS counts too."""
+    total = 0
+    for p in procs:
+        with contextlib.suppress(OSError, ValueError):
+            total += p.status("RssAnon") * 1024
+    return total
+
+
+def foreign_cpu(root: int) -> dict[tuple[int, str], float]:
+    """CPU seconds so far of every process outside ``root``'s tree (other people's work)."""
+    mine = {root} | {p.pid for p in descendants(root)}
+    out: dict[tuple[int, str], float] = {}
+    for pid in _all_pids():
+        if pid in mine:
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            f = Proc(pid).stat()
+            out[(pid, f[19])] = (int(f[11]) + int(f[12])) / _TICK  # key: pid + start time
+    return out
+
+
+def foreign_delta(before: dict[tuple[int, str], float], root: int) -> float:
     """CPU seconds used outside ``root``'s tree since ``before`` (processes that started and
     ended in between are missed)."""
     after = foreign_cpu(root)
     return sum(max(0.0, v - before.get(k, 0.0)) for k, v in after.items())
 
 
-def rss_anon(procs: list[psutil.Process]) -> int:
-    """Private anonymous resident memory (``RssAnon``): the heap, without shared pages such as
-    Ray's plasma store mapped into a worker, which plain RSS counts too."""
-    total = 0
-    for p in procs:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1]) * 1024
-    return total
+def wait_quiet(max_wait_s: float, limit: float = 0.15, window_s: float = 3.0) -> str:
+    """Wait (up to ``max_wait_s``) until other people's processes use < ``limit`` cores over a
+    ``window_s`` window, so they do not distort the next phase; returns what happened."""
+    t0 = time.monotonic()
+    while True:
+        before = foreign_cpu(os.getpid())
+        time.sleep(window_s)
+        used = foreign_delta(before, os.getpid()) / window_s
+        waited = time.monotonic() - t0
+        if used < limit:
+            return (
+                f"quiet after {waited:.0f} s ({used:.2f} cores used by others, 1-minute "
+                f"load {load1():.2f})"
+            )
+        if waited >= max_wait_s:
+            return f"NOT quiet after {waited:.0f} s ({used:.2f} cores used by others)"
+        print(f"waiting for a quiet machine: others use {used:.2f} cores", flush=True)
+        time.sleep(10)
 
 
 class Http:
@@ -376,38 +448,12 @@ def dynamo_phase(data_path: str, out_path: str) -> None:
     stream: Stream = data["stream"]
     if data["netns"]:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    port = free_port()
     log = open(data["log"], "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [
-            data["python"],
-            "-m",
-            "dynamo.indexer",
-            "--port",
-            str(port),
-            "--block-size",
-            str(BLOCK),
-            "--threads",
-            str(data["threads"]),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc, c = start_indexer(data["python"], data["threads"], log)
     pubs: list[BoundPublisher] = []
     res: dict[str, Any] = {}
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                c = Http(base)
-                c.get("/health")
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("dynamo.indexer did not come up") from None
-                time.sleep(0.1)
-        ps = psutil.Process(proc.pid)
+        ps = Proc(proc.pid)
         res["rss_idle"] = rss([ps])
         pubs = make_publishers(stream.pods)
         for i, pub in enumerate(pubs):
@@ -446,7 +492,7 @@ def dynamo_phase(data_path: str, out_path: str) -> None:
         res["rss_delta_1s"] = rss([ps]) - rss0
         res["anon_delta"] = rss_anon([ps]) - anon0
         res["applied"] = _applied(c.get("/metrics"))
-        res["threads"] = ps.num_threads()
+        res["threads"] = ps.status("Threads")
 
         def query(body: bytes) -> dict[str, int]:
             ans = c.post("/query", body)
@@ -486,6 +532,94 @@ def dynamo_phase(data_path: str, out_path: str) -> None:
         json.dump(res, f)
 
 
+def start_indexer(python: str, threads: int, log: Any) -> tuple[subprocess.Popen[bytes], Http]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [python, "-m", "dynamo.indexer", "--port", str(port), "--block-size", str(BLOCK)]
+        + ["--threads", str(threads)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            c = Http(f"http://127.0.0.1:{port}")
+            c.get("/health")
+            return proc, c
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("dynamo.indexer did not come up") from None
+            time.sleep(0.1)
+
+
+def repro_phase(python: str, threads: int, netns: bool) -> dict[str, Any]:
+    """8 events that make Dynamo's multi-threaded indexer credit pod B with pod A's blocks.
+
+    Path of 100 blocks. B stores 0-4, 5-30, 31-32, 33-80; A stores 0-4, 5-45, 46-99; each
+    stored event also carries 3 private blocks after its path segment (a request's own tail),
+    and the events interleave as listed in the code. Then A evicts block 70. Right answer:
+    A 70, B 81.
+    """
+    from kvray.core.events import WireBlockRemoved, WireBlockStored
+    from kvray.core.hashing import BlockHasher
+
+    if netns:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    proc, c = start_indexer(python, threads, subprocess.DEVNULL)
+    pubs = make_publishers(2)
+    try:
+        for i, pub in enumerate(pubs):
+            body = {"instance_id": i, "endpoint": pub.endpoint, "model_name": MODEL}
+            c.post("/register", json.dumps({**body, "block_size": BLOCK}).encode())
+        wait_all(pubs)
+        rng = random.Random(5)
+        path = [rng.randrange(150_000) for _ in range(100 * BLOCK)]
+        hasher = BlockHasher()
+        keys = hasher.event_keys(path)
+
+        def seg(a: int, b: int) -> WireBlockStored:
+            toks = path[a * BLOCK : b * BLOCK] + [rng.randrange(150_000) for _ in range(3 * BLOCK)]
+            ks = hasher.event_keys(path[: a * BLOCK] + toks)[a:]
+            return WireBlockStored(ks, keys[a - 1] if a else None, toks, BLOCK, None, "GPU", None)
+
+        sent = [0]
+
+        def send(pod: int, ev: Any) -> None:
+            pubs[pod].send(encode_batch([ev], ts=0.0))
+            sent[0] += 1
+            deadline = time.monotonic() + 10
+            while sum(_applied(c.get("/metrics")).values()) < sent[0]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("dynamo did not apply the repro events")
+                time.sleep(0.01)
+
+        def query() -> dict[str, int]:
+            body = json.dumps({"token_ids": path, "model_name": MODEL}).encode()
+            ans = c.post("/query", body)["scores"]
+            return {"AB"[int(k)]: sum(v.values()) // BLOCK for k, v in sorted(ans.items())}
+
+        a, b = 0, 1
+        for pod, (lo, hi) in (
+            (b, (0, 5)),
+            (a, (0, 5)),
+            (b, (5, 31)),
+            (a, (5, 46)),
+            (b, (31, 33)),
+            (a, (46, 100)),
+            (b, (33, 81)),
+        ):
+            send(pod, seg(lo, hi))
+        before = query()
+        send(a, WireBlockRemoved([keys[70]], "GPU"))
+        return {"threads": threads, "before": before, "after": query()}
+    finally:
+        for p in pubs:
+            p.close()
+        proc.terminate()
+        proc.wait(10)
+
+
 def run_dynamo(stream: Stream, args: argparse.Namespace, tmp: Path, threads: int) -> dict[str, Any]:
     netns = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip")
     tag = f"{stream.pods}-{threads}"
@@ -517,6 +651,16 @@ def run_dynamo(stream: Stream, args: argparse.Namespace, tmp: Path, threads: int
     return res
 
 
+def run_repro(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    netns = os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("ip")
+    cmd = [sys.executable, __file__, "--dynamo-python", args.dynamo_python]
+    cmd += ["--repro-phase", str(threads), "1" if netns else "0"]
+    if netns:
+        cmd = ["unshare", "-n", *cmd]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 def dynamo_version(python: str) -> str:
     out = subprocess.run(
         [python, "-c", "import importlib.metadata as m; print(m.version('ai-dynamo-runtime'))"],
@@ -529,13 +673,13 @@ def dynamo_version(python: str) -> str:
 # --- kvray -----------------------------------------------------------------------------------
 
 
-def ray_processes() -> dict[str, list[psutil.Process]]:
+def ray_processes() -> dict[str, list[Proc]]:
     """This driver's Ray processes by role (actors are named by their process title)."""
-    roles: dict[str, list[psutil.Process]] = {}
-    for p in psutil.Process(os.getpid()).children(recursive=True):
+    roles: dict[str, list[Proc]] = {}
+    for p in descendants(os.getpid()):
         try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
+            cmd = p.cmdline()
+        except OSError:
             continue
         if cmd.startswith("py-spy"):
             continue
@@ -553,7 +697,7 @@ KVRAY_EVENTS: dict[str, Any] = {}  # EventsConfig overrides (--kvray-flush-messa
 
 def kvray_runtime(ns: str) -> tuple[Any, Any, str]:
     from kvray import connect, runtime
-    from kvray.config import Config, EventsConfig
+    from kvray.config import Config, EventsConfig, ServeConfig
     from kvray.serve.app import start_http
 
     cfg = Config(
@@ -561,6 +705,7 @@ def kvray_runtime(ns: str) -> tuple[Any, Any, str]:
         num_shards=KVRAY_SHARDS,
         num_ingestors=1,
         events=EventsConfig(**KVRAY_EVENTS),
+        serve=ServeConfig(port=free_port()),  # Serve's proxy: not 8000, shared with others
     )
     cfg = cfg.model_copy(update={"index": cfg.index.model_copy(update={"verify_hashes": False})})
     runtime.start(cfg, snapshot_interval_s=3600)
@@ -694,6 +839,8 @@ class Spy:
         self.files: dict[str, Path] = {}
         self.procs = []
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            raise FileNotFoundError("py-spy is not installed (pip install py-spy)")
         for name, pid in pids.items():
             out = tmp / f"spy-{tag}-{name}.txt"
             self.files[name] = out
@@ -773,7 +920,10 @@ SHARD_RULES = [
 ]
 INGESTOR_RULES = [
     ("ZMQ receive (`recv_multipart`, poll)", ["recv_multipart", "Poller.poll", "ZmqSource.poll"]),
-    ("Ray: submitting `apply` calls (pickling ops)", ["_actor_method_call", "Pickler", "serializ"]),
+    (
+        "Ray: submitting `apply` calls (task submit; ops > 100 KiB go via the object store)",
+        ["_actor_method_call", "Pickler", "serializ"],
+    ),
     ("Ray: reaping results (`ray.wait`/`ray.get`)", ["ray.wait", "wait (ray", "get_objects"]),
     ("parse topic/seq/rank (`_handle`)", ["_handle", "parse_", "peek_rank", "SeqTracker"]),
     ("`Ingestor.sync` (the benchmark's `client.sync` polling)", ["Ingestor.sync"]),
@@ -854,6 +1004,7 @@ def profile_kvray(stream: Stream, args: argparse.Namespace, ns: str, tmp: Path) 
         f"#### py-spy, {stream.pods} pods (250 Hz, busy samples only; "
         f"ingest took {ingest_s:.2f} s under sampling)"
     ]
+    tops = []
     for title, stacks, rules in (
         ("ingest: ingestor actor", ingest.get("ingestor", Counter()), INGESTOR_RULES),
         (f"ingest: {KVRAY_SHARDS} shard actors (merged)", merged(ingest, "shard"), SHARD_RULES),
@@ -865,13 +1016,25 @@ def profile_kvray(stream: Stream, args: argparse.Namespace, ns: str, tmp: Path) 
         ("query 1024 blocks over HTTP: shards (merged)", merged(q_http, "shard"), SHARD_RULES),
     ):
         total, rows = summarize(stacks, top=6)
+        cats = categorize(stacks, rules)
+        tops.append(
+            f"{title.split(': ', 1)[1]}: "
+            + ", ".join(f"{lab} {share}" for lab, share in cats[:3] if lab != "other")
+        )
         parts.append(
             f"**{title}** — {total} busy samples\n\n"
             + table(["where the busy samples are", "share"], categorize(stacks, rules))
             + "\n\n"
             + table(["top functions (leaf frame)", "self", "inclusive"], rows)
         )
-    return "\n\n".join(parts)
+    summary = (
+        "**What dominates (busy samples).** Ingest — "
+        + "; ".join(tops[:2])
+        + ". Query over HTTP — "
+        + "; ".join(tops[2:])
+        + "."
+    )
+    return summary + "\n\n" + "\n\n".join(parts)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -1057,7 +1220,9 @@ def render(
             f"- other work on the machine (CPU s of processes outside this benchmark, "
             f"measured over each system's ingest + query phase): "
             f"{dyn['foreign_cpu_s']:.2f} s in {dyn['phase_wall_s']:.1f} s (Dynamo phase), "
-            f"{kv['foreign_cpu_s']:.2f} s in {kv['phase_wall_s']:.1f} s (kvray phase).",
+            f"{kv['foreign_cpu_s']:.2f} s in {kv['phase_wall_s']:.1f} s (kvray phase); "
+            f"before them: {dyn.get('quiet', '?')} / {kv.get('quiet', '?')}; attempt "
+            f"{dyn.get('attempt', 1)} / {kv.get('attempt', 1)} kept.",
             f"- latency samples: {len(dyn['lat'][SIZES[0]])} per size and path "
             f"({len(stream.queries[SIZES[0]])} prompts × {args.rounds} rounds).",
         ]
@@ -1171,6 +1336,21 @@ def render(
                 brows,
             )
         )
+        b1, b2 = kv["breakdown"][SIZES[0]], kv["breakdown"][SIZES[-1]]
+        d1, d2 = ms(dyn["lat"][SIZES[0]], 50), ms(dyn["lat"][SIZES[-1]], 50)
+        prof.append(
+            "**What dominates the query path.** A no-op Ray actor call alone takes "
+            f"{b1['noop']:.2f} / {b2['noop']:.2f} ms ({SIZES[0]} / {SIZES[-1]} blocks), "
+            f"{b1['noop'] / d1:.1f}× / {b2['noop'] / d2:.1f}× Dynamo's whole HTTP query; the "
+            f"{KVRAY_SHARDS}-shard fan-out costs {b1['fan_out'] / b1['one_shard']:.1f}× / "
+            f"{b2['fan_out'] / b2['one_shard']:.1f}× one shard's call (the shards and the "
+            "caller share 2 cores); computing the keys is "
+            f"{100 * b1['keys'] / b1['total']:.0f} % / {100 * b2['keys'] / b2['total']:.0f} % "
+            "of `score_tokens`; HTTP adds "
+            f"{ms(kv['lat_http'][SIZES[0]], 50) - b1['total']:.1f} / "
+            f"{ms(kv['lat_http'][SIZES[-1]], 50) - b2['total']:.1f} ms on top of it (Serve, "
+            "uvicorn, JSON and pydantic in the replica, see below)."
+        )
         prof_parts.append("\n\n".join(prof))
         ratios_for_png.append(
             {
@@ -1195,6 +1375,22 @@ def render(
     sections.append(
         "## Profile (kvray)\n\n" + meta.get("profile_intro", "") + "\n\n" + "\n\n".join(prof_parts)
     )
+    if meta.get("repro"):
+        lines = [
+            "## Dynamo's over-count, reduced to 8 events\n",
+            "Greedy minimisation of the disagreeing events gave this shape (run by the "
+            "benchmark itself, `repro_phase`): a 100-block path; pod B stores blocks 0-4, "
+            "5-30, 31-32, 33-80 and pod A stores 0-4, 5-45, 46-99 in interleaved `BlockStored` "
+            "events (each also carrying 3 private blocks after its path segment, as a "
+            "request's own tail does); then A evicts block 70. Right answer: A 70, B 81.\n",
+        ]
+        for r in meta["repro"]:
+            lines.append(
+                f"- `--threads {r['threads']}`: before the eviction {r['before']}, after it "
+                f"{r['after']}"
+                + (" — **B credited with A's blocks**" if r["after"].get("B") != 81 else " — right")
+            )
+        sections.append("\n".join(lines))
     if meta.get("example"):
         sections.append(
             "## Dynamo's answer, as observed (first prompt, trimmed)\n\n```json\n"
@@ -1247,6 +1443,25 @@ def plot(ratios: list[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
+def measured(run: Any, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Run a system's phase on a quiet machine; redo it (up to ``--retries`` times) when other
+    people's processes used more than 0.25 cores during it, keeping the least disturbed."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1 + args.retries):
+        quiet = wait_quiet(args.quiet_wait) if args.quiet_wait else "not checked"
+        res: dict[str, Any] = run()
+        res["quiet"] = quiet
+        res["attempt"] = attempt + 1
+        share = res["foreign_cpu_s"] / max(res["phase_wall_s"], 1e-9)
+        if best is None or share < best["foreign_cpu_s"] / max(best["phase_wall_s"], 1e-9):
+            best = res
+        if share <= 0.25:
+            break
+        print(f"{name} phase disturbed (others used {share:.2f} cores): again", flush=True)
+    assert best is not None
+    return best
+
+
 def load1() -> float:
     return os.getloadavg()[0]
 
@@ -1267,14 +1482,32 @@ def main() -> None:
         "for agreement and ingest rate",
     )
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=900,
+        help="before each system's phase, wait up to this many seconds for other processes "
+        "to use < 0.15 cores (0: do not wait)",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="redo a system's phase when others used > 0.25 cores during it",
+    )
     ap.add_argument("--kvray-shards", type=int, default=4, help="kvray num_shards")
     ap.add_argument(
         "--kvray-flush-messages", type=int, default=None, help="kvray events.flush_messages"
     )
     ap.add_argument("--dynamo-phase", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--repro-phase", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dynamo_phase:
         dynamo_phase(*args.dynamo_phase)
+        return
+    if args.repro_phase:
+        threads, netns = int(args.repro_phase[0]), args.repro_phase[1] == "1"
+        print(json.dumps(repro_phase(args.dynamo_python, threads, netns)))
         return
     if not Path(args.dynamo_python).exists():
         sys.exit(
@@ -1292,6 +1525,8 @@ def main() -> None:
         "load_before": f"{load1():.2f}",
     }
     ray.init(
+        # "local": always a fresh cluster of our own, never one someone else started here.
+        address="local",
         include_dashboard=False,
         log_to_driver=False,
         logging_level="WARNING",
@@ -1309,18 +1544,22 @@ def main() -> None:
                 flush=True,
             )
             threads = [int(x) for x in str(args.dynamo_threads).split(",")]
-            dyn = run_dynamo(stream, args, tmp, threads[0])
+            dyn = measured(partial(run_dynamo, stream, args, tmp, threads[0]), args, "Dynamo")
             meta["example"] = dyn.get("example_answer")
             print(f"[{pods} pods] Dynamo: ingest {dyn['ingest_s']:.2f} s", flush=True)
             # Other --threads values: agreement and ingest rate only (the table uses the first).
             dyn["alt"] = [run_dynamo(stream, args, tmp, t) for t in threads[1:]]
-            kv = run_kvray(stream, args, f"benchdyn{pods}")
+            kv = measured(partial(run_kvray, stream, args, f"benchdyn{pods}"), args, "kvray")
             print(f"[{pods} pods] kvray: ingest {kv['ingest_s']:.2f} s", flush=True)
             results.append((stream, dyn, kv))
             if not args.no_profile:
-                profiles.append(profile_kvray(stream, args, f"benchdynp{pods}", tmp))
+                try:
+                    profiles.append(profile_kvray(stream, args, f"benchdynp{pods}", tmp))
+                except FileNotFoundError as exc:
+                    profiles.append(f"py-spy tables skipped: {exc}.")
                 print(f"[{pods} pods] profiled", flush=True)
     ray.shutdown()
+    meta["repro"] = [run_repro(args, int(t)) for t in str(args.dynamo_threads).split(",")]
     meta["load_after"] = f"{load1():.2f}"
     meta["profile_intro"] = (
         "Accounting and the query breakdown come from the measured run; the py-spy tables from "
@@ -1328,7 +1567,8 @@ def main() -> None:
         "innermost frame is the function (C code such as msgspec, xxhash or "
         "Ray's core worker is billed to the Python frame that called it: `Worker.main_loop` "
         "self time is Ray's C++ core worker); 'inclusive' = samples with the function anywhere "
-        "on the stack. Idle threads are excluded."
+        "on the stack. Idle threads are excluded. Interpretation and proposed changes: "
+        "`docs/dynamo.md`."
     )
     png = Path(args.png) if args.png else Path(args.out).with_suffix(".png")
     body, ratios = render(results, profiles, args, meta)

@@ -105,8 +105,15 @@ class Client:
             return {}
         klist = list(keys)
         plist = None if pods is None else list(pods)
-        parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self.shards))
+        parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self._owners(pods)))
         return merge_scores(parts)
+
+    def _owners(self, pods: Sequence[str] | None) -> list[Any]:
+        """The shards to ask: all, or only those owning the requested holders."""
+        if pods is None:
+            return self.shards
+        n = len(self.shards)
+        return [self.shards[i] for i in sorted({shard_of(p, n) for p in pods})]
 
     def score_keys(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
@@ -116,7 +123,7 @@ class Client:
             return {}
         klist = list(keys)
         plist = None if pods is None else list(pods)
-        refs = [s.score.remote(klist, plist) for s in self.shards]
+        refs = [s.score.remote(klist, plist) for s in self._owners(pods)]
         return merge_scores(ray.get(refs, timeout=self.timeout_s))
 
     def score_tokens(

@@ -141,7 +141,10 @@ class EventsConfig(_Strict):
         0.005, gt=0, description="Longest time events wait in an ingestor before shipping."
     )
     flush_messages: int = Field(
-        64, gt=0, description="Queued messages that trigger an immediate shipment to a shard."
+        256,
+        gt=0,
+        description="Queued messages that trigger an immediate shipment to a shard (larger "
+        "calls amortise Ray's per-call cost; flush_interval_s still bounds the wait).",
     )
     max_inflight: int = Field(
         4, gt=0, description="Shard calls in flight per ingestor (backpressure beyond)."

@@ -220,3 +220,26 @@ def test_malformed_frames_are_counted_and_change_nothing() -> None:
 def test_extra_key_forms_agree_between_prompt_and_events() -> None:
     ek = extra_keys(2, 16, lora=LoRA("a"), cache_salt="s", form="event")
     assert ek == [["a", "s"], ["a"]]
+
+
+def test_runs_of_removals_keep_event_order_semantics() -> None:
+    ix = kvray.Indexer()
+    a, b = list(range(16)), list(range(16, 32))
+    ha, hb = BlockHasher().event_keys(a)[0], BlockHasher().event_keys(b)[0]
+    ix.apply(_msg("p", 0, [_store(a), _store(b), _store(a, medium="CPU")]))
+    # remove a (GPU), remove b (GPU), remove a (CPU), then store b again: b stays, a is gone
+    ix.apply(
+        _msg(
+            "p",
+            1,
+            [
+                WireBlockRemoved([ha], "GPU"),
+                WireBlockRemoved([hb], "GPU"),
+                WireBlockRemoved([ha], "CPU"),
+                _store(b),
+            ],
+        )
+    )
+    assert ix.score_tokens(a, "m") == {}
+    assert ix.score_tokens(b, "m") == {"p": 1.0}
+    assert ix.counters.applied.removed_blocks == 3

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from itertools import islice
 
 from kvray.core.index.base import IndexStats
-from kvray.core.index.memory import _DICT_ENTRY_BYTES, MemoryIndex
+from kvray.core.index.memory import _DICT_ENTRY_BYTES, _KEY_INT_BYTES, MemoryIndex
 from kvray.errors import ConfigError
 from kvray.types import PodId, Tier
 
-_KEY_BYTES = _DICT_ENTRY_BYTES + 32  # dict entry + the u64 key int object
+_KEY_BYTES = _DICT_ENTRY_BYTES + _KEY_INT_BYTES  # dict entry + the u64 key int object
 
 
 def _mask_bytes(m: int) -> int:
