@@ -58,12 +58,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kvray._env import apply_local_defaults  # noqa: E402  (before ray is imported)
+
+apply_local_defaults()
 for k, v in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     # Direct-ingress replicas listen from port 30000 up by default, where other kvray
     # deployments on a shared machine (and their HTTP fuzzers) listen too: use a range of our
     # own so nobody else's traffic reaches the endpoint being measured.

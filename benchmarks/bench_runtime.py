@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import struct
 import sys
 import time
 from pathlib import Path
 
-for k, v in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(k, v)
+from kvray._env import apply_local_defaults  # noqa: E402  (before ray is imported)
+
+apply_local_defaults()
 
 import ray  # noqa: E402
 import zmq  # noqa: E402

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -20,14 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-for k, v in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-}.items():
-    os.environ.setdefault(k, v)
+from kvray._env import apply_local_defaults  # noqa: E402  (before ray is imported)
+
+apply_local_defaults()
 
 import ray  # noqa: E402
 

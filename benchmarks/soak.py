@@ -10,21 +10,15 @@ At the end the index is compared with the ground truth of what every pod holds.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import threading
 import time
 from pathlib import Path
 
-for k, v in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-}.items():
-    os.environ.setdefault(k, v)
+from kvray._env import apply_local_defaults  # noqa: E402  (before ray is imported)
+
+apply_local_defaults()
 
 import httpx  # noqa: E402
 import ray  # noqa: E402

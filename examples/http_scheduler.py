@@ -30,22 +30,12 @@ from typing import Any
 
 import httpx
 
+from kvray.core.scoring import normalize_scores
+
 
 def normalize(candidates: Sequence[str], scores: Mapping[str, float]) -> dict[str, float]:
-    """Min-max normalise the candidates' scores; candidates without a score get 0.0."""
-    present = [scores[c] for c in candidates if c in scores]
-    if not present:
-        return {c: 0.0 for c in candidates}
-    lo, hi = min(present), max(present)
-    out = {}
-    for c in candidates:
-        if c not in scores:
-            out[c] = 0.0
-        elif hi == lo:
-            out[c] = 1.0
-        else:
-            out[c] = (scores[c] - lo) / (hi - lo)
-    return out
+    """Min-max normalise the candidates' scores (spec §5); candidates without a score get 0.0."""
+    return normalize_scores(scores, candidates)
 
 
 def pick(
