@@ -32,3 +32,16 @@ def write_report(path: str | Path, title: str, sections: Sequence[str]) -> str:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
     return text
+
+
+def init_local_ray() -> None:
+    """Start a private local Ray cluster the way kvray's tests do (quiet, 256 MiB store)."""
+    import ray
+
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+        object_store_memory=256 * 2**20,
+    )

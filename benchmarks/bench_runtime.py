@@ -24,7 +24,7 @@ import ray  # noqa: E402
 import zmq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import pct, table, write_report  # noqa: E402
+from _util import init_local_ray, pct, table, write_report  # noqa: E402
 
 import kvray  # noqa: E402
 from kvray import runtime  # noqa: E402
@@ -184,12 +184,7 @@ def main() -> None:
         help="ingestor flush interval (default: the config default)",
     )
     args = ap.parse_args()
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        object_store_memory=256 * 2**20,
-    )
+    init_local_ray()
     cfg = Config(
         namespace="bench",
         num_shards=4,

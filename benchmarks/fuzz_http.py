@@ -26,7 +26,7 @@ apply_local_defaults()
 import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import write_report  # noqa: E402
+from _util import init_local_ray, write_report  # noqa: E402
 
 import kvray  # noqa: E402
 from kvray import runtime  # noqa: E402
@@ -44,12 +44,7 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=2000, help="cases per operation")
     ap.add_argument("--out", default="benchmarks/results/fuzz_http.md")
     args = ap.parse_args()
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        object_store_memory=256 * 2**20,
-    )
+    init_local_ray()
     cfg = Config(
         namespace="fuzz",
         index=IndexConfig(

@@ -24,7 +24,7 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import pct, table, write_report  # noqa: E402
+from _util import init_local_ray, pct, table, write_report  # noqa: E402
 
 import kvray  # noqa: E402
 from kvray import runtime  # noqa: E402
@@ -41,12 +41,7 @@ def main() -> int:
     ap.add_argument("--scorers", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/soak.md")
     args = ap.parse_args()
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        object_store_memory=256 * 2**20,
-    )
+    init_local_ray()
     cfg = Config(namespace="soak", num_shards=2, events=EventsConfig(bind=["tcp://127.0.0.1:0"]))
     runtime.start(cfg, snapshot_interval_s=60)
     client = kvray.connect("soak")
