@@ -18,7 +18,7 @@ import ray
 
 from kvray.actors.naming import CONTROLLER
 from kvray.config import Config
-from kvray.core.apply import Keyer, ModelHashing
+from kvray.core.apply import Keyer
 from kvray.core.keys import LoRA
 from kvray.core.prefix_store import first_chunk_route
 from kvray.core.scoring import merge_scores
@@ -47,14 +47,7 @@ class Client:
         self.ingestors = [ray.get_actor(n, namespace=namespace) for n in info["ingestors"]]
         self.tokenizers = [ray.get_actor(n, namespace=namespace) for n in info["tokenizers"]]
         self.endpoints: list[list[str]] = info["endpoints"]
-        self._hashing: dict[str, ModelHashing] = {}
-        self.keyer = Keyer(self._model_hashing, self.config.index.keys)
-
-    def _model_hashing(self, model: str) -> ModelHashing:
-        h = self._hashing.get(model)
-        if h is None:
-            h = self._hashing[model] = self.config.index.model(model).hashing()
-        return h
+        self.keyer = Keyer(self.config.index.hashing_lookup(), self.config.index.keys)
 
     # --- keys and tokens -------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ for vLLM pods left at their defaults (block size 16, ``sha256``, PYTHONHASHSEED 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +105,19 @@ class IndexConfig(_Strict):
     def model(self, name: str) -> ModelConfig:
         """The settings of ``name``."""
         return self.models.get(name, self.default_model)
+
+    def hashing_lookup(self) -> Callable[[str], ModelHashing]:
+        """model name → its ``ModelHashing``, memoised (key derivation asks once per block
+        batch, so the per-model hasher is built once)."""
+        cache: dict[str, ModelHashing] = {}
+
+        def lookup(model: str) -> ModelHashing:
+            h = cache.get(model)
+            if h is None:
+                h = cache[model] = self.model(model).hashing()
+            return h
+
+        return lookup
 
     def backend_options(self) -> dict[str, Any]:
         """Keyword options for ``create_backend(self.backend, ...)``."""

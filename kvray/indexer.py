@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvray.config import IndexConfig
-from kvray.core.apply import ApplyResult, IndexWriter, ModelHashing
+from kvray.core.apply import ApplyResult, IndexWriter
 from kvray.core.events import DecodeLimits, EventBatch, EventDecoder
 from kvray.core.index.base import IndexStats
 from kvray.core.index.registry import create_backend
@@ -84,7 +84,8 @@ class Indexer:
         data.update(options)
         self.config = IndexConfig.model_validate(data)
         self.backend = create_backend(self.config.backend, **self.config.backend_options())
-        self._hashing: dict[str, ModelHashing] = {}
+        self.hashing = self.config.hashing_lookup()
+        """model name → its ``ModelHashing`` (memoised)."""
         self.writer = IndexWriter(
             self.backend,
             self.hashing,
@@ -99,13 +100,6 @@ class Indexer:
         self.default_pod = default_pod
         self.default_model = default_model
         self.last_seq: dict[PodId, int] = {}
-
-    def hashing(self, model: str) -> ModelHashing:
-        """The hashing settings of ``model`` (cached)."""
-        h = self._hashing.get(model)
-        if h is None:
-            h = self._hashing[model] = self.config.model(model).hashing()
-        return h
 
     # --- write path ------------------------------------------------------------------------
 

@@ -56,10 +56,9 @@ class IndexShard:
         if ic.backend == "redis":
             opts["prefix"] = f"{ic.redis_prefix}:s{shard_id}"
         self.backend = create_backend(ic.backend, **opts)
-        self._hashing: dict[str, Any] = {}
         self.writer = IndexWriter(
             self.backend,
-            self._model_hashing,
+            ic.hashing_lookup(),
             key_mode=ic.keys,
             verify_hashes=ic.verify_hashes,
             speculative_ttl_s=ic.speculative_ttl_s,
@@ -118,12 +117,6 @@ class IndexShard:
             if set_epoch is not None:
                 set_epoch(self._epoch)
         self._backend_down = False
-
-    def _model_hashing(self, model: str) -> Any:
-        h = self._hashing.get(model)
-        if h is None:
-            h = self._hashing[model] = self.config.index.model(model).hashing()
-        return h
 
     def _restore_from_controller(self) -> None:
         try:
