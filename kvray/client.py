@@ -1,8 +1,11 @@
 """``kvray.connect()``: a cluster client for Ray-hosted schedulers (no HTTP in the path).
 
-The client computes block keys itself (same ``Keyer`` as the shards), fans ``score`` out to
-every shard concurrently and unions the disjoint per-holder results. Prompts and chats go to a
-tokenizer pool member chosen by the prompt's first chunk, so repeats meet the same prefix cache.
+The client computes block keys itself (same ``Keyer`` as the shards) and scores them on its
+in-process read replica of the index (``kvray.replica``; one prefix walk, no actor call) once
+the replica is live, else fans ``score`` out to the shards and unions the disjoint per-holder
+results (``replica.enabled: false``, or while the replica loads or follows a restarted shard).
+Prompts and chats go to a tokenizer pool member chosen by the prompt's first chunk, so repeats
+meet the same prefix cache.
 Every read method has an ``async`` twin (``*_async``) for use inside Serve replicas and async
 actors.
 """
@@ -24,6 +27,7 @@ from kvray.core.prefix_store import first_chunk_route
 from kvray.core.scoring import merge_scores
 from kvray.core.sharding import shard_of
 from kvray.errors import BadRequest, ConfigError
+from kvray.replica import Replica
 
 _ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix store's chunk)
 
@@ -31,7 +35,9 @@ _ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix 
 class Client:
     """Handles to a running kvray deployment."""
 
-    def __init__(self, namespace: str = "kvray", *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, namespace: str = "kvray", *, timeout_s: float = 60.0, replica: bool | None = None
+    ) -> None:
         self.namespace = namespace
         self.timeout_s = timeout_s
         try:
@@ -48,6 +54,32 @@ class Client:
         self.tokenizers = [ray.get_actor(n, namespace=namespace) for n in info["tokenizers"]]
         self.endpoints: list[list[str]] = info["endpoints"]
         self.keyer = Keyer(self.config.index.hashing_lookup(), self.config.index.keys)
+        self.replica: Replica | None = None
+        on = self.config.replicas_on()
+        if replica and not on:
+            raise ConfigError(
+                "this deployment's shards do not publish changes (replica.enabled is off or "
+                "the backend is redis): connect without replica=True"
+            )
+        if on if replica is None else replica:
+            self.replica = Replica(self.shards, self.config)
+            self.replica.wait_ready(self.config.replica.ready_timeout_s)
+
+    def close(self) -> None:
+        """Stop the replica's follower thread (the client still scores through the shards)."""
+        if self.replica is not None:
+            self.replica.close()
+            self.replica = None
+
+    def _local(self, pods: Sequence[str] | None) -> Replica | None:
+        """The replica, when it can answer for ``pods`` (every owning shard is live)."""
+        rep = self.replica
+        if rep is None:
+            return None
+        if pods is None:
+            return rep if rep.ready() else None
+        n = len(self.shards)
+        return rep if rep.ready({shard_of(p, n) for p in pods}) else None
 
     # --- keys and tokens -------------------------------------------------------------------
 
@@ -93,9 +125,12 @@ class Client:
     async def score_keys_async(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
     ) -> dict[str, float]:
-        """Fan ``score`` out to every shard and merge."""
+        """Score on the replica, else fan ``score`` out to the owning shards and merge."""
         if not keys:
             return {}
+        rep = self._local(pods)
+        if rep is not None:
+            return rep.score(keys, pods)
         klist = list(keys)
         plist = None if pods is None else list(pods)
         parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self._owners(pods)))
@@ -114,6 +149,9 @@ class Client:
         """Synchronous ``score_keys_async``."""
         if not keys:
             return {}
+        rep = self._local(pods)
+        if rep is not None:
+            return rep.score(keys, pods)
         klist = list(keys)
         plist = None if pods is None else list(pods)
         refs = [s.score.remote(klist, plist) for s in self._owners(pods)]
@@ -174,14 +212,20 @@ class Client:
         """Record that a prompt was routed to ``pod``: speculative entries until events arrive."""
         if keys is None:
             keys = self.block_keys(tokens or [], model, lora)
-        shard = self.shards[shard_of(pod, len(self.shards))]
-        ray.get(shard.record_route.remote(pod, list(keys), ttl_s), timeout=self.timeout_s)
+        i = shard_of(pod, len(self.shards))
+        at = ray.get(
+            self.shards[i].record_route.remote(pod, list(keys), ttl_s), timeout=self.timeout_s
+        )
+        if self.replica is not None:  # read-your-writes: the next score sees the entries
+            self.replica.wait_for({i: tuple(at)}, 1.0)
 
     async def record_route_async(
         self, pod: str, keys: Sequence[int], ttl_s: float | None = None
     ) -> None:
-        shard = self.shards[shard_of(pod, len(self.shards))]
-        await shard.record_route.remote(pod, list(keys), ttl_s)
+        i = shard_of(pod, len(self.shards))
+        at = await self.shards[i].record_route.remote(pod, list(keys), ttl_s)
+        if self.replica is not None:
+            await self.replica.wait_for_async({i: tuple(at)}, 1.0)
 
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
         """Tell kvray where a (connecting) pod's replay ROUTER is; survives restarts."""
@@ -212,10 +256,13 @@ class Client:
         holders = [
             p["pod"] for p in self.pods() if p["pod"] == pod or p["pod"].startswith(pod + "#dp")
         ]
-        refs = [
-            self.shards[shard_of(h, len(self.shards))].clear_pod.remote(h) for h in holders or [pod]
-        ]
-        ray.get(refs, timeout=self.timeout_s)
+        n = len(self.shards)
+        targets = holders or [pod]
+        owners = [shard_of(h, n) for h in targets]
+        refs = [self.shards[i].clear_pod.remote(h) for i, h in zip(owners, targets, strict=True)]
+        done = ray.get(refs, timeout=self.timeout_s)
+        if self.replica is not None:
+            self.replica.wait_for(_latest(owners, done), 5.0)
 
     def pods(self) -> list[dict[str, Any]]:
         """Every holder: model, shard, last seq, idle time, hash-contract status."""
@@ -267,7 +314,13 @@ class Client:
                     return False
                 time.sleep(0.005)
         left = max(0.1, deadline - time.monotonic())
-        return all(ray.get([i.sync.remote(left) for i in self.ingestors], timeout=left + 5))
+        if not all(ray.get([i.sync.remote(left) for i in self.ingestors], timeout=left + 5)):
+            return False
+        if self.replica is None:
+            return True
+        at = ray.get([s.replica_seq.remote() for s in self.shards], timeout=self.timeout_s)
+        left = max(0.1, deadline - time.monotonic())
+        return self.replica.wait_for({i: tuple(a) for i, a in enumerate(at)}, left)
 
     def wait_until(self, predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
         """Poll ``predicate(self)`` until true (tests and examples; no fixed sleeps)."""
@@ -279,9 +332,24 @@ class Client:
         return False
 
 
-def connect(namespace: str = "kvray", *, timeout_s: float = 60.0) -> Client:
+def _latest(owners: list[int], marks: list[Any]) -> dict[int, tuple[str, int]]:
+    """Per shard, the newest ``(stream, seq)`` among several calls' answers."""
+    out: dict[int, tuple[str, int]] = {}
+    for i, (stream, seq) in zip(owners, marks, strict=True):
+        if i not in out or out[i][1] < seq:
+            out[i] = (stream, seq)
+    return out
+
+
+def connect(
+    namespace: str = "kvray", *, timeout_s: float = 60.0, replica: bool | None = None
+) -> Client:
     """A ``Client`` for the kvray deployment in Ray namespace ``namespace``.
 
-    ``ray.init`` must have been called (or this runs inside a Ray task/actor).
+    ``ray.init`` must have been called (or this runs inside a Ray task/actor). ``replica``
+    overrides ``replica.enabled`` from the deployment's config (it cannot turn a replica on
+    when the deployment's shards do not publish). With a replica the client keeps a local copy
+    of the index (memory: about the shards' ``bytes_estimate``) and answers ``score_*``
+    without an actor call.
     """
-    return Client(namespace, timeout_s=timeout_s)
+    return Client(namespace, timeout_s=timeout_s, replica=replica)

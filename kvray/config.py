@@ -201,6 +201,29 @@ class ServeConfig(_Strict):
     max_pods_per_request: int = Field(4096, gt=0, description="Most pods in a 'pods' filter.")
 
 
+class ReplicaConfig(_Strict):
+    """In-process read replicas of the index (``kvray.connect()`` and the Serve replicas)."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Shards publish their changes and readers score on a local replica; "
+        "false: every score is an actor call to the shards; null: on unless the backend is "
+        "redis (a shared Redis may have writers this deployment's replicas do not follow).",
+    )
+    host: str | None = Field(
+        None,
+        description="Interface the shards publish changes on; null: the node's Ray IP address.",
+    )
+    heartbeat_s: float = Field(
+        0.05, gt=0, le=10, description="Shards announce their stream position this often when idle."
+    )
+    ready_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="How long connect() waits for its replica; scores go to the shards until then.",
+    )
+
+
 class Config(_Strict):
     """Everything kvray needs to run on a Ray cluster."""
 
@@ -211,6 +234,15 @@ class Config(_Strict):
     index: IndexConfig = Field(default_factory=IndexConfig, description="The index.")
     events: EventsConfig = Field(default_factory=EventsConfig, description="Event sources.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP endpoint.")
+    replica: ReplicaConfig = Field(
+        default_factory=ReplicaConfig, description="Local read replicas of the index."
+    )
+
+    def replicas_on(self) -> bool:
+        """Whether shards publish change streams and clients keep replicas."""
+        if self.replica.enabled is None:
+            return self.index.backend != "redis"
+        return self.replica.enabled
 
 
 def _set_path(doc: dict[str, Any], path: list[str], value: Any) -> None:

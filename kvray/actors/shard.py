@@ -7,12 +7,19 @@ ingestor replays the missing range from the pod before sending more. Duplicates 
 are skipped, so replays may overlap freely.
 
 On (re)start the shard restores the controller's latest snapshot of it, if any.
+
+Read replicas: every change to the backend goes through a ``core.journal.Journal``; after each
+call the shard publishes the recorded ops as one ``ChangeMsg`` on its ZMQ PUB socket (and a
+heartbeat every ``replica.heartbeat_s`` when idle, from a ``tick`` it sends itself), so
+``kvray.replica.Replica`` instances in schedulers and Serve replicas stay exact without a call
+per query.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -26,6 +33,7 @@ from kvray.core.events import EventDecoder
 from kvray.core.index.base import IndexStats
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.index.registry import create_backend
+from kvray.core.journal import ChangeMsg, Journal, ReplicaSnapshot, change_encoder
 from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.types import PodId, holder_id
 
@@ -56,8 +64,9 @@ class IndexShard:
         if ic.backend == "redis":
             opts["prefix"] = f"{ic.redis_prefix}:s{shard_id}"
         self.backend = create_backend(ic.backend, **opts)
+        self.journal = Journal(self.backend)
         self.writer = IndexWriter(
-            self.backend,
+            self.journal,
             ic.hashing_lookup(),
             key_mode=ic.keys,
             verify_hashes=ic.verify_hashes,
@@ -76,8 +85,16 @@ class IndexShard:
         self.lags: deque[float] = deque(maxlen=8192)
         self.incarnation = uuid.uuid4().hex  # changes on every (re)start: ingestors resync
         self._last_silence_check = time.monotonic()
+        self._pub: Any = None  # zmq PUB socket of the change stream (None: not publishing)
+        self._pub_endpoint: str | None = None
+        self._pub_seq = 0
+        self._last_pub = 0.0
+        self._advanced: dict[str, int] = {}
         if restore:
             self._restore_from_controller()
+        self.journal.drain()  # replicas start from a snapshot, not from the restore's ops
+        if self.config.replicas_on():
+            self._start_change_stream()
         # Shared backends (Redis) can lose their content while this shard lives on; a mark
         # written now tells, after an outage, whether the content survived.
         self._backend_down = False
@@ -109,7 +126,7 @@ class IndexShard:
         if get_epoch() != self._epoch:  # raises BackendUnavailable while still down
             log.warning("shard %d: backend lost its content; rebuilding", self.shard_id)
             self.positions = {}
-            self.backend.restore(MemoryIndex().snapshot())  # start from empty, then restore
+            self.journal.restore(MemoryIndex().snapshot())  # start from empty, then restore
             self._restore_from_controller()
             self.incarnation = uuid.uuid4().hex
             self.rebuilds += 1
@@ -147,6 +164,8 @@ class IndexShard:
         except BackendUnavailable:
             self._backend_down = True
             raise
+        finally:
+            self._publish()
 
     def _apply(self, ops: list[Op]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -179,6 +198,7 @@ class IndexShard:
                     continue
             res.merge(self.writer.apply_batch(holder, model, batch))
             self.positions[holder] = seq
+            self._advanced[holder] = seq
             if batch.ts > 0:  # a zero ts is a publisher that does not stamp batches
                 self.lags.append(time.time() - batch.ts)
         self.applied.merge(res)
@@ -203,14 +223,21 @@ class IndexShard:
         for holder in self.writer.drop_silent(ttl):
             self.positions.pop(holder, None)
 
-    def clear_pod(self, holder: str) -> None:
-        """Forget a holder (operator action or pod removal)."""
+    def clear_pod(self, holder: str) -> tuple[str, int]:
+        """Forget a holder (operator action or pod removal); returns ``(stream, seq)``."""
         self.writer.clear_holder(PodId(holder))
         self.positions.pop(holder, None)
+        return self.incarnation, self._publish()
 
-    def record_route(self, holder: str, keys: list[int], ttl_s: float | None = None) -> None:
-        """Speculative entries for ``holder`` (short TTL)."""
-        self.writer.record_route(PodId(holder), keys, ttl_s)
+    def record_route(
+        self, holder: str, keys: list[int], ttl_s: float | None = None
+    ) -> tuple[str, int]:
+        """Speculative entries for ``holder`` (short TTL); returns the change stream's
+        ``(stream, seq)`` holding them (replicas wait for it: read-your-writes)."""
+        ttl = self.writer.speculative_ttl_s if ttl_s is None else ttl_s
+        with self.journal.speculative(ttl):
+            self.writer.record_route(PodId(holder), keys, ttl)
+        return self.incarnation, self._publish()
 
     # --- read path -------------------------------------------------------------------------
 
@@ -223,7 +250,88 @@ class IndexShard:
         except BackendUnavailable:  # remember the outage: the content may be gone after it
             self._backend_down = True
             raise
+        finally:
+            self._publish()
         return {str(p): s for p, s in scores.items()}
+
+    # --- change stream (read replicas) -----------------------------------------------------
+
+    def _start_change_stream(self) -> None:
+        import zmq
+
+        host = self.config.replica.host or _node_ip()
+        self._pub = zmq.Context.instance().socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 100_000)
+        port = self._pub.bind_to_random_port(f"tcp://{host}")
+        self._pub_endpoint = f"tcp://{host}:{port}"
+        threading.Thread(target=self._heartbeat_loop, name="kvray-heartbeat", daemon=True).start()
+
+    def _heartbeat_loop(self) -> None:
+        """Send ``tick`` to this actor every heartbeat interval (one in flight at most), so
+        heartbeats, speculative expiry and silent-pod drops happen in the actor's own thread."""
+        try:
+            import ray
+
+            me = ray.get_runtime_context().current_actor
+        except Exception:  # not running as an actor (unit tests drive tick() themselves)
+            return
+        every = self.config.replica.heartbeat_s
+        pending = None
+        while True:
+            time.sleep(every)
+            if pending is not None:
+                done, _ = ray.wait([pending], timeout=0)
+                if not done:
+                    continue
+            try:
+                pending = me.tick.remote()
+            except Exception:  # the actor is shutting down
+                return
+
+    def _publish(self, heartbeat: bool = False) -> int:
+        """Publish what the journal recorded since the last call; returns the stream seq."""
+        ops = self.journal.drain()
+        if self._pub is None:
+            return 0
+        advanced, self._advanced = self._advanced, {}
+        if ops or advanced:
+            self._pub_seq += 1
+        elif not heartbeat:
+            return self._pub_seq
+        msg = ChangeMsg(self.shard_id, self.incarnation, self._pub_seq, ops, advanced)
+        self._pub.send(change_encoder.encode(msg), copy=False)
+        self._last_pub = time.monotonic()
+        return self._pub_seq
+
+    def tick(self) -> int:
+        """Housekeeping between calls: speculative expiry, silent pods, heartbeat."""
+        if self.writer._spec:
+            self.writer.expire()
+        self._maybe_drop_silent()
+        idle = time.monotonic() - self._last_pub >= self.config.replica.heartbeat_s
+        return self._publish(heartbeat=idle)
+
+    def replica_endpoint(self) -> tuple[str | None, str]:
+        """Where this shard publishes its changes, and its stream id."""
+        return self._pub_endpoint, self.incarnation
+
+    def replica_snapshot(self) -> bytes:
+        """This shard's content at the current seq of its stream (replica bootstrap)."""
+        seq = self._publish()  # everything applied so far is at or before ``seq``
+        return change_encoder.encode(
+            ReplicaSnapshot(
+                self.shard_id,
+                self.incarnation,
+                seq,
+                self.backend.snapshot(),
+                dict(self.positions),
+            )
+        )
+
+    def replica_seq(self) -> tuple[str, int]:
+        """The stream id and the seq of the last published change."""
+        return self.incarnation, self._publish()
 
     def reset_lags(self) -> None:
         """Forget recorded lags (benchmarks measure phases separately)."""
@@ -307,12 +415,13 @@ class IndexShard:
 
     def restore(self, data: bytes) -> None:
         snap = msgspec.msgpack.decode(data, type=ShardSnapshot)
-        self.backend.restore(snap.index)
+        self.journal.restore(snap.index)
         self.positions = dict(snap.positions)
         now = self.writer.clock()
         for holder, model in snap.models.items():
             self.writer.models[PodId(holder)] = model
             self.writer.last_seen[PodId(holder)] = now
+        self._publish()
 
 
 def _pct(values: deque[float], q: float) -> float:
@@ -320,6 +429,15 @@ def _pct(values: deque[float], q: float) -> float:
         return 0.0
     s = sorted(values)
     return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return "127.0.0.1"
 
 
 def _rss_bytes() -> int:

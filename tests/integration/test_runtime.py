@@ -14,6 +14,7 @@ from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
 from kvray.core.sharding import shard_of
+from kvray.errors import ConfigError
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3
 
@@ -174,21 +175,32 @@ def test_killed_shard_is_rebuilt_from_snapshot_and_replay(deployment: Client, fl
         pods[i % 4].serve(p)
     assert fleet.sync()
     before = {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts}
+    assert deployment.replica is not None
+    loaded = deployment.replica.stats()["snapshots_loaded"]
     victim = deployment.shards[shard_of("10.5.0.0", 2)]
     ray.kill(victim, no_restart=False)
     ref = fleet.reference()
+    direct = kvray.connect(deployment.namespace, replica=False)  # asks the shards themselves
 
-    def rebuilt(c: Client) -> bool:
+    def rebuilt(_: Client) -> bool:
         try:
-            return all(c.score_tokens(p, MODEL) == ref.score_tokens(p, MODEL) for p in prompts)
-        except ray.exceptions.RayActorError:
+            st: dict[str, Any] = ray.get(victim.stats.remote(), timeout=5)
+            return bool(st["restored_from_snapshot"]) and all(
+                direct.score_tokens(p, MODEL) == ref.score_tokens(p, MODEL) for p in prompts
+            )
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             return False
 
     ok = deployment.wait_until(rebuilt, timeout_s=60, interval_s=0.2)
     assert ok, str(deployment.stats()["ingestors"])
+    assert {tuple(p): direct.score_tokens(p, MODEL) for p in prompts} == before
+    # The replica follows the restarted shard's new stream (a new snapshot) and agrees.
+    assert deployment.wait_until(
+        lambda c: c.replica is not None and c.replica.stats()["snapshots_loaded"] > loaded,
+        timeout_s=10,
+    )
+    assert deployment.sync()
     assert {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts} == before
-    st: dict[str, Any] = ray.get(victim.stats.remote())
-    assert st["restored_from_snapshot"]
 
 
 def test_speculative_route_then_real_events(deployment: Client, fleet: Fleet) -> None:
@@ -216,3 +228,46 @@ def test_prompt_scoring_through_tokenizer_actor(deployment: Client, fleet: Fleet
     want = {"10.7.0.1": float(len(tokens) // 16)}
     assert deployment.score_prompt(prompt, MODEL) == want
     assert deployment.score_prompt(prompt, MODEL, pods=["nobody"]) == {}
+
+
+def test_replica_answers_like_the_shards_without_calling_them(
+    deployment: Client, fleet: Fleet
+) -> None:
+    assert deployment.replica is not None and deployment.replica.ready()
+    direct = kvray.connect(NS, replica=False)
+    rng = random.Random(11)
+    prompts = _prompts(rng, 40)
+    pods = [fleet.add(f"10.11.0.{i}") for i in range(4)]
+    for i, p in enumerate(prompts):
+        pods[i % 4].serve(p)  # 64-block pods: evictions (BlockRemoved) happen too
+    assert fleet.sync()
+    ops_before = sum(s["ops"] for s in deployment.stats()["shards"])
+    served = [p for p in prompts if direct.score_tokens(p, MODEL)]
+    assert served
+    for p in prompts:
+        assert deployment.score_tokens(p, MODEL) == direct.score_tokens(p, MODEL)
+        some = ["10.11.0.1", "10.11.0.2"]
+        assert deployment.score_tokens(p, MODEL, pods=some) == direct.score_tokens(
+            p, MODEL, pods=some
+        )
+    assert deployment.replica.positions()["10.11.0.1"] == pods[1].publisher.seq - 1  # type: ignore[union-attr]
+    # Speculative entries reach the replica before record_route returns, and expire there
+    # with no event and no score call reaching the shard.
+    toks = list(range(5000, 5064))
+    deployment.record_route("10.11.0.3", MODEL, toks, ttl_s=0.3)
+    assert deployment.score_tokens(toks, MODEL) == {"10.11.0.3": 4.0}
+    assert deployment.wait_until(lambda c: c.score_tokens(toks, MODEL) == {}, timeout_s=5)
+    assert direct.score_tokens(toks, MODEL) == {}
+    # Scoring on the replica sent the shards no work (ops counts only event batches).
+    assert sum(s["ops"] for s in deployment.stats()["shards"]) == ops_before
+
+
+def test_connect_refuses_a_replica_the_shards_do_not_feed(ray_session: None) -> None:
+    cfg = Config(namespace=NS + "-norep", num_shards=1, replica={"enabled": False})
+    runtime.start(cfg, snapshot_interval_s=3600)
+    try:
+        assert kvray.connect(cfg.namespace).replica is None
+        with pytest.raises(ConfigError, match="do not publish"):
+            kvray.connect(cfg.namespace, replica=True)
+    finally:
+        runtime.stop(cfg.namespace)

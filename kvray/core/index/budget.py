@@ -97,16 +97,19 @@ class BudgetIndex(MemoryIndex):
     def _evict_to_budget(self) -> None:
         target = int(self.budget_bytes * 0.98)  # a little headroom: no eviction on every add
         while self._bytes > target and self._nkeys:
-            d = max(self._tiers.values(), key=len)
+            tier, d = max(self._tiers.items(), key=lambda td: len(td[1]))
             window = list(islice(d.items(), self._window))
             window.sort(key=lambda km: km[1].bit_count())
+            gone: list[tuple[int, int]] = []
             for k, m in window:
                 del d[k]
+                gone.append((k, m))
                 self._nkeys -= 1
                 self._evicted += 1
                 self._bytes -= _KEY_BYTES + _mask_bytes(m)
                 if self._bytes <= target:
                     break
+            self._report_evicted(tier, gone)
 
     def stats(self) -> IndexStats:
         st = super().stats()

@@ -22,7 +22,7 @@ Cost model (measured in ``benchmarks/bench_core.py``; CPython 3.11, 64-bit):
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
 
@@ -56,6 +56,8 @@ class MemoryIndex:
         self._evict_n = max(1, int(max_keys * evict_fraction))
         self._sweep_batch = sweep_batch
         self._evicted = 0
+        self.evict_listener: Callable[[PodId, Tier, list[int]], None] | None = None
+        """Called, per holder, with the keys the size bound dropped (read replicas mirror it)."""
         self._reset()
 
     def _reset(self) -> None:
@@ -147,12 +149,25 @@ class MemoryIndex:
     def _evict(self) -> None:
         """Drop the oldest keys of the largest tier until under the bound (one batch)."""
         while self._nkeys > self.max_keys:
-            d = max(self._tiers.values(), key=len)
-            victims = list(islice(d, self._evict_n))
-            for k in victims:
+            tier, d = max(self._tiers.items(), key=lambda td: len(td[1]))
+            victims = list(islice(d.items(), self._evict_n))
+            for k, _ in victims:
                 del d[k]
             self._nkeys -= len(victims)
             self._evicted += len(victims)
+            self._report_evicted(tier, victims)
+
+    def _report_evicted(self, tier: Tier, victims: Sequence[tuple[int, int]]) -> None:
+        """Tell ``evict_listener`` which live holder lost which keys."""
+        if self.evict_listener is None or not victims:
+            return
+        per_slot: dict[int, list[int]] = {}
+        live = self._live
+        for k, m in victims:
+            for slot in _slots(m & live):
+                per_slot.setdefault(slot, []).append(k)
+        for slot, ks in per_slot.items():
+            self.evict_listener(self._slot_pod[slot], tier, ks)
 
     def _sweep_step(self) -> None:
         """Clear retired bits from up to ``sweep_batch`` keys; free the slots when done."""

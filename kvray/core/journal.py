@@ -1,0 +1,258 @@
+"""The change stream that keeps read replicas of the index exact.
+
+A shard applies events to its backend through a :class:`Journal`, which forwards every call and
+records the mutations that change what ``score`` answers: ``add``, ``remove``, ``clear_pod``, the
+keys the size bound evicted (as removes of the holders that held them) and resets (a restore).
+After each actor call the shard publishes the recorded ops as one :class:`ChangeMsg` with the next
+seq of its *stream*; a :class:`ReplicaIndex` applies them in order to a memory index holding the
+union of every shard's holders, and asks for a snapshot when a seq is missing or the stream id
+changed (the clone pattern: subscribe, snapshot at a seq, apply what follows).
+
+Keys are the shard's stored keys (request keys by default), so the replica scores exactly like
+the shards do: same keys, same tiers, same longest-prefix walk (``MemoryIndex.score``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import msgspec
+
+from kvray.core.index.base import SPECULATIVE, IndexBackend, IndexStats
+from kvray.core.index.memory import MemoryIndex
+from kvray.core.snapshot import decode_snapshot
+from kvray.types import PodId, Tier
+
+OP_ADD = 0
+OP_REMOVE = 1
+OP_CLEAR = 2
+OP_RESET = 3
+"""The shard's content was replaced (restore, rebuild): replicas take a new snapshot."""
+
+Op = tuple[int, str, str, list[int], float]
+"""``(op, holder, tier, keys, ttl_s)``; ``ttl_s`` > 0 only for speculative adds."""
+
+
+class ChangeMsg(msgspec.Struct, array_like=True):
+    """One publication of a shard: the ops of one actor call, or a heartbeat (no ops)."""
+
+    shard: int
+    stream: str
+    """The shard's incarnation; a new one means a restarted shard (take a snapshot)."""
+    seq: int
+    """1, 2, ... within the stream; a heartbeat repeats the last seq and carries no ops."""
+    ops: list[Op]
+    positions: dict[str, int]
+    """Holder → last applied event seq, for the holders this call advanced."""
+
+
+class ReplicaSnapshot(msgspec.Struct, array_like=True):
+    """A shard's content at one seq of its stream (what a replica bootstraps from)."""
+
+    shard: int
+    stream: str
+    seq: int
+    index: bytes
+    """``core.snapshot`` format; the engine map is left out (replicas do not resolve keys)."""
+    positions: dict[str, int]
+
+
+change_encoder = msgspec.msgpack.Encoder()
+change_decoder = msgspec.msgpack.Decoder(ChangeMsg)
+snapshot_decoder = msgspec.msgpack.Decoder(ReplicaSnapshot)
+
+
+class Journal:
+    """An ``IndexBackend`` that forwards to ``backend`` and records the score-changing calls."""
+
+    def __init__(self, backend: IndexBackend) -> None:
+        self.backend = backend
+        self.name = backend.name
+        self.ops: list[Op] = []
+        self._ttl_s = 0.0
+        if isinstance(backend, MemoryIndex):
+            backend.evict_listener = self._evicted
+
+    @contextmanager
+    def speculative(self, ttl_s: float) -> Iterator[None]:
+        """Speculative adds inside this block carry ``ttl_s`` (replicas expire them too)."""
+        self._ttl_s = ttl_s
+        try:
+            yield
+        finally:
+            self._ttl_s = 0.0
+
+    def drain(self) -> list[Op]:
+        """The ops recorded since the last drain."""
+        ops, self.ops = self.ops, []
+        return ops
+
+    def reset(self) -> None:
+        """Record that the content was replaced wholesale."""
+        self.ops.append((OP_RESET, "", "", [], 0.0))
+
+    def _evicted(self, pod: PodId, tier: Tier, keys: list[int]) -> None:
+        self.ops.append((OP_REMOVE, pod, tier, keys, 0.0))
+
+    # --- IndexBackend ----------------------------------------------------------------------
+
+    def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        self.backend.add(pod, tier, keys)
+        ttl = self._ttl_s if tier == SPECULATIVE else 0.0
+        self.ops.append((OP_ADD, pod, tier, list(keys), ttl))
+
+    def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        self.backend.remove(pod, tier, keys)
+        self.ops.append((OP_REMOVE, pod, tier, list(keys), 0.0))
+
+    def clear_pod(self, pod: PodId) -> None:
+        self.backend.clear_pod(pod)
+        self.ops.append((OP_CLEAR, pod, "", [], 0.0))
+
+    def pods(self) -> list[PodId]:
+        return self.backend.pods()
+
+    def score(
+        self,
+        keys: Sequence[int],
+        weights: Mapping[str, float],
+        pods: Collection[str] | None = None,
+    ) -> dict[PodId, float]:
+        return self.backend.score(keys, weights, pods)
+
+    def holders(self, keys: Sequence[int]) -> list[dict[PodId, set[Tier]]]:
+        return self.backend.holders(keys)
+
+    def put_engine_map(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self.backend.put_engine_map(pairs)
+
+    def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
+        return self.backend.get_engine_map(engine_keys)
+
+    def stats(self) -> IndexStats:
+        return self.backend.stats()
+
+    def snapshot(self) -> bytes:
+        return self.backend.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.backend.restore(data)
+        self.reset()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class _ShardState:
+    __slots__ = ("holders", "positions", "seq", "stream")
+
+    def __init__(self) -> None:
+        self.stream: str | None = None  # None: no snapshot loaded yet
+        self.seq = 0
+        self.holders: set[str] = set()
+        self.positions: dict[str, int] = {}
+
+
+class ReplicaIndex:
+    """The union of every shard's content, kept by applying their change streams in order.
+
+    Not thread-safe: the owner serialises ``apply``/``load`` against ``score`` (see
+    ``kvray.replica``).
+    """
+
+    def __init__(self, num_shards: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.index = MemoryIndex(max_keys=2**62)  # bounded by the shards: evictions arrive as ops
+        self.shards = [_ShardState() for _ in range(num_shards)]
+        self.clock = clock
+        self._spec: list[tuple[float, int, str, list[int]]] = []
+        self._spec_n = 0
+        self.applied_msgs = 0
+        self.snapshots_loaded = 0
+
+    def live(self, shard: int) -> bool:
+        """Whether ``shard``'s content has been loaded (then it is kept current by ``apply``)."""
+        return self.shards[shard].stream is not None
+
+    def seq(self, shard: int) -> tuple[str | None, int]:
+        st = self.shards[shard]
+        return st.stream, st.seq
+
+    def positions(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for st in self.shards:
+            out.update(st.positions)
+        return out
+
+    def apply(self, msg: ChangeMsg) -> bool:
+        """Apply one message; False when a snapshot is needed (gap, new stream, reset)."""
+        st = self.shards[msg.shard]
+        if st.stream != msg.stream:
+            return False
+        if msg.seq <= st.seq:
+            return True  # a heartbeat or a message the snapshot already holds
+        if msg.seq != st.seq + 1:
+            return False
+        idx = self.index
+        for op, holder, tier, keys, ttl in msg.ops:
+            pod = PodId(holder)
+            if op == OP_ADD:
+                idx.add(pod, Tier(tier), keys)
+                st.holders.add(holder)
+                if ttl > 0:
+                    self._spec_n += 1
+                    heapq.heappush(self._spec, (self.clock() + ttl, self._spec_n, holder, keys))
+            elif op == OP_REMOVE:
+                idx.remove(pod, Tier(tier), keys)
+            elif op == OP_CLEAR:
+                idx.clear_pod(pod)
+                st.holders.discard(holder)
+                st.positions.pop(holder, None)
+            else:  # OP_RESET
+                st.stream = None
+                return False
+        st.positions.update(msg.positions)
+        st.seq = msg.seq
+        self.applied_msgs += 1
+        return True
+
+    def load(self, snap: ReplicaSnapshot, speculative_ttl_s: float) -> None:
+        """Replace ``snap.shard``'s holders with the snapshot's content."""
+        st = self.shards[snap.shard]
+        for holder in st.holders:
+            self.index.clear_pod(PodId(holder))
+        st.holders = set()
+        content = decode_snapshot(snap.index)
+        now = self.clock()
+        for holder, tiers in content.holders.items():
+            for tier, keys in tiers.items():
+                self.index.add(PodId(holder), Tier(tier), keys)
+                if tier == SPECULATIVE:  # the remaining TTL is unknown: grant a full one
+                    self._spec_n += 1
+                    entry = (now + speculative_ttl_s, self._spec_n, holder, keys)
+                    heapq.heappush(self._spec, entry)
+            st.holders.add(holder)
+        st.stream, st.seq, st.positions = snap.stream, snap.seq, dict(snap.positions)
+        self.snapshots_loaded += 1
+
+    def forget(self, shard: int) -> None:
+        """Mark a shard as needing a snapshot (its content stays until the snapshot replaces it)."""
+        self.shards[shard].stream = None
+
+    def expire(self) -> None:
+        now = self.clock()
+        while self._spec and self._spec[0][0] <= now:
+            _, _, holder, keys = heapq.heappop(self._spec)
+            self.index.remove(PodId(holder), SPECULATIVE, keys)
+
+    def score(
+        self,
+        keys: Sequence[int],
+        weights: Mapping[str, float],
+        pods: Collection[str] | None = None,
+    ) -> dict[PodId, float]:
+        if self._spec:
+            self.expire()
+        return self.index.score(keys, weights, pods)
