@@ -759,6 +759,9 @@ def run_kvray(stream: Stream, args: argparse.Namespace, ns: str) -> dict[str, An
         res["pairs"] = sum(s["pairs"] for s in st["shards"])
         res["keys"] = sum(s["keys"] for s in st["shards"])
         res["bytes_estimate"] = sum(s["bytes_estimate"] for s in st["shards"])
+        rep = client.replica.stats() if client.replica is not None else {}
+        res["replica_bytes_estimate"] = rep.get("bytes_estimate", 0)
+        res["replica_pairs"] = rep.get("pairs", 0)
         res["stored"] = sum(s["stored_blocks"] for s in st["shards"])
         res["removed"] = sum(s["removed_blocks"] for s in st["shards"])
         rej: Counter[str] = Counter()
@@ -808,9 +811,12 @@ def query_breakdown(client: Any, stream: Stream, rounds: int) -> dict[int, dict[
         def score(self, keys: list[int], pods: list[str] | None = None) -> dict[str, float]:
             return {}
 
+    from kvray import connect
+
     noop = Noop.remote()  # type: ignore[attr-defined]
     ray.get(noop.score.remote([1]))
     shard0 = client.shards[0]
+    direct = connect(client.namespace, replica=False)
     out: dict[int, dict[str, float]] = {}
     for size in SIZES:
         prompts = stream.queries[size]
@@ -819,7 +825,8 @@ def query_breakdown(client: Any, stream: Stream, rounds: int) -> dict[int, dict[
             "keys": timed(lambda p: client.block_keys(p, MODEL), prompts, rounds),
             "noop": timed(lambda k: ray.get(noop.score.remote(k, None)), keys, rounds),
             "one_shard": timed(lambda k: ray.get(shard0.score.remote(k, None)), keys, rounds),
-            "fan_out": timed(lambda k: client.score_keys(k), keys, rounds),
+            "fan_out": timed(lambda k: direct.score_keys(k), keys, rounds),
+            "replica": timed(lambda k: client.score_keys(k), keys, rounds),
             "total": timed(lambda p: client.score_tokens(p, MODEL), prompts, rounds),
         }
         out[size] = {k: ms(v, 50) for k, v in row.items()}
@@ -1214,7 +1221,11 @@ def render(
             f"{dyn['rss_delta_1s'] / 2**20:.1f} MiB 1 s later; kvray shards "
             f"{kv['rss_delta'] / 2**20:.1f} / {kv['rss_delta_1s'] / 2**20:.1f} MiB (ingestor "
             f"{kv['ingestor_rss_delta'] / 2**20:.1f} MiB, not counted); shards' "
-            f"`bytes_estimate` {kv['bytes_estimate'] / 2**20:.1f} MiB.",
+            f"`bytes_estimate` {kv['bytes_estimate'] / 2**20:.1f} MiB; each read replica "
+            f"(`kvray.connect()`, every Serve replica) holds another "
+            f"{kv.get('replica_bytes_estimate', 0) / 2**20:.1f} MiB "
+            f"({kv.get('replica_bytes_estimate', 0) / max(stream.live_pairs, 1):.1f} B per "
+            f"pair, {kv.get('replica_pairs', 0):,} pairs).",
             f"- other work on the machine (CPU s of processes outside this benchmark, "
             f"measured over each system's ingest + query phase): "
             f"{dyn['foreign_cpu_s']:.2f} s in {dyn['phase_wall_s']:.1f} s (Dynamo phase), "
@@ -1309,6 +1320,7 @@ def render(
                     f"{b['noop']:.3f}",
                     f"{b['one_shard']:.3f}",
                     f"{b['fan_out']:.3f}",
+                    f"{b['replica']:.3f}",
                     f"{b['total']:.3f}",
                     f"{ms(kv['lat_http'][size], 50):.3f}",
                     f"{ms(dyn['lat'][size], 50):.3f}",
@@ -1317,7 +1329,9 @@ def render(
         prof.append(
             "Query path, p50 in ms (unprofiled run): `block_keys` on the client; a no-op Ray "
             "actor call carrying the same keys (the floor of any actor call); one shard's "
-            f"`score`; the {KVRAY_SHARDS}-shard fan-out `score_keys`; all of `score_tokens`; "
+            f"`score`; the {KVRAY_SHARDS}-shard fan-out `score_keys` (a client without a replica);"
+            " `score_keys` on the client's in-process replica (what `kvray.connect()` does by "
+            "default); all of `score_tokens`; "
             "kvray HTTP; "
             "Dynamo HTTP.\n\n"
             + table(
@@ -1327,6 +1341,7 @@ def render(
                     "no-op actor call",
                     "1 shard score",
                     f"{KVRAY_SHARDS}-shard fan-out",
+                    "replica score_keys",
                     "score_tokens",
                     "kvray HTTP",
                     "Dynamo HTTP",

@@ -191,7 +191,20 @@ class ServeConfig(_Strict):
     """The HTTP endpoint."""
 
     host: str = Field("127.0.0.1", description="Interface the HTTP endpoint listens on.")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port.")
+    port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="Serve's HTTP port (its proxy; unused with direct ingress).",
+    )
+    fast_port: int | None = Field(
+        31000,
+        ge=0,
+        le=65535 - 64,
+        description="Each Serve replica also serves kvray's routes itself, on the first free "
+        "port from this one (the fast path: no Serve request handling, msgspec bodies); "
+        "0: any free port; null: off.",
+    )
     auth_token: str | None = Field(
         None, description="Bearer token required on every route but /healthz; null: none."
     )

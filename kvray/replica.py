@@ -120,6 +120,7 @@ class Replica:
                 "shards": len(self._shards),
                 "keys": st.keys,
                 "pairs": st.pairs,
+                "bytes_estimate": st.bytes_estimate,
                 "applied_msgs": self.index.applied_msgs,
                 "snapshots_loaded": self.index.snapshots_loaded,
                 "resyncs": self.resyncs,

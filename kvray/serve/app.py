@@ -222,6 +222,14 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
     )
     @serve.ingress(app)
     class KvrayIngress(_Ingress):
+        def __init__(self, namespace: str, serve_config: dict[str, Any]) -> None:
+            super().__init__(namespace, serve_config)
+            self.fast_port: int | None = None
+            if self.cfg.fast_port is not None:
+                from kvray.serve.fast import start_fast_http
+
+                self.fast_port = start_fast_http(self, app.openapi())
+
         @app.get("/healthz", summary="Liveness")
         async def healthz(self) -> dict[str, str]:
             return {"status": "ok", "app": APP_NAME, "namespace": self.client.namespace}
@@ -309,14 +317,14 @@ def direct_ingress_enabled() -> bool:
     return os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") == "1"
 
 
-def start_http(config: Config, *, timeout_s: float = 60.0) -> str:
+def start_http(config: Config, *, timeout_s: float = 60.0, fast: bool = True) -> str:
     """Deploy the ingress for the kvray runtime in ``config.namespace``; returns its base URL.
 
-    With direct ingress the replica listens from port 30000 up on the node; the URL returned
-    is the one that answered ``/healthz``. Otherwise Serve's proxy on ``config.serve.port``.
+    The URL is the fast path's (``serve.fast_port``, see ``kvray.serve.fast``) unless it is off
+    or ``fast`` is false; then Serve's own: with direct ingress the replica listens from port
+    30000 up on the node, otherwise Serve's proxy on ``config.serve.port``. Either is the one
+    that answered ``/healthz`` for this namespace.
     """
-    import httpx
-
     s = config.serve
     serve.start(
         http_options={"host": s.host, "port": s.port},
@@ -328,8 +336,18 @@ def start_http(config: Config, *, timeout_s: float = 60.0) -> str:
         route_prefix="/",
         logging_config={"enable_access_log": False, "log_level": "WARNING"},
     )
+    return find_http(config, timeout_s=timeout_s, fast=fast)
+
+
+def find_http(config: Config, *, timeout_s: float = 10.0, fast: bool = True) -> str:
+    """The base URL of a running kvray ingress (see ``start_http``)."""
+    import httpx
+
+    s = config.serve
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    if direct_ingress_enabled():
+    if fast and s.fast_port is not None and s.fast_port > 0:
+        candidates = [f"http://{host}:{p}" for p in range(s.fast_port, s.fast_port + 16)]
+    elif direct_ingress_enabled():
         low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
         candidates = [f"http://{host}:{p}" for p in range(low, low + 16)]
     else:
