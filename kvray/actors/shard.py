@@ -40,6 +40,7 @@ from kvray.types import PodId, holder_id
 log = logging.getLogger("kvray.shard")
 
 _EPOCH_CHECK_S = 1.0  # also catch a backend that restarted empty between two of our calls
+_TICK_S = 1.0  # housekeeping between calls (speculative expiry, silent pods)
 
 Op = tuple[Any, ...]
 """``("batch", pod, model, seq, payload, contiguous)`` or ``("clear", holder)``."""
@@ -90,6 +91,7 @@ class IndexShard:
         self._pub_seq = 0
         self._last_pub = 0.0
         self._advanced: dict[str, int] = {}
+        self._pub_lock = threading.Lock()  # the heartbeat thread publishes too
         if restore:
             self._restore_from_controller()
         self.journal.drain()  # replicas start from a snapshot, not from the restore's ops
@@ -268,18 +270,26 @@ class IndexShard:
         threading.Thread(target=self._heartbeat_loop, name="kvray-heartbeat", daemon=True).start()
 
     def _heartbeat_loop(self) -> None:
-        """Send ``tick`` to this actor every heartbeat interval (one in flight at most), so
-        heartbeats, speculative expiry and silent-pod drops happen in the actor's own thread."""
+        """Announce the stream position when idle (every ``replica.heartbeat_s``), and send
+        ``tick`` to this actor about once a second (one in flight at most), so speculative
+        expiry and silent-pod drops happen in the actor's own thread even with no calls."""
         try:
             import ray
 
             me = ray.get_runtime_context().current_actor
         except Exception:  # not running as an actor (unit tests drive tick() themselves)
-            return
+            me = None
         every = self.config.replica.heartbeat_s
         pending = None
+        next_tick = time.monotonic() + _TICK_S
         while True:
             time.sleep(every)
+            with self._pub_lock:
+                if time.monotonic() - self._last_pub >= every:
+                    self._send(ChangeMsg(self.shard_id, self.incarnation, self._pub_seq, [], {}))
+            if me is None or time.monotonic() < next_tick:
+                continue
+            next_tick = time.monotonic() + _TICK_S
             if pending is not None:
                 done, _ = ray.wait([pending], timeout=0)
                 if not done:
@@ -289,28 +299,30 @@ class IndexShard:
             except Exception:  # the actor is shutting down
                 return
 
-    def _publish(self, heartbeat: bool = False) -> int:
+    def _send(self, msg: ChangeMsg) -> None:
+        """Publish one message (caller holds ``_pub_lock``)."""
+        self._pub.send(change_encoder.encode(msg), copy=False)
+        self._last_pub = time.monotonic()
+
+    def _publish(self) -> int:
         """Publish what the journal recorded since the last call; returns the stream seq."""
         ops = self.journal.drain()
         if self._pub is None:
             return 0
         advanced, self._advanced = self._advanced, {}
-        if ops or advanced:
+        with self._pub_lock:
+            if not ops and not advanced:
+                return self._pub_seq
             self._pub_seq += 1
-        elif not heartbeat:
+            self._send(ChangeMsg(self.shard_id, self.incarnation, self._pub_seq, ops, advanced))
             return self._pub_seq
-        msg = ChangeMsg(self.shard_id, self.incarnation, self._pub_seq, ops, advanced)
-        self._pub.send(change_encoder.encode(msg), copy=False)
-        self._last_pub = time.monotonic()
-        return self._pub_seq
 
     def tick(self) -> int:
-        """Housekeeping between calls: speculative expiry, silent pods, heartbeat."""
+        """Housekeeping between calls: speculative expiry, silent pods (published as usual)."""
         if self.writer._spec:
             self.writer.expire()
         self._maybe_drop_silent()
-        idle = time.monotonic() - self._last_pub >= self.config.replica.heartbeat_s
-        return self._publish(heartbeat=idle)
+        return self._publish()
 
     def replica_endpoint(self) -> tuple[str | None, str]:
         """Where this shard publishes its changes, and its stream id."""

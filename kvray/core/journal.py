@@ -66,7 +66,11 @@ snapshot_decoder = msgspec.msgpack.Decoder(ReplicaSnapshot)
 
 
 class Journal:
-    """An ``IndexBackend`` that forwards to ``backend`` and records the score-changing calls."""
+    """An ``IndexBackend`` that forwards to ``backend`` and records the score-changing calls.
+
+    Key lists are recorded by reference when they are lists (the write path builds a fresh one
+    per call): callers must not mutate a list after passing it.
+    """
 
     def __init__(self, backend: IndexBackend) -> None:
         self.backend = backend
@@ -102,11 +106,11 @@ class Journal:
     def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         self.backend.add(pod, tier, keys)
         ttl = self._ttl_s if tier == SPECULATIVE else 0.0
-        self.ops.append((OP_ADD, pod, tier, list(keys), ttl))
+        self.ops.append((OP_ADD, pod, tier, keys if isinstance(keys, list) else list(keys), ttl))
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         self.backend.remove(pod, tier, keys)
-        self.ops.append((OP_REMOVE, pod, tier, list(keys), 0.0))
+        self.ops.append((OP_REMOVE, pod, tier, keys if isinstance(keys, list) else list(keys), 0.0))
 
     def clear_pod(self, pod: PodId) -> None:
         self.backend.clear_pod(pod)
