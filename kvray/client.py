@@ -252,7 +252,11 @@ class Client:
     def remove_pod(self, pod: str) -> None:
         """Forget a pod everywhere: its streams in the ingestors, its blocks in its shard
         (every data-parallel rank's holder too)."""
-        ray.get([i.forget_pod.remote(pod) for i in self.ingestors], timeout=self.timeout_s)
+        ray.get(
+            [i.forget_pod.remote(pod) for i in self.ingestors]
+            + [s.forget_pod.remote(pod) for s in self.shards],
+            timeout=self.timeout_s,
+        )
         holders = [
             p["pod"] for p in self.pods() if p["pod"] == pod or p["pod"].startswith(pod + "#dp")
         ]
@@ -274,23 +278,31 @@ class Client:
         return sorted((p for part in parts for p in part), key=lambda d: d["pod"])
 
     def stats(self) -> dict[str, Any]:
-        """Shard, ingestor and tokenizer stats."""
+        """Shard, ingestor and tokenizer stats. ``ingestors`` also lists the shards that read
+        pods themselves (``"ingestor": "shard<i>"``)."""
         shards = [s.stats.remote() for s in self.shards]
         ings = [i.stats.remote() for i in self.ingestors]
+        own = [s.ingest_stats.remote() for s in self.shards]
         toks = [t.stats.remote() for t in self.tokenizers]
         return {
             "shards": ray.get(shards, timeout=self.timeout_s),
-            "ingestors": ray.get(ings, timeout=self.timeout_s),
+            "ingestors": ray.get(ings, timeout=self.timeout_s)
+            + _in_shard(ray.get(own, timeout=self.timeout_s)),
             "tokenizers": ray.get(toks, timeout=self.timeout_s),
         }
 
     async def stats_async(self) -> dict[str, Any]:
-        shards, ings, toks = await asyncio.gather(
+        shards, ings, own, toks = await asyncio.gather(
             asyncio.gather(*(s.stats.remote() for s in self.shards)),
             asyncio.gather(*(i.stats.remote() for i in self.ingestors)),
+            asyncio.gather(*(s.ingest_stats.remote() for s in self.shards)),
             asyncio.gather(*(t.stats.remote() for t in self.tokenizers)),
         )
-        return {"shards": list(shards), "ingestors": list(ings), "tokenizers": list(toks)}
+        return {
+            "shards": list(shards),
+            "ingestors": list(ings) + _in_shard(list(own)),
+            "tokenizers": list(toks),
+        }
 
     def sync(self, expect: dict[str, int] | None = None, timeout_s: float = 30.0) -> bool:
         """Wait until events are applied (tests, demo, benchmarks).
@@ -306,13 +318,27 @@ class Client:
             want = {(k if "#" in k else f"{k}#0"): v for k, v in expect.items()}
             while True:
                 seen: dict[str, int] = {}
-                for part in ray.get([i.streams.remote() for i in self.ingestors]):
+                refs = [i.streams.remote() for i in self.ingestors]
+                refs += [s.ingest_streams.remote() for s in self.shards]
+                for part in ray.get(refs):
                     seen.update(part)
                 if all(seen.get(k, 0) >= v for k, v in want.items()):
                     break
                 if time.monotonic() > deadline:
                     return False
                 time.sleep(0.005)
+        # Shards that read pods themselves: poll until what they received is applied.
+        targets = [r for r, _, _ in ray.get([s.ingest_progress.remote() for s in self.shards])]
+        while True:
+            prog = ray.get([s.ingest_progress.remote() for s in self.shards])
+            if all(
+                shipped >= t and not inflight
+                for t, (_, shipped, inflight) in zip(targets, prog, strict=True)
+            ):
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
         left = max(0.1, deadline - time.monotonic())
         if not all(ray.get([i.sync.remote(left) for i in self.ingestors], timeout=left + 5)):
             return False
@@ -330,6 +356,15 @@ class Client:
                 return True
             time.sleep(interval_s)
         return False
+
+
+def _in_shard(parts: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The stats of shards' in-process ingestors, named ``shard<i>``."""
+    out = []
+    for i, st in enumerate(parts):
+        if st is not None:
+            out.append({**st, "ingestor": f"shard{i}"})
+    return out
 
 
 def _latest(owners: list[int], marks: list[Any]) -> dict[int, tuple[str, int]]:

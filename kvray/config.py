@@ -159,6 +159,12 @@ class EventsConfig(_Strict):
         description="Queued messages that trigger an immediate shipment to a shard (larger "
         "calls amortise Ray's per-call cost; flush_interval_s still bounds the wait).",
     )
+    shard_reads_named_pods: bool = Field(
+        True,
+        description="A pod added with its name (add_pod / events.connect with pod) is read by "
+        "the shard that owns it, in its own process: no ingestor hop, no Ray call per batch. "
+        "false: ingestors read every pod.",
+    )
     max_inflight: int = Field(
         4, gt=0, description="Shard calls in flight per ingestor (backpressure beyond)."
     )

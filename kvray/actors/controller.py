@@ -21,6 +21,7 @@ from kvray.actors.naming import ingestor_name, shard_name, tokenizer_name
 from kvray.actors.shard import IndexShard
 from kvray.actors.tokenizer import TokenizerActor
 from kvray.config import Config
+from kvray.core.sharding import shard_of
 
 log = logging.getLogger("kvray.controller")
 
@@ -87,6 +88,7 @@ class Controller:
         ]
         self._ingestor_endpoints: dict[int, list[str]] = {}
         self._pods: dict[str, dict[str, Any]] = {}
+        self._pod_shard: dict[str, int] = {}  # endpoint → the shard reading it itself
         self._replay: dict[str, str] = {}
         self._snapshots: dict[int, bytes] = {}
         self._snapshot_times: dict[int, float] = {}
@@ -128,15 +130,26 @@ class Controller:
             "pods": [
                 p
                 for ep, p in self._pods.items()
-                if Ingestor.owner_of(ep, len(self.ingestors)) == ingestor_id
+                if ep not in self._pod_shard
+                and Ingestor.owner_of(ep, len(self.ingestors)) == ingestor_id
             ],
             "replay": dict(self._replay),
         }
 
+    def shard_memory(self, shard_id: int) -> dict[str, Any]:
+        """What a restarted shard needs: the pods it read itself, and known replay sockets."""
+        return {
+            "pods": [self._pods[ep] for ep, i in self._pod_shard.items() if i == shard_id],
+            "replay": dict(self._replay),
+        }
+
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
-        """Remember a connecting pod's replay socket and tell every ingestor."""
+        """Remember a connecting pod's replay socket and tell every ingestor and shard."""
         self._replay[pod] = replay_endpoint
-        ray.get([i.register_replay.remote(pod, replay_endpoint) for i in self.ingestors])
+        ray.get(
+            [i.register_replay.remote(pod, replay_endpoint) for i in self.ingestors]
+            + [s.register_replay.remote(pod, replay_endpoint) for s in self.shards]
+        )
 
     def add_pod(
         self,
@@ -146,7 +159,11 @@ class Controller:
         model: str | None = None,
         ingestor: int = 0,
     ) -> None:
-        """Have ``ingestor`` subscribe to a pod that binds (remembered across restarts)."""
+        """Subscribe to a pod that binds (remembered across restarts).
+
+        A named pod is read by the shard that owns it (``events.shard_reads_named_pods``):
+        its batches then skip the ingestor and a Ray call. Otherwise ``ingestor`` reads it.
+        """
         spec = {
             "endpoint": endpoint,
             "replay_endpoint": replay_endpoint,
@@ -154,6 +171,11 @@ class Controller:
             "model": model,
         }
         self._pods[endpoint] = spec
+        if pod and self.config.events.shard_reads_named_pods:
+            i = shard_of(pod, len(self.shards))
+            self._pod_shard[endpoint] = i
+            ray.get(self.shards[i].subscribe.remote(endpoint, replay_endpoint, pod, model))
+            return
         ray.get(self.ingestors[ingestor].add_pod.remote(endpoint, replay_endpoint, pod, model))
 
     # --- snapshots -------------------------------------------------------------------------

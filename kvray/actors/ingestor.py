@@ -11,6 +11,12 @@ actor in submission order. When a shard reports a holder ``behind`` (it restarte
 snapshot) or a call fails, the ingestor replays the missing range from the pod and resends.
 
 Malformed messages are counted by reason and logged once per pod per ``log_interval_s``.
+
+The same class also runs *inside* a shard (``IndexShard.subscribe``) for pods that bind their
+PUB socket and are named when added: the shard then reads its own pods, and the batches of its
+own holders are applied by a direct call (``local``) instead of a Ray call carrying the payload
+bytes through the object store. Holders owned by other shards (a pod's other DP ranks) still go
+to their shard by Ray call.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -49,6 +57,46 @@ def offset_port(endpoint: str, offset: int) -> str:
     return f"{head}:{int(port) + offset}"
 
 
+@dataclass
+class LocalShard:
+    """The shard an in-shard ingestor applies to directly (no Ray call)."""
+
+    shard_id: int
+    apply: Callable[[list[tuple[Any, ...]]], dict[str, Any]]
+    get_positions: Callable[[], tuple[str, dict[str, int]]]
+    positions: dict[str, int]
+    """Where each holder stopped (the restored snapshot's positions): catch-up starts there."""
+    models: dict[str, str]
+    pods: list[dict[str, Any]]
+    """``PodEndpoint`` documents to read from the start (their replay sockets serve catch-up)."""
+    replay: dict[str, str]
+    """Known replay sockets by pod (``register_replay``)."""
+
+
+class _ShardHandles:
+    """Shard actor handles by shard id, looked up on first use (an in-shard ingestor starts
+    while its sibling shards may still be starting); ``None`` for the local shard."""
+
+    def __init__(self, names: list[str], namespace: str, local_id: int | None) -> None:
+        self._names = names
+        self._ns = namespace
+        self._local_id = local_id
+        self._handles: list[Any] = [None] * len(names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self._local_id:
+            return None
+        if self._handles[i] is None:
+            self._handles[i] = ray.get_actor(self._names[i], namespace=self._ns)
+        return self._handles[i]
+
+    def __iter__(self) -> Any:
+        return (self[i] for i in range(len(self._names)))
+
+
 class Ingestor:
     """The ingestor actor's body (wrapped with ``ray.remote`` by ``kvray.runtime``)."""
 
@@ -58,23 +106,35 @@ class Ingestor:
         config: dict[str, Any],
         shard_names: list[str],
         log_interval_s: float = 10.0,
+        local: LocalShard | None = None,
     ) -> None:
         self.id = ingestor_id
         self.config = Config.model_validate(config)
         ns = self.config.namespace
-        self.shards = [ray.get_actor(n, namespace=ns) for n in shard_names]
+        self.local = local
+        self.shards = _ShardHandles(shard_names, ns, local.shard_id if local else None)
         ev = self.config.events
         self.source = ZmqSource()
         self.replay_endpoints: dict[str, str] = {}
-        # After a restart, rebind the ports this ingestor had (pods keep connecting to them)
-        # and learn where each holder stopped, so the first message of every stream is
-        # checked against the shard instead of being taken on faith.
-        previous, self._known_positions = self._previous_life(ns)
-        for ep in previous or self.owned_binds(self.config, ingestor_id):
-            self.source.bind(ep)
-        for pod in ev.connect:
-            if self.owner_of(pod.endpoint, self.config.num_ingestors) == ingestor_id:
-                self._connect(pod)
+        self._known_models: dict[str, str] = {}
+        if local is not None:  # in a shard: its pods are added by subscribe(); no binds
+            self._known_models.update(local.models)
+            self._known_positions = dict(local.positions)
+            self.replay_endpoints.update(local.replay)
+            for spec in local.pods:
+                self._connect(PodEndpoint.model_validate(spec))
+        else:
+            # After a restart, rebind the ports this ingestor had (pods keep connecting to
+            # them) and learn where each holder stopped, so the first message of every stream
+            # is checked against the shard instead of being taken on faith.
+            previous, self._known_positions = self._previous_life(ns)
+            for ep in previous or self.owned_binds(self.config, ingestor_id):
+                self.source.bind(ep)
+            for pod in ev.connect:
+                if pod.pod and ev.shard_reads_named_pods:
+                    continue  # its shard reads it (IndexShard._resubscribe)
+                if self.owner_of(pod.endpoint, self.config.num_ingestors) == ingestor_id:
+                    self._connect(pod)
         self.seq = SeqTracker()
         self.streams_model: dict[tuple[str, int], str] = {}
         self._pending: list[list[tuple[Any, ...]]] = [[] for _ in self.shards]
@@ -124,7 +184,6 @@ class Ingestor:
         replay sockets, and each holder's last applied seq and model."""
         from kvray.actors.naming import CONTROLLER
 
-        self._known_models: dict[str, str] = {}
         try:
             ctl = ray.get_actor(CONTROLLER, namespace=ns)
             mem = ray.get(ctl.ingestor_memory.remote(self.id), timeout=10)
@@ -216,6 +275,11 @@ class Ingestor:
     def streams(self) -> dict[str, int]:
         """Next expected seq per stream ``"<pod>#<rank>"``."""
         return {f"{p}#{r}": s for (p, r), s in self.seq.streams().items()}
+
+    def progress(self) -> tuple[int, int, int]:
+        """(messages received, received messages fully shipped, calls in flight): a caller
+        polls until shipped reaches what was received (a non-blocking ``sync``)."""
+        return self._received_total, self._shipped_upto, sum(map(len, self._inflight))
 
     def sync(self, timeout_s: float = 30.0) -> bool:
         """Block until everything received before this call is applied by the shards."""
@@ -386,6 +450,15 @@ class Ingestor:
     def _ship(self, shard: int) -> None:
         ops = self._pending[shard]
         self._pending[shard] = []
+        if self.local is not None and shard == self.local.shard_id:
+            self.counters["shard_calls"] += 1
+            try:
+                res = self.local.apply(ops)
+            except Exception as exc:
+                self._failed(shard, exc)
+                return
+            self._applied(shard, res)
+            return
         inflight = self._inflight[shard]
         while len(inflight) >= self.config.events.max_inflight:
             self._settle(shard, block=True)
@@ -408,24 +481,32 @@ class Ingestor:
         try:
             res = ray.get(ref)
         except Exception as exc:  # the shard died, restarted or its backend is down
-            self.counters["shard_failures"] += 1
-            log.warning("ingestor %d: shard %d call failed (%s); recovering", self.id, shard, exc)
-            if isinstance(exc, BackendUnavailable):
-                time.sleep(_BACKEND_RETRY_S)  # Redis is down: don't spin; ZMQ buffers meanwhile
-            self._recover(shard)
+            self._failed(shard, exc)
             return True
+        self._applied(shard, res)
+        return True
+
+    def _failed(self, shard: int, exc: Exception) -> None:
+        self.counters["shard_failures"] += 1
+        log.warning("ingestor %d: shard %d call failed (%s); recovering", self.id, shard, exc)
+        if isinstance(exc, BackendUnavailable):
+            time.sleep(_BACKEND_RETRY_S)  # Redis is down: don't spin; ZMQ buffers meanwhile
+        self._recover(shard)
+
+    def _applied(self, shard: int, res: dict[str, Any]) -> None:
         self.counters["stored"] += res["stored"]
         self.counters["removed"] += res["removed"]
         known = self._incarnations.setdefault(shard, res["incarnation"])
         if res["behind"] or known != res["incarnation"]:
             self._recover(shard, res["behind"])
-        return True
 
     def _resync(self) -> None:
         """Catch a shard that restarted while idle: compare its positions with the streams."""
         self._last_resync = time.monotonic()
         idle = [
-            i for i in range(len(self.shards)) if not self._pending[i] and not self._inflight[i]
+            i
+            for i, handle in enumerate(self.shards)
+            if handle is not None and not self._pending[i] and not self._inflight[i]
         ]
         if not idle:
             return
@@ -453,9 +534,12 @@ class Ingestor:
         positions: dict[str, int] = {}
         for _ in range(60):  # a restarting actor answers once it is alive again
             try:
-                incarnation, positions = ray.get(
-                    self.shards[shard].get_positions.remote(), timeout=30
-                )
+                handle = self.shards[shard]
+                if handle is None:
+                    assert self.local is not None
+                    incarnation, positions = self.local.get_positions()
+                else:
+                    incarnation, positions = ray.get(handle.get_positions.remote(), timeout=30)
                 self._incarnations[shard] = incarnation
                 break
             except Exception:

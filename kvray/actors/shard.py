@@ -17,13 +17,15 @@ per query.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -37,6 +39,9 @@ from kvray.core.journal import ChangeMsg, Journal, ReplicaSnapshot, change_encod
 from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.types import PodId, holder_id
 
+if TYPE_CHECKING:
+    from kvray.actors.ingestor import Ingestor
+
 log = logging.getLogger("kvray.shard")
 
 _EPOCH_CHECK_S = 1.0  # also catch a backend that restarted empty between two of our calls
@@ -44,6 +49,20 @@ _TICK_S = 1.0  # housekeeping between calls (speculative expiry, silent pods)
 
 Op = tuple[Any, ...]
 """``("batch", pod, model, seq, payload, contiguous)`` or ``("clear", holder)``."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(fn: _F) -> _F:
+    """Run the method under the shard's lock (its in-process ingestor applies from a thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: IndexShard, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class ShardSnapshot(msgspec.Struct):
@@ -58,6 +77,9 @@ class IndexShard:
     """The shard actor's body (wrapped with ``ray.remote`` by ``kvray.runtime``)."""
 
     def __init__(self, shard_id: int, config: dict[str, Any], restore: bool = True) -> None:
+        self._lock = threading.RLock()
+        self._ingest: Ingestor | None = None  # reads this shard's own pods (``subscribe``)
+        self._replay_hints: dict[str, str] = {}
         self.shard_id = shard_id
         self.config = Config.model_validate(config)
         ic = self.config.index
@@ -97,6 +119,7 @@ class IndexShard:
         self.journal.drain()  # replicas start from a snapshot, not from the restore's ops
         if self.config.replicas_on():
             self._start_change_stream()
+        self._resubscribe(restore)
         # Shared backends (Redis) can lose their content while this shard lives on; a mark
         # written now tells, after an outage, whether the content survived.
         self._backend_down = False
@@ -153,6 +176,7 @@ class IndexShard:
 
     # --- write path ------------------------------------------------------------------------
 
+    @_locked
     def apply(self, ops: list[Op]) -> dict[str, Any]:
         """Apply ops in order. Returns counts and, in ``behind``, holders needing a replay.
 
@@ -225,12 +249,14 @@ class IndexShard:
         for holder in self.writer.drop_silent(ttl):
             self.positions.pop(holder, None)
 
+    @_locked
     def clear_pod(self, holder: str) -> tuple[str, int]:
         """Forget a holder (operator action or pod removal); returns ``(stream, seq)``."""
         self.writer.clear_holder(PodId(holder))
         self.positions.pop(holder, None)
         return self.incarnation, self._publish()
 
+    @_locked
     def record_route(
         self, holder: str, keys: list[int], ttl_s: float | None = None
     ) -> tuple[str, int]:
@@ -243,6 +269,7 @@ class IndexShard:
 
     # --- read path -------------------------------------------------------------------------
 
+    @_locked
     def score(self, keys: list[int], pods: list[str] | None = None) -> dict[str, float]:
         """Longest-prefix scores of this shard's holders."""
         try:
@@ -255,6 +282,94 @@ class IndexShard:
         finally:
             self._publish()
         return {str(p): s for p, s in scores.items()}
+
+    # --- reading its own pods (no ingestor hop) --------------------------------------------
+
+    def subscribe(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        pod: str | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Read a binding pod's PUB socket in this process (``Controller.add_pod`` sends the
+        named pods this shard owns here): its batches skip the ingestor and the Ray call."""
+        self._ingestor().add_pod(endpoint, replay_endpoint, pod, model)
+
+    def register_replay(self, pod: str, replay_endpoint: str) -> None:
+        self._replay_hints[pod] = replay_endpoint
+        if self._ingest is not None:
+            self._ingest.register_replay(pod, replay_endpoint)
+
+    def forget_pod(self, pod: str) -> int:
+        """Stop tracking a removed pod's streams here (see ``Ingestor.forget_pod``)."""
+        return self._ingest.forget_pod(pod) if self._ingest is not None else 0
+
+    def ingest_streams(self) -> dict[str, int]:
+        return self._ingest.streams() if self._ingest is not None else {}
+
+    def ingest_progress(self) -> tuple[int, int, int]:
+        return self._ingest.progress() if self._ingest is not None else (0, 0, 0)
+
+    def ingest_stats(self) -> dict[str, Any] | None:
+        return self._ingest.stats() if self._ingest is not None else None
+
+    def _ingestor(self, resume: list[dict[str, Any]] | None = None) -> Ingestor:
+        """The in-process ingestor; ``resume``: pods (``PodEndpoint`` documents) whose streams
+        continue from this shard's positions (after a restart: catch up by replay from where
+        each holder stopped)."""
+        if self._ingest is None:
+            from kvray.actors.ingestor import Ingestor, LocalShard
+            from kvray.actors.naming import shard_name
+
+            with self._lock:
+                resumed = {p["pod"] for p in resume or ()}
+                mine = {
+                    h: seq for h, seq in self.positions.items() if h.partition("#dp")[0] in resumed
+                }
+                local = LocalShard(
+                    self.shard_id,
+                    self.apply,
+                    self.get_positions,
+                    mine,
+                    {str(k): v for k, v in self.writer.models.items() if str(k) in mine},
+                    list(resume or ()),
+                    dict(self._replay_hints),
+                )
+            names = [shard_name(i) for i in range(self.config.num_shards)]
+            self._ingest = Ingestor(
+                -1 - self.shard_id, self.config.model_dump(), names, local=local
+            )
+        return self._ingest
+
+    def _resubscribe(self, restarted: bool) -> None:
+        """Read the named pods of ``events.connect`` this shard owns and, after a restart,
+        again the pods the controller sent here (they continue from the restored positions)."""
+        from kvray.core.sharding import shard_of
+
+        ev = self.config.events
+        if not ev.shard_reads_named_pods:
+            return
+        mem: dict[str, Any] = {"pods": [], "replay": {}}
+        for spec in ev.connect:
+            if spec.pod and shard_of(spec.pod, self.config.num_shards) == self.shard_id:
+                mem["pods"].append(spec.model_dump())
+        if restarted:
+            try:
+                import ray
+
+                from kvray.actors.naming import CONTROLLER
+
+                ctl = ray.get_actor(CONTROLLER, namespace=self.config.namespace)
+                got = ray.get(ctl.shard_memory.remote(self.shard_id), timeout=30)
+                mem["pods"] += got["pods"]
+                mem["replay"] = got["replay"]
+            except Exception:  # no controller (standalone shard) or it is gone
+                pass
+        self._replay_hints.update(mem["replay"])
+        if not mem["pods"]:
+            return
+        self._ingestor(resume=mem["pods"])
 
     # --- change stream (read replicas) -----------------------------------------------------
 
@@ -317,6 +432,7 @@ class IndexShard:
             self._send(ChangeMsg(self.shard_id, self.incarnation, self._pub_seq, ops, advanced))
             return self._pub_seq
 
+    @_locked
     def tick(self) -> int:
         """Housekeeping between calls: speculative expiry, silent pods (published as usual)."""
         if self.writer._spec:
@@ -328,6 +444,7 @@ class IndexShard:
         """Where this shard publishes its changes, and its stream id."""
         return self._pub_endpoint, self.incarnation
 
+    @_locked
     def replica_snapshot(self) -> bytes:
         """This shard's content at the current seq of its stream (replica bootstrap)."""
         seq = self._publish()  # everything applied so far is at or before ``seq``
@@ -341,6 +458,7 @@ class IndexShard:
             )
         )
 
+    @_locked
     def replica_seq(self) -> tuple[str, int]:
         """The stream id and the seq of the last published change."""
         return self.incarnation, self._publish()
@@ -358,10 +476,12 @@ class IndexShard:
 
         return str(ray.get_runtime_context().get_node_id())
 
+    @_locked
     def get_positions(self) -> tuple[str, dict[str, int]]:
         """This incarnation's id and the last applied seq per holder."""
         return self.incarnation, dict(self.positions)
 
+    @_locked
     def pods_info(self) -> list[dict[str, Any]]:
         """Per holder: model, last seq, seconds since last event, hash-contract status."""
         now = self.writer.clock()
@@ -380,6 +500,7 @@ class IndexShard:
             )
         return sorted(out, key=lambda d: d["pod"])
 
+    @_locked
     def stats(self) -> dict[str, Any]:
         try:
             st = self.backend.stats()
@@ -415,6 +536,7 @@ class IndexShard:
 
     # --- snapshot --------------------------------------------------------------------------
 
+    @_locked
     def snapshot(self) -> bytes:
         """Index + positions, restorable by ``restore`` (also after a restart)."""
         return msgspec.msgpack.encode(
@@ -425,6 +547,7 @@ class IndexShard:
             )
         )
 
+    @_locked
     def restore(self, data: bytes) -> None:
         snap = msgspec.msgpack.decode(data, type=ShardSnapshot)
         self.journal.restore(snap.index)

@@ -3,6 +3,7 @@ topic (pod id from config) and a data-parallel rank ≥ 1 as a distinct holder."
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ import kvray
 from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config
+from kvray.core.sharding import shard_of
 from kvray.sim import SimPod, SimPublisher
 
 NS = "kvray-it-topologies"
@@ -70,3 +72,71 @@ def test_unparseable_topic_is_counted_not_fatal(deployment: Client) -> None:
     assert deployment.score_tokens(list(range(32)), "m") == {"10.8.0.9": 2.0}
     pub.close()
     good.close()
+
+
+def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
+    deployment: Client,
+) -> None:
+    """``add_pod`` with a name: the owning shard reads the pod itself (no ingestor hop); a
+    killed shard comes back from its snapshot, reads its pods again and replays the rest."""
+    rng = random.Random(3)
+    before = {str(s["ingestor"]): s["messages"] for s in deployment.stats()["ingestors"]}
+    pods = []
+    for i in range(4):
+        pub = SimPublisher(
+            "tcp://127.0.0.1:0", f"kv@10.12.0.{i}@m", replay_endpoint="tcp://127.0.0.1:0"
+        )
+        deployment.add_pod(pub.endpoint, pub.replay_endpoint, f"10.12.0.{i}", "m")
+        assert pub.wait_connected()
+        pods.append(SimPod(f"10.12.0.{i}", "m", num_blocks=48, publisher=pub))
+    prompts = [[rng.randrange(9000) for _ in range(rng.randint(16, 96))] for _ in range(24)]
+    for i, p in enumerate(prompts[:12]):
+        pods[i % 4].serve(p)
+    assert deployment.sync({p.pod_id: p.publisher.seq for p in pods})  # type: ignore[union-attr]
+    assert _truth(deployment, pods, prompts)
+    ings = {str(s["ingestor"]): s for s in deployment.stats()["ingestors"]}
+    owners = {f"shard{shard_of(p.pod_id, 2)}" for p in pods}
+    assert all(ings[o]["messages"] > before.get(o, 0) for o in owners)
+    # The ingestor actor saw none of them.
+    assert all(s["messages"] == before.get(n, 0) for n, s in ings.items() if n not in owners)
+
+    ray.get(deployment.controller.snapshot_now.remote())
+    victim = deployment.shards[shard_of("10.12.0.0", 2)]
+    ray.kill(victim, no_restart=False)
+    for i, p in enumerate(prompts[12:]):  # published while the shard is down or restarting
+        pods[i % 4].serve(p)
+    assert deployment.wait_until(
+        lambda c: _truth(c, pods, prompts, direct=True), timeout_s=60, interval_s=0.25
+    )
+    # The replica follows the restarted shard too.
+    assert deployment.wait_until(lambda c: _truth(c, pods, prompts), timeout_s=10)
+    for pod in pods:
+        pod.publisher.close()  # type: ignore[union-attr]
+        deployment.remove_pod(pod.pod_id)
+
+
+def _truth(
+    client: Client, pods: list[SimPod], prompts: list[list[int]], direct: bool = False
+) -> bool:
+    """Scores (from the replica, or from the shards) == what each simulated pod holds."""
+    try:
+        for p in prompts:
+            want = {pod.pod_id: float(n) for pod in pods if (n := pod.cached_prefix_blocks(p))}
+            names = [pod.pod_id for pod in pods]
+            if direct:
+                keys = client.block_keys(p, "m")
+                refs = [s.score.remote(keys, names) for s in client.shards]
+                got: dict[str, float] = {}
+                for part in ray.get(refs, timeout=5):
+                    got.update(part)
+            else:
+                got = client.score_tokens(p, "m", pods=names)
+            if got != want:
+                return False
+    except (
+        ray.exceptions.RayActorError,
+        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.GetTimeoutError,
+    ):
+        return False
+    return True
