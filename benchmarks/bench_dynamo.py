@@ -754,6 +754,12 @@ def run_kvray(stream: Stream, args: argparse.Namespace, ns: str) -> dict[str, An
         res["ingestor_rss_delta"] = rss(roles.get("Ingestor", [])) - ing_rss0
         time.sleep(1.0)
         res["rss_delta_1s"] = rss(shards) - rss0
+        # Shards read their pods themselves: the ZMQ messages buffered while they caught up
+        # were freed but stay resident until glibc returns them (shards trim every 30 s).
+        res["anon_delta_untrimmed"] = rss_anon(shards) - anon0
+        import ray
+
+        ray.get([s.release_memory.remote() for s in client.shards])
         res["anon_delta"] = rss_anon(shards) - anon0
         st = client.stats()
         res["pairs"] = sum(s["pairs"] for s in st["shards"])
@@ -1216,7 +1222,9 @@ def render(
             + ", ".join(f"{r} {v:.2f} s" for r, v in sorted(kv["cpu_by_role"].items()))
             + ".",
             f"- RssAnon deltas: Dynamo {dyn['anon_delta'] / 2**20:.1f} MiB, kvray shards "
-            f"{kv['anon_delta'] / 2**20:.1f} MiB. "
+            f"{kv['anon_delta'] / 2**20:.1f} MiB after `release_memory` (malloc_trim; "
+            f"{kv.get('anon_delta_untrimmed', 0) / 2**20:.1f} MiB before it: freed ZMQ buffers "
+            "still resident). "
             f"RSS deltas: Dynamo {dyn['rss_delta'] / 2**20:.1f} MiB at completion, "
             f"{dyn['rss_delta_1s'] / 2**20:.1f} MiB 1 s later; kvray shards "
             f"{kv['rss_delta'] / 2**20:.1f} / {kv['rss_delta_1s'] / 2**20:.1f} MiB (ingestor "

@@ -17,6 +17,8 @@ per query.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -46,6 +48,7 @@ log = logging.getLogger("kvray.shard")
 
 _EPOCH_CHECK_S = 1.0  # also catch a backend that restarted empty between two of our calls
 _TICK_S = 1.0  # housekeeping between calls (speculative expiry, silent pods)
+_TRIM_S = 30.0  # how often freed heap is returned to the OS
 
 Op = tuple[Any, ...]
 """``("batch", pod, model, seq, payload, contiguous)`` or ``("clear", holder)``."""
@@ -114,6 +117,7 @@ class IndexShard:
         self._last_pub = 0.0
         self._advanced: dict[str, int] = {}
         self._pub_lock = threading.Lock()  # the heartbeat thread publishes too
+        self._last_trim = time.monotonic()
         if restore:
             self._restore_from_controller()
         self.journal.drain()  # replicas start from a snapshot, not from the restore's ops
@@ -434,10 +438,15 @@ class IndexShard:
 
     @_locked
     def tick(self) -> int:
-        """Housekeeping between calls: speculative expiry, silent pods (published as usual)."""
+        """Housekeeping between calls: speculative expiry, silent pods (published as usual),
+        and every ``_TRIM_S`` freed heap back to the OS."""
         if self.writer._spec:
             self.writer.expire()
         self._maybe_drop_silent()
+        now = time.monotonic()
+        if now - self._last_trim >= _TRIM_S:
+            self._last_trim = now
+            self.release_memory()
         return self._publish()
 
     def replica_endpoint(self) -> tuple[str | None, str]:
@@ -462,6 +471,14 @@ class IndexShard:
     def replica_seq(self) -> tuple[str, int]:
         """The stream id and the seq of the last published change."""
         return self.incarnation, self._publish()
+
+    def release_memory(self) -> int:
+        """Return freed heap pages to the OS (glibc ``malloc_trim``): bursts of buffered
+        messages leave freed-but-resident arenas behind. Returns the RSS change in bytes."""
+        before = _rss_bytes()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return _rss_bytes() - before
 
     def reset_lags(self) -> None:
         """Forget recorded lags (benchmarks measure phases separately)."""

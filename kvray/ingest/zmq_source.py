@@ -94,6 +94,9 @@ class ZmqSource:
         """Messages ready within ``timeout_ms`` (at most ``max_messages``), in arrival order
         per socket."""
         out: list[tuple[list[bytes], PodEndpoint | None]] = []
+        if not self._origin:  # zmq returns at once with nothing to poll: don't spin
+            time.sleep(timeout_ms / 1000)
+            return out
         ready = dict(self._poller.poll(timeout_ms))
         for sock in ready:
             origin = self._origin.get(sock)  # type: ignore[call-overload]
