@@ -233,7 +233,7 @@ class IndexWriter:
         if not n:
             return
         h = self.hashing(model)
-        engine = [as_u64(x) ^ tag for x in ev.block_hashes]
+        engine = [(x if x.__class__ is int else as_u64(x)) ^ tag for x in ev.block_hashes]
         if ev.block_size != h.block_size:
             self._contract(holder).block_size_mismatch += 1
         if self.verify_hashes and ev.token_ids and h.hasher is not None:
@@ -274,7 +274,7 @@ class IndexWriter:
         medium: str | None,
         res: ApplyResult,
     ) -> None:
-        engine = [as_u64(x) ^ tag for x in hashes]
+        engine = [(x if x.__class__ is int else as_u64(x)) ^ tag for x in hashes]
         tier = normalize_tier(medium)
         if self.key_mode == "engine":
             keys = engine

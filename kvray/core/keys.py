@@ -13,6 +13,8 @@ Invariant: keys are u64 ints; a model's key space never overlaps another's excep
 
 from __future__ import annotations
 
+import functools
+
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,11 +46,13 @@ class MMFeature:
     length: int
 
 
+@functools.lru_cache(maxsize=1024)
 def model_root(model: str) -> int:
     """The chain seed of a model's request keys."""
     return _xxh64(model.encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=1024)
 def model_tag(model: str) -> int:
     """The 64-bit tag XOR-ed into a model's engine keys (distinct from ``model_root``)."""
     return _xxh64(b"engine\x00" + model.encode("utf-8"))

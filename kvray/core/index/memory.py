@@ -284,7 +284,11 @@ class MemoryIndex:
     def _prune_emap(self) -> None:
         """Forget engine keys whose request key is no longer indexed (evicted or removed)."""
         dicts = list(self._tiers.values())
-        self._emap = {e: r for e, r in self._emap.items() if any(r in d for d in dicts)}
+        if len(dicts) == 1:  # the common case, without a generator per entry
+            d = dicts[0]
+            self._emap = {e: r for e, r in self._emap.items() if r in d}
+        else:
+            self._emap = {e: r for e, r in self._emap.items() if any(r in d for d in dicts)}
 
     # --- stats, snapshot -------------------------------------------------------------------
 
