@@ -14,7 +14,6 @@ Invariant: keys are u64 ints; a model's key space never overlaps another's excep
 from __future__ import annotations
 
 import functools
-
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
