@@ -14,6 +14,8 @@ Cost model (measured in ``benchmarks/bench_core.py``; CPython 3.11, 64-bit):
 * ``score``: ``map(dict.get)`` + ``accumulate(and_)`` + ``takewhile`` run in C and stop at the
   first block no allowed holder has; only the (at most #holders) points where the running mask
   shrinks are located in Python, by bisection. O(run) C steps + O(changes · log run) Python steps.
+* engine map: pruned of entries whose request key left the index once it outgrows twice the
+  key count, ``_EMAP_PRUNE_BATCH`` entries per write (no stall).
 * ``clear_pod``: O(1). The holder gets a fresh slot; its old bit is *retired* and swept out of
   the masks incrementally (a bounded number of keys per mutating call) before the slot is reused.
   Retired bits are never attributed to a holder, so scores are exact while the sweep runs.
@@ -32,6 +34,7 @@ from kvray.types import PodId, Tier
 
 _DICT_ENTRY_BYTES = 42  # measured sys.getsizeof(dict)/len at 250 k-1 M int keys (3.11)
 _KEY_INT_BYTES = 36  # a u64 int object (>= 2^60 needs 3 digits of 30 bits)
+_EMAP_PRUNE_BATCH = 2048  # engine-map entries checked per put_engine_map while pruning
 
 
 class MemoryIndex:
@@ -72,6 +75,7 @@ class MemoryIndex:
         self._sweeping = 0  # the retired bits the current sweep removes
         self._sweep_iter: Iterator[tuple[Tier, int]] | None = None
         self._emap: dict[int, int] = {}
+        self._emap_sweep: Iterator[int] | None = None
         self._nkeys = 0
 
     # --- slots -----------------------------------------------------------------------------
@@ -274,21 +278,33 @@ class MemoryIndex:
 
     def put_engine_map(self, pairs: Sequence[tuple[int, int]]) -> None:
         self._emap.update(pairs)
-        if len(self._emap) > 2 * self._nkeys + 65536:
-            self._prune_emap()
+        if self._emap_sweep is None and len(self._emap) > 2 * self._nkeys + 65536:
+            # Forget engine keys whose request key is no longer indexed (evicted or removed),
+            # a bounded slice per call: a whole pass over ~10^5 entries would stall the shard
+            # for tens of milliseconds (event-to-visible lag p99).
+            self._emap_sweep = iter(list(self._emap))
+        if self._emap_sweep is not None:
+            self._prune_emap_step()
 
     def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
         get = self._emap.get
         return [get(k) for k in engine_keys]
 
-    def _prune_emap(self) -> None:
-        """Forget engine keys whose request key is no longer indexed (evicted or removed)."""
+    def _prune_emap_step(self) -> None:
+        assert self._emap_sweep is not None
+        emap = self._emap
         dicts = list(self._tiers.values())
-        if len(dicts) == 1:  # the common case, without a generator per entry
-            d = dicts[0]
-            self._emap = {e: r for e, r in self._emap.items() if r in d}
-        else:
-            self._emap = {e: r for e, r in self._emap.items() if any(r in d for d in dicts)}
+        one = dicts[0] if len(dicts) == 1 else None
+        for n, e in enumerate(self._emap_sweep, 1):
+            r = emap.get(e)
+            if r is not None and (
+                r not in one if one is not None else not any(r in d for d in dicts)
+            ):
+                del emap[e]
+            if n >= _EMAP_PRUNE_BATCH:
+                return
+        self._emap_sweep = None
+        self._emap = dict(emap)  # deletions leave the table's size: compact it (a C copy)
 
     # --- stats, snapshot -------------------------------------------------------------------
 
