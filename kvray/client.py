@@ -314,6 +314,7 @@ class Client:
             timeout_s: give up after this long (returns False).
         """
         deadline = time.monotonic() + timeout_s
+        nap = _Backoff()  # polls are actor calls that compete with the work waited for
         if expect:
             want = {(k if "#" in k else f"{k}#0"): v for k, v in expect.items()}
             while True:
@@ -326,9 +327,10 @@ class Client:
                     break
                 if time.monotonic() > deadline:
                     return False
-                time.sleep(0.005)
+                nap()
         # Shards that read pods themselves: poll until what they received is applied.
         targets = [r for r, _, _ in ray.get([s.ingest_progress.remote() for s in self.shards])]
+        nap = _Backoff()
         while True:
             prog = ray.get([s.ingest_progress.remote() for s in self.shards])
             if all(
@@ -338,7 +340,7 @@ class Client:
                 break
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.002)
+            nap()
         left = max(0.1, deadline - time.monotonic())
         if not all(ray.get([i.sync.remote(left) for i in self.ingestors], timeout=left + 5)):
             return False
@@ -356,6 +358,17 @@ class Client:
                 return True
             time.sleep(interval_s)
         return False
+
+
+class _Backoff:
+    """Sleeps 1 ms, then 1.5× longer each call, up to 50 ms."""
+
+    def __init__(self) -> None:
+        self.s = 0.001
+
+    def __call__(self) -> None:
+        time.sleep(self.s)
+        self.s = min(0.05, self.s * 1.5)
 
 
 def _in_shard(parts: list[dict[str, Any] | None]) -> list[dict[str, Any]]:

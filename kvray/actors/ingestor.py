@@ -162,6 +162,7 @@ class Ingestor:
         self._stop = threading.Event()
         self._last_resync = time.monotonic()
         self._incarnations: dict[int, str] = {}
+        self._resync_refs: list[tuple[int, Any]] = []
         self._received_total = 0
         self._shipped_upto = 0
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
@@ -319,6 +320,7 @@ class Ingestor:
                     self._reap()
                     if time.monotonic() - self._last_resync >= _RESYNC_S:
                         self._resync()
+                    self._resync_collect()
                     if not any(self._pending):
                         self._shipped_upto = self._received_total
             except Exception:  # the loop must not die; log and back off briefly
@@ -501,27 +503,38 @@ class Ingestor:
             self._recover(shard, res["behind"])
 
     def _resync(self) -> None:
-        """Catch a shard that restarted while idle: compare its positions with the streams."""
+        """Catch a shard that restarted while idle: compare its incarnation with the one we
+        know. Asks now and reads the answers on later loop turns (never blocks the loop)."""
         self._last_resync = time.monotonic()
-        idle = [
-            i
-            for i, handle in enumerate(self.shards)
-            if handle is not None and not self._pending[i] and not self._inflight[i]
-        ]
-        if not idle:
+        if not self._resync_refs:
+            self._resync_refs = [
+                (i, handle.get_positions.remote())
+                for i, handle in enumerate(self.shards)
+                if handle is not None and not self._pending[i] and not self._inflight[i]
+            ]
+
+    def _resync_collect(self) -> None:
+        if not self._resync_refs:
             return
-        refs = [self.shards[i].get_positions.remote() for i in idle]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0.5)
-        for i, ref in zip(idle, refs, strict=True):
+        ready, _ = ray.wait([r for _, r in self._resync_refs], num_returns=1, timeout=0)
+        if not ready:
+            if time.monotonic() - self._last_resync > 30:  # a shard that never answers
+                self._resync_refs = []
+            return
+        left = []
+        for i, ref in self._resync_refs:
             if ref not in ready:
+                left.append((i, ref))
                 continue
             try:
                 incarnation, positions = ray.get(ref)
             except Exception:
                 continue
             known = self._incarnations.setdefault(i, incarnation)
-            if known != incarnation:  # the shard restarted while idle
+            busy = self._pending[i] or self._inflight[i]
+            if known != incarnation and not busy:  # the shard restarted while idle
                 self._recover(i, positions)
+        self._resync_refs = left
 
     def _recover(self, shard: int, behind: dict[str, int] | None = None) -> None:
         """Bring ``shard`` back in step: replay each of its streams from its position."""

@@ -48,7 +48,8 @@ log = logging.getLogger("kvray.shard")
 
 _EPOCH_CHECK_S = 1.0  # also catch a backend that restarted empty between two of our calls
 _TICK_S = 1.0  # housekeeping between calls (speculative expiry, silent pods)
-_TRIM_S = 30.0  # how often freed heap is returned to the OS
+_TRIM_S = 30.0  # how often freed heap is returned to the OS (when idle)
+_IDLE_S = 2.0  # no apply call for this long: the shard is idle
 
 Op = tuple[Any, ...]
 """``("batch", pod, model, seq, payload, contiguous)`` or ``("clear", holder)``."""
@@ -118,6 +119,7 @@ class IndexShard:
         self._advanced: dict[str, int] = {}
         self._pub_lock = threading.Lock()  # the heartbeat thread publishes too
         self._last_trim = time.monotonic()
+        self._last_apply = 0.0
         if restore:
             self._restore_from_controller()
         self.journal.drain()  # replicas start from a snapshot, not from the restore's ops
@@ -199,6 +201,7 @@ class IndexShard:
 
     def _apply(self, ops: list[Op]) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self._last_apply = time.monotonic()
         res = ApplyResult()
         behind: dict[str, int] = {}
         for op in ops:
@@ -439,12 +442,13 @@ class IndexShard:
     @_locked
     def tick(self) -> int:
         """Housekeeping between calls: speculative expiry, silent pods (published as usual),
-        and every ``_TRIM_S`` freed heap back to the OS."""
+        and, when idle, freed heap back to the OS at most every ``_TRIM_S`` (``malloc_trim``
+        can take tens of milliseconds on a large heap: never while events flow)."""
         if self.writer._spec:
             self.writer.expire()
         self._maybe_drop_silent()
         now = time.monotonic()
-        if now - self._last_trim >= _TRIM_S:
+        if now - self._last_trim >= _TRIM_S and now - self._last_apply >= _IDLE_S:
             self._last_trim = now
             self.release_memory()
         return self._publish()
