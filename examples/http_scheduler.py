@@ -13,7 +13,7 @@ This is what an llm-d-style scheduler does with kvray's scores (spec §5):
 
 Example::
 
-    python examples/http_scheduler.py --url http://127.0.0.1:30000 --model Qwen/Qwen3-8B \\
+    python examples/http_scheduler.py --url http://127.0.0.1:31000 --model Qwen/Qwen3-8B \\
         --candidates 10.0.0.7,10.0.0.8 --prompt "You are a helpful assistant. ..." --record
 
 Prints one JSON object: ``{"pod", "reason", "scores", "normalized", "blocks"}``.
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a request against kvray's HTTP API and pick the pod that already "
         "caches most of its prefix.",
     )
-    p.add_argument("--url", required=True, help="kvray base URL, e.g. http://127.0.0.1:30000")
+    p.add_argument("--url", required=True, help="kvray base URL (what `kvray serve` prints)")
     p.add_argument("--model", required=True, help="served model name")
     p.add_argument("--candidates", required=True, help="comma-separated candidate pod ids")
     what = p.add_mutually_exclusive_group(required=True)

@@ -14,7 +14,6 @@ Invariant: nothing here raises on event content; problems are counted in ``Apply
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,12 @@ from typing import Any, Literal
 
 from kvray.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, as_u64
 from kvray.core.hashing import BlockHasher, event_key
-from kvray.core.index.base import SPECULATIVE, IndexBackend, normalize_tier
+from kvray.core.index.base import (
+    SPECULATIVE,
+    IndexBackend,
+    SpeculativeEntries,
+    normalize_tier,
+)
 from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
 from kvray.errors import ConfigError, MalformedFrame
 from kvray.types import PodId
@@ -177,8 +181,7 @@ class IndexWriter:
         self.last_seen: dict[PodId, float] = {}
         self.models: dict[PodId, str] = {}
         self._digests: dict[int, bytes] = {}
-        self._spec: list[tuple[float, int, PodId, list[int]]] = []
-        self._spec_seq = 0
+        self._spec = SpeculativeEntries()
 
     def block_keys(
         self,
@@ -346,18 +349,11 @@ class IndexWriter:
             return
         ttl = self.speculative_ttl_s if ttl_s is None else ttl_s
         self.backend.add(holder, SPECULATIVE, keys)
-        self._spec_seq += 1
-        heapq.heappush(self._spec, (self.clock() + ttl, self._spec_seq, holder, list(keys)))
+        self._spec.push(self.clock() + ttl, holder, list(keys))
 
     def expire(self) -> int:
         """Drop speculative entries whose TTL passed; returns how many entries expired."""
-        now = self.clock()
-        n = 0
-        while self._spec and self._spec[0][0] <= now:
-            _, _, holder, keys = heapq.heappop(self._spec)
-            self.backend.remove(holder, SPECULATIVE, keys)
-            n += 1
-        return n
+        return self._spec.expire(self.clock(), self.backend)
 
     def clear_holder(self, holder: PodId) -> None:
         """Forget a holder entirely (restart, removal, silence)."""

@@ -14,14 +14,13 @@ the shards do: same keys, same tiers, same longest-prefix walk (``MemoryIndex.sc
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import msgspec
 
-from kvray.core.index.base import SPECULATIVE, IndexBackend, IndexStats
+from kvray.core.index.base import SPECULATIVE, IndexBackend, IndexStats, SpeculativeEntries
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.snapshot import decode_snapshot
 from kvray.types import PodId, Tier
@@ -171,8 +170,7 @@ class ReplicaIndex:
         self.index = MemoryIndex(max_keys=2**62)  # bounded by the shards: evictions arrive as ops
         self.shards = [_ShardState() for _ in range(num_shards)]
         self.clock = clock
-        self._spec: list[tuple[float, int, str, list[int]]] = []
-        self._spec_n = 0
+        self._spec = SpeculativeEntries()
         self.applied_msgs = 0
         self.snapshots_loaded = 0
 
@@ -206,8 +204,7 @@ class ReplicaIndex:
                 idx.add(pod, Tier(tier), keys)
                 st.holders.add(holder)
                 if ttl > 0:
-                    self._spec_n += 1
-                    heapq.heappush(self._spec, (self.clock() + ttl, self._spec_n, holder, keys))
+                    self._spec.push(self.clock() + ttl, pod, keys)
             elif op == OP_REMOVE:
                 idx.remove(pod, Tier(tier), keys)
             elif op == OP_CLEAR:
@@ -234,9 +231,7 @@ class ReplicaIndex:
             for tier, keys in tiers.items():
                 self.index.add(PodId(holder), Tier(tier), keys)
                 if tier == SPECULATIVE:  # the remaining TTL is unknown: grant a full one
-                    self._spec_n += 1
-                    entry = (now + speculative_ttl_s, self._spec_n, holder, keys)
-                    heapq.heappush(self._spec, entry)
+                    self._spec.push(now + speculative_ttl_s, PodId(holder), keys)
             st.holders.add(holder)
         st.stream, st.seq, st.positions = snap.stream, snap.seq, dict(snap.positions)
         self.snapshots_loaded += 1
@@ -246,10 +241,7 @@ class ReplicaIndex:
         self.shards[shard].stream = None
 
     def expire(self) -> None:
-        now = self.clock()
-        while self._spec and self._spec[0][0] <= now:
-            _, _, holder, keys = heapq.heappop(self._spec)
-            self.index.remove(PodId(holder), SPECULATIVE, keys)
+        self._spec.expire(self.clock(), self.index)
 
     def score(
         self,

@@ -19,6 +19,7 @@ Semantics every backend keeps:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -30,6 +31,30 @@ SPECULATIVE = Tier("SPECULATIVE")
 
 DEFAULT_TIER_WEIGHTS: Mapping[str, float] = {"GPU": 1.0, "CPU": 0.8}
 """llm-d's defaults; a tier missing from the mapping weighs 1.0."""
+
+
+class SpeculativeEntries:
+    """Speculative entries by deadline (a heap): who holds which keys until when."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, PodId, list[int]]] = []
+        self._n = 0  # tie-breaker: equal deadlines pop in insertion order
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def push(self, deadline: float, holder: PodId, keys: list[int]) -> None:
+        self._n += 1
+        heapq.heappush(self._heap, (deadline, self._n, holder, keys))
+
+    def expire(self, now: float, backend: IndexBackend) -> int:
+        """Remove the entries due at ``now`` from ``backend``'s speculative tier."""
+        n = 0
+        while self._heap and self._heap[0][0] <= now:
+            _, _, holder, keys = heapq.heappop(self._heap)
+            backend.remove(holder, SPECULATIVE, keys)
+            n += 1
+        return n
 
 
 def normalize_tier(medium: str | None) -> Tier:
