@@ -115,6 +115,8 @@ def main() -> int:
         args.out,
         "kvray HTTP fuzzing (schemathesis)",
         [
+            f"Target: `{base}` (what `start_http` returns: each Serve replica's fast path, "
+            "msgspec bodies; the schema is the FastAPI app's). "
             f"`st run` exit code {proc.returncode} in {dt:.0f} s; check: not_a_server_error; "
             f"{args.examples} cases per operation; {sum(statuses.values()):,} HTTP requests "
             f"recorded (HAR), by status: {dict(sorted(statuses.items()))}; 5xx: "
