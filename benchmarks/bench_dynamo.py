@@ -741,6 +741,7 @@ def run_kvray(stream: Stream, args: argparse.Namespace, ns: str) -> dict[str, An
         rss0, ing_rss0 = rss(shards), rss(roles.get("Ingestor", []))
         anon0 = rss_anon(shards)
         cpu0 = {r: cpu_s(ps) for r, ps in roles.items()}
+        rep_cpu0 = client.replica.stats()["cpu_s"] if client.replica is not None else 0.0
         t0 = time.perf_counter()
         res["publish_s"] = send_all(pubs, stream.frames)
         expect = {f"pod{i}": p.seq for i, p in enumerate(pubs) if p.seq}
@@ -748,6 +749,8 @@ def run_kvray(stream: Stream, args: argparse.Namespace, ns: str) -> dict[str, An
             raise RuntimeError("kvray did not apply the stream within 900 s")
         res["ingest_s"] = time.perf_counter() - t0
         res["cpu_by_role"] = {r: cpu_s(ps) - cpu0[r] for r, ps in roles.items()}
+        if client.replica is not None:  # the connect() replica's thread in this process
+            res["cpu_by_role"]["connect() replica"] = client.replica.stats()["cpu_s"] - rep_cpu0
         res["cpu_actors_s"] = sum(v for r, v in res["cpu_by_role"].items() if r != "ray-system")
         res["cpu_s"] = sum(res["cpu_by_role"].values())
         res["rss_delta"] = rss(shards) - rss0
@@ -778,8 +781,12 @@ def run_kvray(stream: Stream, args: argparse.Namespace, ns: str) -> dict[str, An
         # rest of their CPU (Ray's per-call work: receiving and unpickling the ops, replying).
         res["apply_s"] = sum(s["apply_seconds"] for s in st["shards"])
         res["shard_ops"] = sum(s["ops"] for s in st["shards"])
-        ing = st["ingestors"][0]
-        res["ingestor_stats"] = {k: ing[k] for k in ("messages", "shard_calls")}
+        res["ingestor_stats"] = {
+            k: sum(i[k] for i in st["ingestors"]) for k in ("messages", "shard_calls")
+        }
+        res["ingestor_actor_messages"] = sum(
+            i["messages"] for i in st["ingestors"] if not str(i["ingestor"]).startswith("shard")
+        )
         del actors, system
 
         def connect_q(p: list[int]) -> dict[str, int]:
@@ -882,7 +889,9 @@ class Spy:
                 for line in path.read_text().splitlines():
                     stack, _, n = line.rpartition(" ")
                     if stack and n.isdigit():
-                        stacks[tuple(_frame(f) for f in stack.split(";"))] += int(n)
+                        frames = tuple(_frame(f) for f in stack.split(";"))
+                        if not any(x in frames[-1] for x in _IDLE):
+                            stacks[frames] += int(n)
             out[name] = stacks
         return out
 
@@ -897,7 +906,18 @@ def _frame(f: str) -> str:
     return f"{func} ({path})"
 
 
-_IDLE = ("poll (zmq", "_poll (", "wait (threading", "select (selectors", "sleep")
+# Leaf frames that are a thread waiting (py-spy cannot always tell a sleeping thread from a
+# running one): zmq/selectors polls, condition waits, and kvray's own sleeping loops (the
+# shard's heartbeat thread, an ingest loop with no socket).
+_IDLE = (
+    "poll (zmq",
+    "_poll (",
+    "wait (threading",
+    "select (selectors",
+    "sleep",
+    "_heartbeat_loop (kvray",
+    "ZmqSource.poll (kvray",
+)
 
 
 def summarize(stacks: Counter[tuple[str, ...]], top: int = 8) -> tuple[int, list[list[str]]]:
@@ -919,7 +939,13 @@ def summarize(stacks: Counter[tuple[str, ...]], top: int = 8) -> tuple[int, list
 # frame, frames scanned from the innermost out; "Ray core worker" is C++ time billed to the
 # main loop itself (a leaf ``Worker.main_loop``).
 SHARD_RULES = [
+    (
+        "in-shard ingest: ZMQ receive, topic/seq/rank parse",
+        ["recv_multipart", "ZmqSource.", "Ingestor._handle", "parse_frames", "parse_topic"]
+        + ["peek_rank", "SeqTracker"],
+    ),
     ("msgpack decode (`EventDecoder.decode`)", ["EventDecoder.decode"]),
+    ("change stream: journal, encode, publish", ["Journal.", "_publish", "_send (kvray"]),
     ("request keys (`request_keys`, xxh64)", ["request_keys"]),
     ("engine map put/get/prune", ["engine_map", "_prune_emap"]),
     ("index score (`MemoryIndex.score`, `_runs`)", ["MemoryIndex.score", "_runs ("]),
@@ -942,6 +968,10 @@ INGESTOR_RULES = [
     ("Ray core worker (C++, leaf `Worker.main_loop`)", ["Worker.main_loop"]),
 ]
 REPLICA_RULES = [
+    (
+        "read replica: decode + apply the change stream",
+        ["Replica._drain", "ReplicaIndex.", "_finish_snapshots", "change_decoder"],
+    ),
     ("JSON parse of the body", ["json/", "JSONDecoder", "_json"]),
     ("FastAPI/pydantic validation", ["pydantic", "request_body_to_args", "fastapi/dependencies"]),
     ("`_check_tokens` (token range loop)", ["_check_tokens"]),
@@ -978,6 +1008,7 @@ def profile_kvray(stream: Stream, args: argparse.Namespace, ns: str, tmp: Path) 
         roles = ray_processes()
         pids = {f"shard{i}": p.pid for i, p in enumerate(roles.get("IndexShard", []))}
         pids["ingestor"] = roles["Ingestor"][0].pid
+        pids["replica"] = roles["ServeReplica"][0].pid
         pubs = make_publishers(stream.pods)
         for i, pub in enumerate(pubs):
             client.add_pod(pub.endpoint, None, f"pod{i}", MODEL)
@@ -994,9 +1025,7 @@ def profile_kvray(stream: Stream, args: argparse.Namespace, ns: str, tmp: Path) 
         bodies = [
             json.dumps({"model": MODEL, "token_ids": p}).encode() for p in stream.queries[1024]
         ]
-        qpids = {k: v for k, v in pids.items() if k.startswith("shard")}
-        qpids["replica"] = roles["ServeReplica"][0].pid
-        spy = Spy(qpids, tmp, f"http{stream.pods}")
+        spy = Spy({"replica": pids["replica"]}, tmp, f"http{stream.pods}")
         timed(lambda b: h.post("/score_tokens", b), bodies, args.rounds)
         q_http = spy.stop()
     finally:
@@ -1017,14 +1046,26 @@ def profile_kvray(stream: Stream, args: argparse.Namespace, ns: str, tmp: Path) 
     ]
     tops = []
     for title, stacks, rules in (
-        ("ingest: ingestor actor", ingest.get("ingestor", Counter()), INGESTOR_RULES),
-        (f"ingest: {KVRAY_SHARDS} shard actors (merged)", merged(ingest, "shard"), SHARD_RULES),
         (
-            "query 1024 blocks over HTTP: Serve replica",
+            f"ingest: {KVRAY_SHARDS} shard actors (merged; they read their pods themselves)",
+            merged(ingest, "shard"),
+            SHARD_RULES,
+        ),
+        (
+            "ingest: the Serve replica (following the change stream)",
+            ingest.get("replica", Counter()),
+            REPLICA_RULES,
+        ),
+        (
+            "ingest: ingestor actor (no pod of its own here)",
+            ingest.get("ingestor", Counter()),
+            INGESTOR_RULES,
+        ),
+        (
+            "query 1024 blocks over HTTP: Serve replica (fast path, local replica)",
             q_http.get("replica", Counter()),
             REPLICA_RULES,
         ),
-        ("query 1024 blocks over HTTP: shards (merged)", merged(q_http, "shard"), SHARD_RULES),
     ):
         total, rows = summarize(stacks, top=6)
         cats = categorize(stacks, rules)
@@ -1040,9 +1081,9 @@ def profile_kvray(stream: Stream, args: argparse.Namespace, ns: str, tmp: Path) 
         )
     summary = (
         "**What dominates (busy samples).** Ingest — "
-        + "; ".join(tops[:2])
+        + "; ".join(tops[:3])
         + ". Query over HTTP — "
-        + "; ".join(tops[2:])
+        + "; ".join(tops[3:])
         + "."
     )
     return summary + "\n\n" + "\n\n".join(parts)
@@ -1140,7 +1181,7 @@ def render(
                 f"{k_rate / d_rate:.2f}",
             ],
             [
-                "CPU s per 1 M block-events (kvray: all Ray processes / actors only)",
+                "CPU s per 1 M block-events (kvray: all its Ray processes + the connect() replica thread / actors only)",
                 f"{k_cpu:.2f} / {k_cpu_act:.2f}",
                 f"{d_cpu:.2f}",
                 f"{k_cpu / d_cpu:.2f} / {k_cpu_act / d_cpu:.2f}",
@@ -1306,17 +1347,18 @@ def render(
         ing_cpu = kv["cpu_by_role"].get("Ingestor", 0.0)
         ist = kv["ingestor_stats"]
         prof.append(
-            f"Ingest accounting (unprofiled run): the {KVRAY_SHARDS} shards used "
-            f"{shard_cpu:.2f} CPU s; "
-            f"their wall time inside `IndexShard.apply` (decode + keying + index updates) was "
-            f"{kv['apply_s']:.2f} s (wall: includes waiting for one of the 2 cores); the rest "
-            f"of their CPU is Ray's per-call work ({ist['shard_calls']:,} `apply` calls: "
-            "receiving and unpickling the ops, replying). "
-            f"The ingestor used {ing_cpu:.2f} CPU s for {ist['messages']:,} messages "
-            f"({ist['messages'] / max(ist['shard_calls'], 1):.1f} messages per shard call). "
-            f"Ray's system processes (raylet, GCS, Serve, ...) "
-            f"{kv['cpu_by_role'].get('ray-system', 0.0):.2f} s; Dynamo's whole process "
-            f"{dyn['cpu_s']:.2f} s."
+            f"Ingest accounting (unprofiled run): the {KVRAY_SHARDS} shards, which read their "
+            f"pods themselves, used {shard_cpu:.2f} CPU s ({ist['messages']:,} messages "
+            f"received, applied in {ist['shard_calls']:,} local calls; wall time inside "
+            f"`IndexShard.apply` — decode, keys, index, change stream — {kv['apply_s']:.2f} s, "
+            "which includes waiting for one of the 2 cores). Following the change stream cost "
+            f"the Serve replica {kv['cpu_by_role'].get('ServeReplica', 0.0):.2f} s and the "
+            f"benchmark's `kvray.connect()` replica thread "
+            f"{kv['cpu_by_role'].get('connect() replica', 0.0):.2f} s (counted in kvray's CPU "
+            f"above). The ingestor actor ({kv.get('ingestor_actor_messages', 0):,} messages: "
+            f"no pod of its own here) used {ing_cpu:.2f} s; Ray's system processes (raylet, "
+            f"GCS, Serve, ...) {kv['cpu_by_role'].get('ray-system', 0.0):.2f} s; Dynamo's "
+            f"whole process {dyn['cpu_s']:.2f} s."
         )
         brows = []
         for size in SIZES:
@@ -1362,15 +1404,15 @@ def render(
         prof.append(
             "**What dominates the query path.** A no-op Ray actor call alone takes "
             f"{b1['noop']:.2f} / {b2['noop']:.2f} ms ({SIZES[0]} / {SIZES[-1]} blocks), "
-            f"{b1['noop'] / d1:.1f}× / {b2['noop'] / d2:.1f}× Dynamo's whole HTTP query; the "
-            f"{KVRAY_SHARDS}-shard fan-out costs {b1['fan_out'] / b1['one_shard']:.1f}× / "
-            f"{b2['fan_out'] / b2['one_shard']:.1f}× one shard's call (the shards and the "
-            "caller share 2 cores); computing the keys is "
+            f"{b1['noop'] / d1:.1f}× / {b2['noop'] / d2:.1f}× Dynamo's whole HTTP query, and "
+            f"the {KVRAY_SHARDS}-shard fan-out {b1['fan_out']:.2f} / {b2['fan_out']:.2f} ms: "
+            "that is why queries go to the in-process replica, where the prefix walk takes "
+            f"{b1['replica']:.3f} / {b2['replica']:.3f} ms and computing the keys is "
             f"{100 * b1['keys'] / b1['total']:.0f} % / {100 * b2['keys'] / b2['total']:.0f} % "
-            "of `score_tokens`; HTTP adds "
-            f"{ms(kv['lat_http'][SIZES[0]], 50) - b1['total']:.1f} / "
-            f"{ms(kv['lat_http'][SIZES[-1]], 50) - b2['total']:.1f} ms on top of it (Serve, "
-            "uvicorn, JSON and pydantic in the replica, see below)."
+            "of `score_tokens`. HTTP (the replica's fast path) adds "
+            f"{ms(kv['lat_http'][SIZES[0]], 50) - b1['total']:.2f} / "
+            f"{ms(kv['lat_http'][SIZES[-1]], 50) - b2['total']:.2f} ms on top of it (uvicorn, "
+            "msgspec parsing, the response; see below)."
         )
         prof_parts.append("\n\n".join(prof))
         ratios_for_png.append(

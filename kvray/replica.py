@@ -54,6 +54,7 @@ class Replica:
         self._stop = threading.Event()
         self.malformed = 0
         self.resyncs = 0
+        self.cpu_s = 0.0  # CPU time of the follower thread (what following the shards costs)
         self._thread = threading.Thread(target=self._run, name="kvray-replica", daemon=True)
         self._thread.start()
 
@@ -125,6 +126,7 @@ class Replica:
                 "snapshots_loaded": self.index.snapshots_loaded,
                 "resyncs": self.resyncs,
                 "malformed": self.malformed,
+                "cpu_s": self.cpu_s,
             }
 
     def close(self) -> None:
@@ -180,6 +182,7 @@ class Replica:
                 if sub.poll(10):
                     self._drain(sub, heard, pending, want_snapshot)
                 self._finish_snapshots(pending, want_snapshot)
+                self.cpu_s = time.thread_time()
                 now = time.monotonic()
                 for i in range(n):
                     if i in to_resolve or i in pending:
