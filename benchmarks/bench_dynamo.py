@@ -1181,7 +1181,8 @@ def render(
                 f"{k_rate / d_rate:.2f}",
             ],
             [
-                "CPU s per 1 M block-events (kvray: all its Ray processes + the connect() replica thread / actors only)",
+                "CPU s per 1 M block-events (kvray: its Ray processes + the connect() "
+                "replica thread / actors only)",
                 f"{k_cpu:.2f} / {k_cpu_act:.2f}",
                 f"{d_cpu:.2f}",
                 f"{k_cpu / d_cpu:.2f} / {k_cpu_act / d_cpu:.2f}",
