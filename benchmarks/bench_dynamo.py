@@ -969,6 +969,10 @@ INGESTOR_RULES = [
 ]
 REPLICA_RULES = [
     (
+        "prefix walk on the local replica (`MemoryIndex.score`)",
+        ["MemoryIndex.score", "_runs (", "ReplicaIndex.score", "Replica.score"],
+    ),
+    (
         "read replica: decode + apply the change stream",
         ["Replica._drain", "ReplicaIndex.", "_finish_snapshots", "change_decoder"],
     ),
