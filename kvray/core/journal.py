@@ -167,7 +167,8 @@ class ReplicaIndex:
     """
 
     def __init__(self, num_shards: int, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.index = MemoryIndex(max_keys=2**62)  # bounded by the shards: evictions arrive as ops
+        # Bounded by the shards (their evictions arrive as removes): no LRU order to keep.
+        self.index = MemoryIndex(max_keys=2**62, recency=False)
         self.shards = [_ShardState() for _ in range(num_shards)]
         self.clock = clock
         self._spec = SpeculativeEntries()
