@@ -101,6 +101,7 @@ def main() -> int:
                     f"{sum(s['rss_bytes'] for s in st['shards']) / 2**20:.0f}",
                     f"{sum(s['keys'] for s in st['shards']):,}",
                     f"{sum(s['stored_blocks'] + s['removed_blocks'] for s in st['shards']):,}",
+                    f"{client.replica.stats()['keys']:,}" if client.replica else "-",
                 ]
             )
             next_sample += 10
@@ -131,6 +132,16 @@ def main() -> int:
         ],
         ["final index vs ground truth", f"{len(docs) - mismatches}/{len(docs)} prompts exact"],
     ]
+    if client.replica is not None:
+        rs = client.replica.stats()
+        rows.append(
+            [
+                "kvray.connect() read replica (scored the final check)",
+                f"{rs['keys']:,} keys, {rs['applied_msgs']:,} change messages applied, "
+                f"{rs['snapshots_loaded']} snapshots loaded, {rs['resyncs']} resyncs, "
+                f"{rs['cpu_s']:.1f} CPU s",
+            ]
+        )
     for pod in pods:
         if pod.publisher is not None:
             pod.publisher.close()
@@ -145,7 +156,9 @@ def main() -> int:
                 f"{args.pods} pods × {args.cache_blocks}-block caches, "
                 f"{args.scorers} HTTP scorers\n\n" + table(["measure", "value"], rows),
                 "## Memory over time (2 shards)\n\n"
-                + table(["t (s)", "shard RSS (MiB)", "keys", "block events"], samples),
+                + table(
+                    ["t (s)", "shard RSS (MiB)", "keys", "block events", "replica keys"], samples
+                ),
             ],
         )
     )
