@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,8 @@ class Client:
             )
         if on if replica is None else replica:
             self.replica = Replica(self.shards, self.config)
+            # A dropped client stops its follower thread (the thread keeps the replica alive).
+            weakref.finalize(self, self.replica.stop_soon)
             self.replica.wait_ready(self.config.replica.ready_timeout_s)
 
     def close(self) -> None:

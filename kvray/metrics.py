@@ -108,6 +108,34 @@ class _StatsCollector(Collector):
                 lat.add_metric([str(t["tokenizer"]), model, "0.99"], m["latency_p99_s"])
         yield g
         yield lat
+        rep = self.serve.get("replica")
+        if rep:  # the answering replica's own read replica
+            for name, key, doc, kind in (
+                ("kvray_replica_live_shards", "live_shards", "Shards the replica follows", "g"),
+                ("kvray_replica_keys", "keys", "Keys in the read replica", "g"),
+                ("kvray_replica_bytes", "bytes_estimate", "Estimated read-replica bytes", "g"),
+                ("kvray_replica_changes", "applied_msgs", "Change messages applied", "c"),
+                ("kvray_replica_snapshots", "snapshots_loaded", "Shard snapshots loaded", "c"),
+                (
+                    "kvray_replica_resyncs",
+                    "resyncs",
+                    "Gaps or restarts that forced a snapshot",
+                    "c",
+                ),
+            ):
+                fam: Any = (
+                    GaugeMetricFamily(name, doc) if kind == "g" else CounterMetricFamily(name, doc)
+                )
+                fam.add_metric([], rep[key])
+                yield fam
+            g = GaugeMetricFamily(
+                "kvray_replica_lag_seconds",
+                "Shard publish to applied in the read replica, recent changes",
+                labels=["quantile"],
+            )
+            g.add_metric(["0.5"], rep.get("lag_p50_s", 0.0))
+            g.add_metric(["0.99"], rep.get("lag_p99_s", 0.0))
+            yield g
         buckets = self.serve.get("score_buckets")
         if buckets:
             h = HistogramMetricFamily(

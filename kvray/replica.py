@@ -19,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from kvray.core.journal import (
     change_decoder,
     snapshot_decoder,
 )
+from kvray.core.stats import quantile
 
 log = logging.getLogger("kvray.replica")
 
@@ -55,6 +57,9 @@ class Replica:
         self.malformed = 0
         self.resyncs = 0
         self.cpu_s = 0.0  # CPU time of the follower thread (what following the shards costs)
+        # Shard publish → applied here, last 4096 change messages (same-host clocks: exact on
+        # one node, NTP-accurate across nodes).
+        self.lags: deque[float] = deque(maxlen=4096)
         self._thread = threading.Thread(target=self._run, name="kvray-replica", daemon=True)
         self._thread.start()
 
@@ -127,12 +132,18 @@ class Replica:
                 "resyncs": self.resyncs,
                 "malformed": self.malformed,
                 "cpu_s": self.cpu_s,
+                "lag_p50_s": quantile(self.lags, 0.50),
+                "lag_p99_s": quantile(self.lags, 0.99),
             }
 
     def close(self) -> None:
         """Stop following the shards (the copy stays as it is)."""
         self._stop.set()
         self._thread.join(timeout=5)
+
+    def stop_soon(self) -> None:
+        """Ask the follower thread to stop, without waiting for it."""
+        self._stop.set()
 
     # --- the follower thread ---------------------------------------------------------------
 
@@ -230,7 +241,10 @@ class Replica:
                 heard[i] = now
                 if i in pending:
                     pending[i][1].append(msg)
-                elif not self.index.apply(msg):
+                elif self.index.apply(msg):
+                    if msg.ops and msg.ts > 0:
+                        self.lags.append(time.time() - msg.ts)
+                else:
                     # First contact (the subscription is live: a snapshot now misses nothing),
                     # a gap, a new stream or a reset.
                     if self.index.live(i):

@@ -38,6 +38,7 @@ from kvray.core.index.base import IndexStats
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.index.registry import create_backend
 from kvray.core.journal import ChangeMsg, Journal, ReplicaSnapshot, change_encoder
+from kvray.core.stats import quantile
 from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.types import PodId, holder_id
 
@@ -436,7 +437,10 @@ class IndexShard:
             if not ops and not advanced:
                 return self._pub_seq
             self._pub_seq += 1
-            self._send(ChangeMsg(self.shard_id, self.incarnation, self._pub_seq, ops, advanced))
+            msg = ChangeMsg(
+                self.shard_id, self.incarnation, self._pub_seq, ops, advanced, time.time()
+            )
+            self._send(msg)
             return self._pub_seq
 
     @_locked
@@ -548,8 +552,8 @@ class IndexShard:
             "restored_from_snapshot": self.restored_from_snapshot,
             "rebuilds": self.rebuilds,
             "rss_bytes": _rss_bytes(),
-            "lag_p50_s": _pct(self.lags, 0.50),
-            "lag_p99_s": _pct(self.lags, 0.99),
+            "lag_p50_s": quantile(self.lags, 0.50),
+            "lag_p99_s": quantile(self.lags, 0.99),
             "hash_mismatched_pods": sum(
                 1 for c in self.writer.contracts.values() if c.status == "mismatch"
             ),
@@ -578,13 +582,6 @@ class IndexShard:
             self.writer.models[PodId(holder)] = model
             self.writer.last_seen[PodId(holder)] = now
         self._publish()
-
-
-def _pct(values: deque[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
 
 
 def _node_ip() -> str:

@@ -46,6 +46,8 @@ class ChangeMsg(msgspec.Struct, array_like=True):
     ops: list[Op]
     positions: dict[str, int]
     """Holder → last applied event seq, for the holders this call advanced."""
+    ts: float = 0.0
+    """The shard's wall clock when it published (replicas measure their lag with it)."""
 
 
 class ReplicaSnapshot(msgspec.Struct, array_like=True):

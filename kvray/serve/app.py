@@ -141,7 +141,12 @@ class _Ingress:
 
     async def metrics(self) -> bytes:
         stats = await self.client.stats_async()
-        serve_stats = {"score_buckets": self.latency.buckets(), "score_sum": self.latency.total}
+        serve_stats: dict[str, Any] = {
+            "score_buckets": self.latency.buckets(),
+            "score_sum": self.latency.total,
+        }
+        if self.client.replica is not None:
+            serve_stats["replica"] = self.client.replica.stats()
         return render(stats, serve_stats)
 
 

@@ -160,6 +160,7 @@ def test_auth_size_limit_health_metrics_pods(base: str) -> None:
     m = httpx.get(f"{base}/metrics", headers=_h())
     assert m.status_code == 200
     assert "kvray_events_received_total" in m.text and "kvray_keys{" in m.text
+    assert "kvray_replica_live_shards 2.0" in m.text  # the answering replica follows both
 
 
 def test_deployment_handle(stack: tuple[str, Client, SimPod]) -> None:

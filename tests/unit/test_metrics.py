@@ -50,7 +50,18 @@ def test_render_all_families() -> None:
         hist.observe(v)
     text = render(
         {"shards": [SHARD], "ingestors": [INGESTOR], "tokenizers": [TOKENIZER]},
-        {"score_buckets": hist.buckets(), "score_sum": hist.total},
+        {
+            "score_buckets": hist.buckets(),
+            "score_sum": hist.total,
+            "replica": {
+                "live_shards": 2,
+                "keys": 7,
+                "bytes_estimate": 900,
+                "applied_msgs": 41,
+                "snapshots_loaded": 2,
+                "resyncs": 1,
+            },
+        },
     ).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {
@@ -67,5 +78,7 @@ def test_render_all_families() -> None:
         samples[("kvray_prefix_cache_hit_rate", (("model", "qwen3"), ("tokenizer", "0")))] == 0.75
     )
     assert samples[("kvray_scoring_latency_seconds_count", ())] == 3
+    assert samples[("kvray_replica_keys", ())] == 7
+    assert samples[("kvray_replica_resyncs_total", ())] == 1
     assert samples[("kvray_scoring_latency_seconds_bucket", (("le", "0.0005"),))] == 1
     assert samples[("kvray_event_lag_seconds", (("quantile", "0.99"), ("shard", "0")))] == 0.004
