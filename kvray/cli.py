@@ -38,7 +38,8 @@ def _ray_init(address: str | None) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvray import runtime
     from kvray.config import load_config
-    from kvray.serve.app import start_http
+    from kvray.errors import ConfigError
+    from kvray.serve.app import find_http, start_http
 
     cfg = load_config(args.config)
     if not cfg.events.bind and not cfg.events.connect:
@@ -59,7 +60,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"kvray: ingestor {i} listening for KV events on {ep}")
     for pod in cfg.events.connect:
         print(f"kvray: subscribed to pod {pod.pod or ''} at {pod.endpoint}")
-    print(f"kvray: HTTP API at {base} (OpenAPI: {base}/docs)", flush=True)
+    print(f"kvray: HTTP API at {base}", flush=True)
+    try:
+        served = find_http(cfg, fast=False, timeout_s=5)
+        if served != base:
+            print(f"kvray: Serve's own endpoint (FastAPI, docs at /docs) at {served}", flush=True)
+    except ConfigError:
+        pass
     if args.detach:
         return 0
     try:

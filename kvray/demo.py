@@ -559,6 +559,7 @@ def run_demo(argv: list[str] | None = None) -> int:
     finally:
         if kv is not None:
             kv.scorer.close()
+            kv.client.close()  # stop following the shards before they go away
         if fleet is not None:
             fleet.close()
         if not own_cluster:

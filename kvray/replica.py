@@ -199,7 +199,7 @@ class Replica:
                     if i in to_resolve or i in pending:
                         continue
                     if heard[i] and now - heard[i] > self._silence_s:
-                        log.info("replica: shard %d silent; looking it up again", i)
+                        log.debug("replica: shard %d silent; looking it up again", i)
                         with self._cond:
                             self.index.forget(i)
                         to_resolve.add(i)

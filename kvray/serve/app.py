@@ -287,6 +287,17 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
         async def http_metrics(self) -> Response:
             return Response(await self.metrics(), media_type=CONTENT_TYPE)
 
+        def fast_url(self) -> str | None:
+            """This replica's fast-path URL (its node's address when listening on all)."""
+            if self.fast_port is None:
+                return None
+            host = self.cfg.host
+            if host in ("0.0.0.0", "::"):
+                import ray
+
+                host = ray.util.get_node_ip_address()
+            return f"http://{host}:{self.fast_port}"
+
         # Deployment-handle entry points (dicts in, dicts out) for Python callers inside Ray.
         async def score_tokens_dict(self, body: dict[str, Any]) -> dict[str, Any]:
             return (await self.score_tokens(ScoreTokensRequest.model_validate(body))).model_dump()
@@ -345,17 +356,27 @@ def start_http(config: Config, *, timeout_s: float = 60.0, fast: bool = True) ->
 
 
 def find_http(config: Config, *, timeout_s: float = 10.0, fast: bool = True) -> str:
-    """The base URL of a running kvray ingress (see ``start_http``)."""
+    """The base URL of a running kvray ingress (see ``start_http``).
+
+    The fast path's URL comes from a replica itself (``fast_url`` through a deployment handle:
+    right on any node); Serve's own endpoint is found by probing ``/healthz``.
+    """
     import httpx
 
     s = config.serve
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
-    if fast and s.fast_port is not None and s.fast_port > 0:
-        candidates = [f"http://{host}:{p}" for p in range(s.fast_port, s.fast_port + 16)]
-    elif direct_ingress_enabled():
+    candidates: list[str] = []
+    if fast and s.fast_port is not None:
+        try:
+            url = serve.get_app_handle(APP_NAME).fast_url.remote().result(timeout_s=timeout_s)
+        except Exception:  # no app (yet) or an older deployment: probe below
+            url = None
+        if url:
+            candidates = [str(url)]
+    if not candidates and direct_ingress_enabled():
         low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
         candidates = [f"http://{host}:{p}" for p in range(low, low + 16)]
-    else:
+    elif not candidates:
         candidates = [f"http://{host}:{s.port}"]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
