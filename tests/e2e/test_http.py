@@ -191,3 +191,17 @@ def test_openapi_is_pinned() -> None:
     req = spec["components"]["schemas"]["ScoreCompletionsRequest"]
     assert req["required"] == ["model", "prompt"]
     assert "422" in spec["paths"]["/score_completions"]["post"]["responses"]
+
+
+def test_unknown_route_and_wrong_method(base: str) -> None:
+    r = httpx.get(f"{base}/no-such-route", headers=_h())
+    assert r.status_code == 404 and "Not Found" in r.json()["detail"]
+    r = httpx.get(f"{base}/score_tokens", headers=_h())
+    assert r.status_code == 405 and "Method Not Allowed" in r.json()["detail"]
+    r = httpx.post(
+        f"{base}/score_tokens",
+        content=b"{not json",
+        headers={**_h(), "content-type": "application/json"},
+    )
+    assert r.status_code == 422, r.text
+    assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "kvray"

@@ -12,7 +12,7 @@ import ray
 import kvray
 from kvray import runtime
 from kvray.client import Client
-from kvray.config import Config
+from kvray.config import Config, EventsConfig, PodEndpoint
 from kvray.core.sharding import shard_of
 from kvray.sim import SimPod, SimPublisher
 
@@ -140,3 +140,35 @@ def _truth(
     ):
         return False
     return True
+
+
+def test_named_pods_in_the_config_are_read_by_their_shards(ray_session: None) -> None:
+    """``events.connect`` entries with a pod name: the owning shard subscribes at start."""
+    pubs = [
+        SimPublisher("tcp://127.0.0.1:0", "", replay_endpoint="tcp://127.0.0.1:0") for _ in range(3)
+    ]
+    connect = [
+        PodEndpoint(
+            endpoint=p.endpoint, replay_endpoint=p.replay_endpoint, pod=f"cfg{i}", model="m"
+        )
+        for i, p in enumerate(pubs)
+    ]
+    cfg = Config(namespace=NS + "-cfg", num_shards=2, events=EventsConfig(connect=connect))
+    runtime.start(cfg, snapshot_interval_s=3600)
+    try:
+        client = kvray.connect(cfg.namespace)
+        for p in pubs:
+            assert p.wait_connected()
+        pods = [SimPod(f"cfg{i}", "m", publisher=p) for i, p in enumerate(pubs)]
+        toks = list(range(300, 364))
+        for i, pod in enumerate(pods):
+            pod.serve(toks[: 16 * (i + 2)])
+        assert client.sync({f"cfg{i}": p.seq for i, p in enumerate(pubs)})
+        assert client.score_tokens(toks, "m") == {"cfg0": 2.0, "cfg1": 3.0, "cfg2": 4.0}
+        ings = {str(s["ingestor"]): s["messages"] for s in client.stats()["ingestors"]}
+        assert ings.get("0", 0) == 0  # the ingestor actor read none of them
+        assert sum(v for k, v in ings.items() if k.startswith("shard")) == 3
+    finally:
+        for p in pubs:
+            p.close()
+        runtime.stop(cfg.namespace)
