@@ -15,6 +15,7 @@ call ``.score_tokens.remote({...})`` etc. with the same JSON-shaped dicts.
 """
 
 import hmac
+import logging
 import os
 import time
 from typing import Any
@@ -233,7 +234,10 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
             if self.cfg.fast_port is not None:
                 from kvray.serve.fast import start_fast_http
 
-                self.fast_port = start_fast_http(self, app.openapi())
+                try:
+                    self.fast_port = start_fast_http(self, app.openapi())
+                except OSError as exc:  # no free port: serve through Serve's endpoint only
+                    logging.getLogger("kvray.serve").warning("fast HTTP path off: %s", exc)
 
         @app.get("/healthz", summary="Liveness")
         async def healthz(self) -> dict[str, str]:
