@@ -99,6 +99,7 @@ def main() -> int:
                 [
                     f"{time.monotonic() - t0:.0f}",
                     f"{sum(s['rss_bytes'] for s in st['shards']) / 2**20:.0f}",
+                    f"{sum(s['rss_anon_bytes'] for s in st['shards']) / 2**20:.0f}",
                     f"{sum(s['keys'] for s in st['shards']):,}",
                     f"{sum(s['stored_blocks'] + s['removed_blocks'] for s in st['shards']):,}",
                     f"{client.replica.stats()['keys']:,}" if client.replica else "-",
@@ -157,7 +158,15 @@ def main() -> int:
                 f"{args.scorers} HTTP scorers\n\n" + table(["measure", "value"], rows),
                 "## Memory over time (2 shards)\n\n"
                 + table(
-                    ["t (s)", "shard RSS (MiB)", "keys", "block events", "replica keys"], samples
+                    [
+                        "t (s)",
+                        "shard RSS (MiB)",
+                        "of which RssAnon",
+                        "keys",
+                        "block events",
+                        "replica keys",
+                    ],
+                    samples,
                 ),
             ],
         )
