@@ -198,7 +198,9 @@ class ReplicaIndex:
             return False
         if msg.seq <= st.seq:
             return True  # a heartbeat or a message the snapshot already holds
-        if msg.seq != st.seq + 1:
+        if msg.seq != st.seq + 1 or not (msg.ops or msg.positions):
+            # A gap; or a heartbeat announcing a seq we never received (heartbeats repeat
+            # the last data seq, so one past ours means that data message was lost).
             return False
         idx = self.index
         for op, holder, tier, keys, ttl in msg.ops:

@@ -120,6 +120,8 @@ def test_gap_new_stream_and_reset_ask_for_a_snapshot() -> None:
     m2 = s.publish()
     assert m1 is not None and m2 is not None
     assert not rep.apply(m2)  # seq 2 before seq 1: a gap
+    # A heartbeat announcing seq 1 (which did not arrive) is a gap too, not an empty step.
+    assert not rep.apply(ChangeMsg(0, "s0", 1, [], {}))
     assert rep.apply(m1) and rep.apply(m2) and rep.apply(m1)  # in order; a repeat is skipped
     assert rep.score([1, 2, 3, 4], W) == {"p": 4.0}
     assert not rep.apply(ChangeMsg(0, "other", 3, [], {}))  # a restarted shard
