@@ -76,7 +76,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import pct, table, write_report  # noqa: E402
+from _util import init_local_ray, pct, table, write_report  # noqa: E402
 
 from kvray.core.events import WireEvent, encode_batch  # noqa: E402
 from kvray.sim import SimPod  # noqa: E402
@@ -963,7 +963,10 @@ INGESTOR_RULES = [
     ),
     ("Ray: reaping results (`ray.wait`/`ray.get`)", ["ray.wait", "wait (ray", "get_objects"]),
     ("parse topic/seq/rank (`_handle`)", ["_handle", "parse_", "peek_rank", "SeqTracker"]),
-    ("`Ingestor.sync` (the benchmark's `client.sync` polling)", ["Ingestor.sync"]),
+    (
+        "`Ingestor.progress`/`streams` (the benchmark's `client.sync` polling)",
+        ["Ingestor.progress", "Ingestor.streams"],
+    ),
     ("rest of the loop", ["Ingestor."]),
     ("Ray core worker (C++, leaf `Worker.main_loop`)", ["Worker.main_loop"]),
 ]
@@ -1592,14 +1595,7 @@ def main() -> None:
         "dynamo_version": dynamo_version(args.dynamo_python),
         "load_before": f"{load1():.2f}",
     }
-    ray.init(
-        # "local": always a fresh cluster of our own, never one someone else started here.
-        address="local",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        object_store_memory=256 * 2**20,
-    )
+    init_local_ray()  # always a fresh cluster of our own, never one someone else started here
     results = []
     profiles = []
     with tempfile.TemporaryDirectory(prefix="bench_dynamo_") as td:

@@ -79,10 +79,8 @@ class Client:
         rep = self.replica
         if rep is None:
             return None
-        if pods is None:
-            return rep if rep.ready() else None
-        n = len(self.shards)
-        return rep if rep.ready({shard_of(p, n) for p in pods}) else None
+        ids = None if pods is None else self._owner_ids(pods)
+        return rep if rep.ready(ids) else None
 
     # --- keys and tokens -------------------------------------------------------------------
 
@@ -139,12 +137,16 @@ class Client:
         parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self._owners(pods)))
         return merge_scores(parts)
 
+    def _owner_ids(self, pods: Sequence[str]) -> list[int]:
+        """The ids of the shards owning ``pods``."""
+        n = len(self.shards)
+        return sorted({shard_of(p, n) for p in pods})
+
     def _owners(self, pods: Sequence[str] | None) -> list[Any]:
         """The shards to ask: all, or only those owning the requested holders."""
         if pods is None:
             return self.shards
-        n = len(self.shards)
-        return [self.shards[i] for i in sorted({shard_of(p, n) for p in pods})]
+        return [self.shards[i] for i in self._owner_ids(pods)]
 
     def score_keys(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
@@ -331,11 +333,13 @@ class Client:
                 if time.monotonic() > deadline:
                     return False
                 nap()
-        # Shards that read pods themselves: poll until what they received is applied.
-        targets = [r for r, _, _ in ray.get([s.ingest_progress.remote() for s in self.shards])]
+        # Every reader (ingestor actors, shards reading their own pods): poll until what it
+        # had received is applied.
+        readers = [i.progress for i in self.ingestors] + [s.ingest_progress for s in self.shards]
+        targets = [r for r, _, _ in ray.get([f.remote() for f in readers])]
         nap = _Backoff()
         while True:
-            prog = ray.get([s.ingest_progress.remote() for s in self.shards])
+            prog = ray.get([f.remote() for f in readers])
             if all(
                 shipped >= t and not inflight
                 for t, (_, shipped, inflight) in zip(targets, prog, strict=True)
@@ -344,9 +348,6 @@ class Client:
             if time.monotonic() > deadline:
                 return False
             nap()
-        left = max(0.1, deadline - time.monotonic())
-        if not all(ray.get([i.sync.remote(left) for i in self.ingestors], timeout=left + 5)):
-            return False
         if self.replica is None:
             return True
         at = ray.get([s.replica_seq.remote() for s in self.shards], timeout=self.timeout_s)

@@ -279,18 +279,9 @@ class Ingestor:
 
     def progress(self) -> tuple[int, int, int]:
         """(messages received, received messages fully shipped, calls in flight): a caller
-        polls until shipped reaches what was received (a non-blocking ``sync``)."""
+        waits for everything received so far by polling until shipped reaches it with no
+        call in flight (``Client.sync``)."""
         return self._received_total, self._shipped_upto, sum(map(len, self._inflight))
-
-    def sync(self, timeout_s: float = 30.0) -> bool:
-        """Block until everything received before this call is applied by the shards."""
-        target = self._received_total
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._shipped_upto >= target and not any(self._inflight):
-                return True
-            time.sleep(0.002)
-        return False
 
     def stop(self) -> None:
         """Stop the loop and close sockets (idempotent)."""
