@@ -25,8 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from kvray.config import Config, ServeConfig
-from kvray.errors import BackendUnavailable, BadRequest, ConfigError, KvrayError, MalformedFrame
+from kvray.errors import BadRequest, ConfigError, KvrayError
 from kvray.metrics import CONTENT_TYPE, LatencyHistogram, render
+from kvray.serve.errors import error_response, oversized
 from kvray.serve.schemas import (
     ErrorResponse,
     PodsResponse,
@@ -46,14 +47,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body too large."},
     503: {"model": ErrorResponse, "description": "The index backend is unavailable."},
 }
-
-
-def _status_for(exc: KvrayError) -> int:
-    if isinstance(exc, BackendUnavailable):
-        return 503
-    if isinstance(exc, BadRequest | ConfigError | MalformedFrame):
-        return 400
-    return 500
 
 
 class _Ingress:
@@ -206,20 +199,15 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > cfg.max_body_bytes:
-            return JSONResponse(
-                {"detail": f"body of {size} bytes exceeds {cfg.max_body_bytes}"}, status_code=413
-            )
+        why = oversized(request.headers.get("content-length"), cfg.max_body_bytes)
+        if why is not None:
+            return JSONResponse({"detail": why}, status_code=413)
         return await call_next(request)
 
     @app.exception_handler(KvrayError)
     async def _kvray_error(request: Request, exc: KvrayError) -> JSONResponse:
-        # Errors raised inside an actor arrive as Ray task errors that are also instances of
-        # the cause; answer with the cause's own message, not Ray's traceback banner.
-        cause = getattr(exc, "cause", None)
-        msg = str(cause) if isinstance(cause, KvrayError) else str(exc)
-        return JSONResponse({"detail": msg}, status_code=_status_for(exc))
+        status, detail = error_response(exc)
+        return JSONResponse({"detail": detail}, status_code=status)
 
     @serve.deployment(
         name="KvrayIngress",

@@ -27,6 +27,7 @@ import msgspec
 
 from kvray.errors import BadRequest, KvrayError
 from kvray.metrics import CONTENT_TYPE
+from kvray.serve.errors import error_response, oversized
 from kvray.serve.schemas import RouteBody, ScoreChatBody, ScoreCompletionsBody, ScoreTokensBody
 
 log = logging.getLogger("kvray.serve.fast")
@@ -79,11 +80,8 @@ class FastApp:
             status, body, headers = exc.status, _encode({"detail": exc.detail}), [*_JSON]
             headers += exc.headers
         except KvrayError as exc:
-            from kvray.serve.app import _status_for
-
-            cause = getattr(exc, "cause", None)
-            msg = str(cause) if isinstance(cause, KvrayError) else str(exc)
-            status, body, headers = _status_for(exc), _encode({"detail": msg}), _JSON
+            status, detail = error_response(exc)
+            body, headers = _encode({"detail": detail}), _JSON
         except Exception:
             log.exception("fast path: %s %s failed", scope.get("method"), scope.get("path"))
             status, body, headers = 500, _encode({"detail": "internal error"}), _JSON
@@ -143,8 +141,8 @@ class FastApp:
     async def _body(self, scope: dict[str, Any], receive: Receive) -> bytes:
         limit = self.cfg.max_body_bytes
         for k, v in scope["headers"]:
-            if k == b"content-length" and v.isdigit() and int(v) > limit:
-                raise _HTTPError(413, f"body of {int(v)} bytes exceeds {limit}")
+            if k == b"content-length" and (why := oversized(v.decode("latin-1"), limit)):
+                raise _HTTPError(413, why)
         parts: list[bytes] = []
         size = 0
         while True:
