@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from kvray.config import Config
@@ -71,14 +71,13 @@ class Replica:
         return all(self.index.live(i) for i in ids)
 
     def wait_ready(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
+        return self._wait(self.ready, timeout_s)
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Block until ``done()`` (re-checked whenever the follower applied something)."""
         with self._cond:
-            while not self.ready():
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    return False
-                self._cond.wait(min(left, 0.05))
-        return True
+            self._cond.wait_for(lambda: done() or self._stop.is_set(), timeout_s)
+            return done()
 
     def score(self, keys: Sequence[int], pods: Collection[str] | None = None) -> dict[str, float]:
         """Longest-prefix scores of every holder (or ``pods``), as the shards would answer."""
@@ -101,14 +100,7 @@ class Replica:
 
     def wait_for(self, targets: dict[int, tuple[str, int]], timeout_s: float) -> bool:
         """Block until ``reached(targets)`` (read-your-writes after a shard call)."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while not self.reached(targets):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    return False
-                self._cond.wait(min(left, 0.05))
-        return True
+        return self._wait(lambda: self.reached(targets), timeout_s)
 
     async def wait_for_async(self, targets: dict[int, tuple[str, int]], timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
