@@ -33,7 +33,7 @@ from typing import Any
 import ray
 
 from kvray.config import Config, PodEndpoint
-from kvray.core.events import peek_rank
+from kvray.core.events import EventBatch, peek_rank
 from kvray.core.sequencing import SeqTracker, Verdict
 from kvray.core.sharding import shard_of
 from kvray.core.topics import parse_frames, parse_topic
@@ -71,6 +71,8 @@ class LocalShard:
     """``PodEndpoint`` documents to read from the start (their replay sockets serve catch-up)."""
     replay: dict[str, str]
     """Known replay sockets by pod (``register_replay``)."""
+    decode: Callable[[bytes], EventBatch]
+    """The shard's decoder: the ingest thread decodes each batch once (it needs the rank)."""
 
 
 class _ShardHandles:
@@ -329,7 +331,12 @@ class Ingestor:
                 default_model=origin.model if origin else None,
             )
             pod_hint = topic.pod
-            rank = peek_rank(payload)
+            if self.local is not None:  # in a shard: decode once, here, and hand it over
+                batch: EventBatch | None = self.local.decode(payload)
+                rank = batch.data_parallel_rank  # type: ignore[union-attr]
+            else:  # the owning shard decodes; the stream only needs the rank
+                batch = None
+                rank = peek_rank(payload)
         except MalformedFrame as exc:
             self._malformed(pod_hint, exc)
             return
@@ -357,7 +364,10 @@ class Ingestor:
                     contiguous = self._replay(stream, known + 1, seq, origin) is not None
                 else:
                     contiguous = True
-        self._queue(shard, ("batch", topic.pod, topic.model, seq, payload, contiguous))
+        op: tuple[Any, ...] = ("batch", topic.pod, topic.model, seq, payload, contiguous)
+        if batch is not None and self.local is not None and shard == self.local.shard_id:
+            op += (batch,)  # decoded already (IndexShard._apply uses it)
+        self._queue(shard, op)
 
     def _malformed(self, pod: str, exc: MalformedFrame) -> None:
         m = self.counters["malformed"]

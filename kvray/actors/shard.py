@@ -212,12 +212,15 @@ class IndexShard:
                 self.positions.pop(holder, None)
                 res.cleared += 1
                 continue
-            _, pod, model, seq, payload, contiguous = op
-            try:
-                batch = self.decoder.decode(payload)
-            except MalformedFrame as exc:
-                self.malformed[exc.reason] = self.malformed.get(exc.reason, 0) + 1
-                continue
+            _, pod, model, seq, payload, contiguous, *decoded = op
+            if decoded:  # by this shard's own ingest thread
+                batch = decoded[0]
+            else:
+                try:
+                    batch = self.decoder.decode(payload)
+                except MalformedFrame as exc:
+                    self.malformed[exc.reason] = self.malformed.get(exc.reason, 0) + 1
+                    continue
             holder = holder_id(pod, batch.data_parallel_rank)
             if holder in behind:
                 continue  # an earlier op of this holder was refused: keep order
@@ -343,6 +346,7 @@ class IndexShard:
                     {str(k): v for k, v in self.writer.models.items() if str(k) in mine},
                     list(resume or ()),
                     dict(self._replay_hints),
+                    EventDecoder(self.decoder.limits).decode,  # its own: decoders keep state
                 )
             names = [shard_name(i) for i in range(self.config.num_shards)]
             self._ingest = Ingestor(

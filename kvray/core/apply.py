@@ -19,7 +19,10 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import msgspec
+
 from kvray.core.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, as_u64
+from kvray.core.fast import chain_msgpack, xor_u64
 from kvray.core.hashing import BlockHasher, event_key
 from kvray.core.index.base import (
     SPECULATIVE,
@@ -182,6 +185,10 @@ class IndexWriter:
         self.models: dict[PodId, str] = {}
         self._digests: dict[int, bytes] = {}
         self._spec = SpeculativeEntries()
+        # Optional backend method (the memory backends have it; a shared Redis keeps its map).
+        self._forget_engine: Callable[[Sequence[int]], int] | None = getattr(
+            backend, "forget_engine_keys", None
+        )
 
     def block_keys(
         self,
@@ -236,17 +243,17 @@ class IndexWriter:
         if not n:
             return
         h = self.hashing(model)
-        engine = [(x if x.__class__ is int else as_u64(x)) ^ tag for x in ev.block_hashes]
+        engine: list[int] = xor_u64(ev.block_hashes, tag)
         if ev.block_size != h.block_size:
             self._contract(holder).block_size_mismatch += 1
-        if self.verify_hashes and ev.token_ids and h.hasher is not None:
+        if self.verify_hashes and ev.has_tokens and h.hasher is not None:
             self._check_contract(holder, model, tag, ev, h)
         tier = normalize_tier(ev.medium)
         if self.key_mode == "engine":
             self.backend.add(holder, tier, engine)
             res.stored_blocks += n
             return
-        if not ev.token_ids:
+        if not ev.has_tokens:
             res.reject("no_token_ids", n)
             return
         if ev.parent_block_hash is None:
@@ -261,8 +268,12 @@ class IndexWriter:
         if extras is None and ev.lora_name is not None:
             extras = [[ev.lora_name]] * n
         try:
-            keys = request_keys(ev.token_ids, ev.block_size, parent, extras)
-        except MalformedFrame:
+            if extras is None or extras.count(None) == len(extras):
+                # The common case: hash the tokens straight from the msgpack bytes.
+                keys: list[int] = chain_msgpack(ev.token_raw, ev.block_size, parent)
+            else:
+                keys = request_keys(ev.token_ids, ev.block_size, parent, extras)
+        except (MalformedFrame, ValueError, msgspec.ValidationError):
             res.reject("schema", n)
             return
         self.backend.add(holder, tier, keys)
@@ -277,7 +288,7 @@ class IndexWriter:
         medium: str | None,
         res: ApplyResult,
     ) -> None:
-        engine = [(x if x.__class__ is int else as_u64(x)) ^ tag for x in hashes]
+        engine: list[int] = xor_u64(hashes, tag)
         tier = normalize_tier(medium)
         if self.key_mode == "engine":
             keys = engine
@@ -287,6 +298,8 @@ class IndexWriter:
             if len(keys) != len(engine):
                 res.reject("unknown_removed", len(engine) - len(keys))
         self.backend.remove(holder, tier, keys)
+        if self._forget_engine is not None and self.key_mode == "request":
+            self._forget_engine(engine)  # blocks nobody holds now: drop their engine keys
         res.removed_blocks += len(keys)
 
     # --- hash contract ---------------------------------------------------------------------

@@ -16,22 +16,30 @@ from typing import Annotated, Any
 
 import msgspec
 
+from kvray.core.fast import msgpack_u32_count
 from kvray.errors import MalformedFrame
 
 U64 = Annotated[int, msgspec.Meta(ge=0)]
 BlockHash = U64 | bytes
 """A block hash as published: a u64 (vLLM default) or the raw digest bytes."""
 
+_NO_TOKENS = msgspec.Raw(b"\x90")  # an empty msgpack array
 
-class BlockStored(msgspec.Struct, tag=True, tag_field="type", gc=False):
+
+class BlockStored(
+    msgspec.Struct, tag=True, tag_field="type", gc=False, rename={"token_raw": "token_ids"}
+):
     """New full blocks entered a pod's prefix cache (one event per request step)."""
 
     block_hashes: list[BlockHash]
     """Hashes of the stored blocks, in prompt order."""
     parent_block_hash: BlockHash | None = None
     """Hash of the block just before the first stored block; nil when they start at token 0."""
-    token_ids: list[int] = []
-    """All tokens of all stored blocks, concatenated (n_blocks × block_size)."""
+    token_raw: msgspec.Raw = _NO_TOKENS
+    """The wire's ``token_ids`` (all tokens of all stored blocks, n_blocks × block_size), kept
+    as msgpack bytes: the write path hashes them in place (``core.fast.chain_msgpack``) instead
+    of building an int per token. ``EventDecoder`` checks they are u32 ints of the right count;
+    ``token_ids`` decodes them."""
     block_size: int = 16
     """Tokens per block on that pod."""
     lora_id: int | None = None
@@ -44,6 +52,16 @@ class BlockStored(msgspec.Struct, tag=True, tag_field="type", gc=False):
     """Per block, the UNTAGGED extra keys vLLM hashed (LoRA name, salt, ``[mm_id, offset]``)."""
     group_idx: int | None = None
     """KV-cache group (hybrid models)."""
+
+    @property
+    def has_tokens(self) -> bool:
+        """True unless ``token_ids`` is empty (an empty msgpack array is one byte)."""
+        return len(self.token_raw) > 1
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens as ints (decoded on each access; the hot path never needs them)."""
+        return msgspec.msgpack.decode(self.token_raw, type=list[int])  # type: ignore[no-any-return]
 
 
 class BlockRemoved(msgspec.Struct, tag=True, tag_field="type", gc=False):
@@ -182,39 +200,53 @@ class EventDecoder:
             if i:  # the other event form worked: try it first next time (legacy pods)
                 decoders.reverse()
             batch = EventBatch(raw.ts, raw.events, raw.data_parallel_rank)
-            self._check(batch)
+            self._check(batch, len(payload))
             return batch
         raise MalformedFrame(f"not a vLLM event batch: {_describe(first_error)}", reason="schema")
 
-    def _check(self, batch: EventBatch) -> None:
+    def _check(self, batch: EventBatch, payload_len: int) -> None:
         lim = self.limits
-        if len(batch.events) > lim.max_events:
+        events = batch.events
+        if len(events) > lim.max_events:
             raise MalformedFrame(
-                f"batch has {len(batch.events)} events, more than {lim.max_events}", reason="size"
+                f"batch has {len(events)} events, more than {lim.max_events}", reason="size"
             )
-        for ev in batch.events:
-            if isinstance(ev, BlockStored):
+        # Every block hash takes at least one byte: a payload shorter than the per-event bound
+        # cannot break it, and only BlockStored events have more to check (most events are
+        # one-block removals, so this loop is on the hot path).
+        count_blocks = payload_len > lim.max_blocks_per_event
+        for ev in events:
+            cls = ev.__class__
+            if cls is BlockStored or cls is _BlockStoredArr:
+                self._check_stored(ev)
+            elif (
+                count_blocks
+                and (cls is BlockRemoved or cls is _BlockRemovedArr)
+                and len(ev.block_hashes) > lim.max_blocks_per_event
+            ):
                 n = len(ev.block_hashes)
-                if n > lim.max_blocks_per_event:
-                    raise MalformedFrame(f"BlockStored with {n} blocks", reason="size")
-                if ev.block_size <= 0:
-                    raise MalformedFrame(
-                        f"BlockStored block_size must be positive, got {ev.block_size}"
-                    )
-                if ev.token_ids and len(ev.token_ids) != n * ev.block_size:
-                    raise MalformedFrame(
-                        f"BlockStored has {len(ev.token_ids)} token_ids for {n} blocks of "
-                        f"{ev.block_size}",
-                        reason="token_count",
-                    )
-                if ev.extra_keys is not None and len(ev.extra_keys) != n:
-                    raise MalformedFrame(
-                        f"BlockStored has {len(ev.extra_keys)} extra_keys entries for {n} blocks"
-                    )
-            elif isinstance(ev, BlockRemoved) and len(ev.block_hashes) > lim.max_blocks_per_event:
+                raise MalformedFrame(f"BlockRemoved with {n} blocks", reason="size")
+
+    def _check_stored(self, ev: BlockStored) -> None:
+        n = len(ev.block_hashes)
+        if n > self.limits.max_blocks_per_event:
+            raise MalformedFrame(f"BlockStored with {n} blocks", reason="size")
+        if ev.block_size <= 0:
+            raise MalformedFrame(f"BlockStored block_size must be positive, got {ev.block_size}")
+        if len(ev.token_raw) > 1:
+            try:
+                ntok = msgpack_u32_count(ev.token_raw)
+            except ValueError as exc:
+                raise MalformedFrame(f"BlockStored {exc}", reason="schema") from exc
+            if ntok and ntok != n * ev.block_size:
                 raise MalformedFrame(
-                    f"BlockRemoved with {len(ev.block_hashes)} blocks", reason="size"
+                    f"BlockStored has {ntok} token_ids for {n} blocks of {ev.block_size}",
+                    reason="token_count",
                 )
+        if ev.extra_keys is not None and len(ev.extra_keys) != n:
+            raise MalformedFrame(
+                f"BlockStored has {len(ev.extra_keys)} extra_keys entries for {n} blocks"
+            )
 
 
 class _PeekArr(msgspec.Struct, array_like=True, gc=False):

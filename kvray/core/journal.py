@@ -14,7 +14,9 @@ the shards do: same keys, same tiers, same longest-prefix walk (``MemoryIndex.sc
 
 from __future__ import annotations
 
+import sys
 import time
+from array import array
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -31,8 +33,31 @@ OP_CLEAR = 2
 OP_RESET = 3
 """The shard's content was replaced (restore, rebuild): replicas take a new snapshot."""
 
-Op = tuple[int, str, str, list[int], float]
-"""``(op, holder, tier, keys, ttl_s)``; ``ttl_s`` > 0 only for speculative adds."""
+Op = tuple[int, str, str, bytes, float]
+"""``(op, holder, tier, keys, ttl_s)``; ``keys`` packed as u64 little-endian (``pack_keys``:
+a replica then decodes one bytes object per op instead of an int per key); ``ttl_s`` > 0 only
+for speculative adds."""
+
+
+def pack_keys(keys: Sequence[int]) -> bytes:
+    """Keys as u64 little-endian bytes (the change stream's key format)."""
+    a = array("Q", keys)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_keys(raw: bytes) -> array[int]:
+    """The keys of ``pack_keys`` bytes (an array: a ``Sequence[int]``)."""
+    a = array("Q")
+    a.frombytes(raw)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
+_NO_KEYS = b""
 
 
 class ChangeMsg(msgspec.Struct, array_like=True):
@@ -97,25 +122,25 @@ class Journal:
 
     def reset(self) -> None:
         """Record that the content was replaced wholesale."""
-        self.ops.append((OP_RESET, "", "", [], 0.0))
+        self.ops.append((OP_RESET, "", "", _NO_KEYS, 0.0))
 
     def _evicted(self, pod: PodId, tier: Tier, keys: list[int]) -> None:
-        self.ops.append((OP_REMOVE, pod, tier, keys, 0.0))
+        self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
 
     # --- IndexBackend ----------------------------------------------------------------------
 
     def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         self.backend.add(pod, tier, keys)
         ttl = self._ttl_s if tier == SPECULATIVE else 0.0
-        self.ops.append((OP_ADD, pod, tier, keys if isinstance(keys, list) else list(keys), ttl))
+        self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         self.backend.remove(pod, tier, keys)
-        self.ops.append((OP_REMOVE, pod, tier, keys if isinstance(keys, list) else list(keys), 0.0))
+        self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
 
     def clear_pod(self, pod: PodId) -> None:
         self.backend.clear_pod(pod)
-        self.ops.append((OP_CLEAR, pod, "", [], 0.0))
+        self.ops.append((OP_CLEAR, pod, "", _NO_KEYS, 0.0))
 
     def pods(self) -> list[PodId]:
         return self.backend.pods()
@@ -136,6 +161,10 @@ class Journal:
 
     def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
         return self.backend.get_engine_map(engine_keys)
+
+    def forget_engine_keys(self, engine_keys: Sequence[int]) -> int:
+        forget = getattr(self.backend, "forget_engine_keys", None)
+        return 0 if forget is None else int(forget(engine_keys))
 
     def stats(self) -> IndexStats:
         return self.backend.stats()
@@ -203,13 +232,14 @@ class ReplicaIndex:
             # the last data seq, so one past ours means that data message was lost).
             return False
         idx = self.index
-        for op, holder, tier, keys, ttl in msg.ops:
+        for op, holder, tier, raw, ttl in msg.ops:
             pod = PodId(holder)
+            keys = unpack_keys(raw)
             if op == OP_ADD:
                 idx.add(pod, Tier(tier), keys)
                 st.holders.add(holder)
                 if ttl > 0:
-                    self._spec.push(self.clock() + ttl, pod, keys)
+                    self._spec.push(self.clock() + ttl, pod, keys.tolist())
             elif op == OP_REMOVE:
                 idx.remove(pod, Tier(tier), keys)
             elif op == OP_CLEAR:

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import xxhash
 
+from kvray.core.fast import chain_u32
 from kvray.errors import MalformedFrame
 
 _xxh64 = xxhash.xxh3_64_intdigest
@@ -135,17 +136,14 @@ def request_keys(
         extras: per block, the untagged published extra keys (lists) or None.
     """
     data = tokens if isinstance(tokens, bytes) else pack_tokens(tokens)
+    if not extras:
+        return chain_u32(data, block_size, parent)  # type: ignore[no-any-return]
     step = 4 * block_size
     n = len(data) // step
     view = memoryview(data)
     out: list[int] = []
     append = out.append
     key = parent
-    if not extras:
-        for off in range(0, n * step, step):
-            key = _xxh64(view[off : off + step], key)
-            append(key)
-        return out
     for i, off in enumerate(range(0, n * step, step)):
         extra = extras[i] if i < len(extras) else None
         chunk = (

@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
 
+from kvray.core.fast import and_bits, forget_unindexed, lookup, or_bits
 from kvray.core.index.base import IndexStats
 from kvray.core.snapshot import decode_snapshot, encode_snapshot
 from kvray.types import PodId, Tier
@@ -115,17 +116,8 @@ class MemoryIndex:
         d = self._tiers.get(tier)
         if d is None:
             d = self._tiers[tier] = {}
-        before = len(d)
-        if self.recency:
-            pop = d.pop
-            for k in keys:
-                # pop + insert moves the key to the dict's end: dict order is recency order.
-                d[k] = pop(k, 0) | bit
-        else:
-            get = d.get
-            for k in keys:
-                d[k] = get(k, 0) | bit
-        self._nkeys += len(d) - before
+        # With recency, a stored key moves to the dict's end: dict order is recency order.
+        self._nkeys += or_bits(d, keys, bit, self.recency)
         if self._nkeys > self.max_keys:
             self._evict()
         if self._retired:
@@ -136,18 +128,7 @@ class MemoryIndex:
         d = self._tiers.get(tier)
         if slot is None or d is None:
             return
-        keep = ~(1 << slot)
-        get = d.get
-        for k in keys:
-            m = get(k)
-            if m is None:
-                continue
-            m &= keep
-            if m:
-                d[k] = m
-            else:
-                del d[k]
-                self._nkeys -= 1
+        self._nkeys -= and_bits(d, keys, ~(1 << slot))
         if self._retired:
             self._sweep_step()
 
@@ -297,8 +278,12 @@ class MemoryIndex:
             self._prune_emap_step()
 
     def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
-        get = self._emap.get
-        return [get(k) for k in engine_keys]
+        return lookup(self._emap, engine_keys)  # type: ignore[no-any-return]
+
+    def forget_engine_keys(self, engine_keys: Sequence[int]) -> int:
+        """Drop the engine keys whose request key no tier holds any more (the writer calls this
+        after a removal, so the map shrinks with the index instead of waiting for a sweep)."""
+        return forget_unindexed(self._emap, engine_keys, list(self._tiers.values()))  # type: ignore[no-any-return]
 
     def _prune_emap_step(self) -> None:
         assert self._emap_sweep is not None

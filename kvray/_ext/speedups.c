@@ -1,0 +1,654 @@
+/*
+ * kvray._speedups: the write path's inner loops in C (see kvray/core/fast.py).
+ *
+ * Every function here has a pure-Python twin in kvray/core/fast.py with the same results; the
+ * tests compare the two on random inputs. Nothing here trusts its input: malformed msgpack or
+ * out-of-range values raise ValueError / OverflowError / TypeError, never read out of bounds.
+ *
+ * Hashing is xxHash's XXH3-64 with a seed (vendored xxhash.h, BSD-2-Clause, the same code the
+ * `xxhash` PyPI package wraps), so keys equal `xxhash.xxh3_64_intdigest(data, seed)`.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+/* --- msgpack: an array of unsigned ints < 2^32 ------------------------------------------ */
+
+static int
+mp_array_head(const unsigned char **pp, const unsigned char *end, Py_ssize_t *n)
+{
+    const unsigned char *p = *pp;
+    if (p >= end)
+        return -1;
+    unsigned char b = *p++;
+    if (b >= 0x90 && b <= 0x9f) {
+        *n = b & 0x0f;
+    }
+    else if (b == 0xdc) {
+        if (end - p < 2)
+            return -1;
+        *n = ((Py_ssize_t)p[0] << 8) | p[1];
+        p += 2;
+    }
+    else if (b == 0xdd) {
+        if (end - p < 4)
+            return -1;
+        *n = ((Py_ssize_t)p[0] << 24) | ((Py_ssize_t)p[1] << 16) | ((Py_ssize_t)p[2] << 8) | p[3];
+        p += 4;
+    }
+    else {
+        return -1;
+    }
+    *pp = p;
+    return 0;
+}
+
+static inline uint64_t
+be(const unsigned char *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* One msgpack integer in [0, 2^32), in any of msgpack's int encodings. */
+static inline int
+mp_u32(const unsigned char **pp, const unsigned char *end, uint32_t *out)
+{
+    const unsigned char *p = *pp;
+    if (p >= end)
+        return -1;
+    unsigned char b = *p++;
+    uint64_t v;
+    int n = 0;
+    int is_signed = 0;
+    if (b <= 0x7f) {
+        *out = b;
+        *pp = p;
+        return 0;
+    }
+    switch (b) {
+    case 0xcc: n = 1; break;
+    case 0xcd: n = 2; break;
+    case 0xce: n = 4; break;
+    case 0xcf: n = 8; break;
+    case 0xd0: n = 1; is_signed = 1; break;
+    case 0xd1: n = 2; is_signed = 1; break;
+    case 0xd2: n = 4; is_signed = 1; break;
+    case 0xd3: n = 8; is_signed = 1; break;
+    default: return -1;
+    }
+    if (end - p < n)
+        return -1;
+    if (is_signed && (p[0] & 0x80))
+        return -1; /* negative */
+    v = be(p, n);
+    if (v > 0xFFFFFFFFull)
+        return -1;
+    *out = (uint32_t)v;
+    *pp = p + n;
+    return 0;
+}
+
+static int
+get_buffer(PyObject *obj, Py_buffer *view)
+{
+    return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
+}
+
+static int
+get_u64(PyObject *obj, uint64_t *out)
+{
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+PyDoc_STRVAR(msgpack_u32_count_doc,
+"msgpack_u32_count(raw) -> int\n\n"
+"The length of a msgpack array whose items are all ints in [0, 2**32); ValueError otherwise\n"
+"(also when bytes follow the array).");
+
+static PyObject *
+msgpack_u32_count(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (get_buffer(arg, &view) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    const unsigned char *end = p + view.len;
+    Py_ssize_t n, i;
+    uint32_t v;
+    if (mp_array_head(&p, end, &n) < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "token_ids is not a msgpack array");
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        if (mp_u32(&p, end, &v) < 0) {
+            PyBuffer_Release(&view);
+            PyErr_Format(PyExc_ValueError, "token_ids[%zd] is not an int in [0, 2^32)", i);
+            return NULL;
+        }
+    }
+    if (p != end) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "trailing bytes after token_ids");
+        return NULL;
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(n);
+}
+
+/* --- chained block keys ------------------------------------------------------------------ */
+
+static PyObject *
+key_list(const uint64_t *keys, Py_ssize_t n)
+{
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(keys[i]);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static int
+chain_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_buffer *view,
+           Py_ssize_t *block_size, uint64_t *parent)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 3 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    *block_size = PyLong_AsSsize_t(args[1]);
+    if (*block_size == -1 && PyErr_Occurred())
+        return -1;
+    if (*block_size <= 0 || *block_size > (1 << 24)) {
+        PyErr_Format(PyExc_ValueError, "block_size must be in [1, 2^24], got %zd", *block_size);
+        return -1;
+    }
+    if (get_u64(args[2], parent) < 0)
+        return -1;
+    return get_buffer(args[0], view);
+}
+
+PyDoc_STRVAR(chain_u32_doc,
+"chain_u32(data, block_size, parent) -> list[int]\n\n"
+"Request keys of every full block of little-endian u32 tokens:\n"
+"key_i = xxh3_64(block_i, seed=key_{i-1}), key_{-1} = parent.");
+
+static PyObject *
+chain_u32(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t bs;
+    uint64_t key;
+    if (chain_args(args, nargs, "chain_u32", &view, &bs, &key) < 0)
+        return NULL;
+    Py_ssize_t step = 4 * bs;
+    Py_ssize_t n = view.len / step;
+    uint64_t *keys = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
+    if (keys == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    const char *data = view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        key = XXH3_64bits_withSeed(data + i * step, (size_t)step, key);
+        keys[i] = key;
+    }
+    PyBuffer_Release(&view);
+    PyObject *out = key_list(keys, n);
+    PyMem_Free(keys);
+    return out;
+}
+
+PyDoc_STRVAR(chain_msgpack_doc,
+"chain_msgpack(raw, block_size, parent) -> list[int]\n\n"
+"chain_u32 over the tokens of a raw msgpack array of ints in [0, 2**32) (a BlockStored's\n"
+"token_ids as received), without building the ints; ValueError when raw is not such an array.");
+
+static PyObject *
+chain_msgpack(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t bs, count;
+    uint64_t key;
+    if (chain_args(args, nargs, "chain_msgpack", &view, &bs, &key) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    const unsigned char *end = p + view.len;
+    if (mp_array_head(&p, end, &count) < 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "token_ids is not a msgpack array");
+        return NULL;
+    }
+    Py_ssize_t n = count / bs;
+    uint32_t *block = PyMem_Malloc((size_t)bs * sizeof(uint32_t));
+    uint64_t *keys = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
+    if (block == NULL || keys == NULL) {
+        PyMem_Free(block);
+        PyMem_Free(keys);
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (Py_ssize_t j = 0; j < bs; j++) {
+            uint32_t v;
+            if (mp_u32(&p, end, &v) < 0) {
+                PyMem_Free(block);
+                PyMem_Free(keys);
+                PyBuffer_Release(&view);
+                PyErr_Format(PyExc_ValueError, "token_ids[%zd] is not an int in [0, 2^32)",
+                             i * bs + j);
+                return NULL;
+            }
+            /* little-endian u32, whatever the host order */
+            unsigned char *b = (unsigned char *)&block[j];
+            b[0] = (unsigned char)v;
+            b[1] = (unsigned char)(v >> 8);
+            b[2] = (unsigned char)(v >> 16);
+            b[3] = (unsigned char)(v >> 24);
+        }
+        key = XXH3_64bits_withSeed(block, (size_t)bs * 4, key);
+        keys[i] = key;
+    }
+    /* The partial tail is not hashed but must be valid too, and nothing may follow. */
+    for (Py_ssize_t j = n * bs; j < count; j++) {
+        uint32_t v;
+        if (mp_u32(&p, end, &v) < 0) {
+            PyMem_Free(block);
+            PyMem_Free(keys);
+            PyBuffer_Release(&view);
+            PyErr_Format(PyExc_ValueError, "token_ids[%zd] is not an int in [0, 2^32)", j);
+            return NULL;
+        }
+    }
+    PyMem_Free(block);
+    if (p != end) {
+        PyMem_Free(keys);
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "trailing bytes after token_ids");
+        return NULL;
+    }
+    PyBuffer_Release(&view);
+    PyObject *out = key_list(keys, n);
+    PyMem_Free(keys);
+    return out;
+}
+
+/* --- holder bitmasks in a dict {key: mask} ------------------------------------------------ */
+
+/* Keys: a list/tuple of ints (borrowed items), or a buffer of native u64 such as array('Q')
+ * (the change stream's format: ints are made one at a time, no intermediate list). */
+typedef struct {
+    PyObject *seq;
+    Py_buffer view;
+    int is_buf;
+    Py_ssize_t n;
+    PyObject **items;
+    const unsigned long long *u;
+} keys_t;
+
+static int
+keys_open(PyObject *obj, keys_t *k)
+{
+    k->seq = NULL;
+    k->is_buf = 0;
+    if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj) && PyObject_CheckBuffer(obj)) {
+        if (PyObject_GetBuffer(obj, &k->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) == 0) {
+            const char *f = k->view.format;
+            if (k->view.itemsize == 8 && f != NULL && (strcmp(f, "Q") == 0 || strcmp(f, "=Q") == 0
+                                                       || strcmp(f, "L") == 0)) {
+                k->is_buf = 1;
+                k->n = k->view.len / 8;
+                k->u = k->view.buf;
+                return 0;
+            }
+            PyBuffer_Release(&k->view);
+        }
+        else {
+            PyErr_Clear();
+        }
+    }
+    k->seq = PySequence_Fast(obj, "keys must be a sequence");
+    if (k->seq == NULL)
+        return -1;
+    k->n = PySequence_Fast_GET_SIZE(k->seq);
+    k->items = PySequence_Fast_ITEMS(k->seq);
+    return 0;
+}
+
+/* A new reference to key i. */
+static inline PyObject *
+keys_get(keys_t *k, Py_ssize_t i)
+{
+    if (k->is_buf)
+        return PyLong_FromUnsignedLongLong(k->u[i]);
+    return Py_NewRef(k->items[i]);
+}
+
+static void
+keys_close(keys_t *k)
+{
+    if (k->is_buf)
+        PyBuffer_Release(&k->view);
+    Py_XDECREF(k->seq);
+}
+
+static int
+dict_and_seq(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
+             PyObject **seq)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+        return -1;
+    }
+    if (!PyDict_CheckExact(args[0])) {
+        PyErr_Format(PyExc_TypeError, "%s(): expected a dict", name);
+        return -1;
+    }
+    *seq = PySequence_Fast(args[1], "keys must be a sequence");
+    return *seq == NULL ? -1 : 0;
+}
+
+PyDoc_STRVAR(or_bits_doc,
+"or_bits(d, keys, bit, recency) -> int\n\n"
+"keys: a list or tuple of ints, or an array('Q').\n"
+"d[k] = d.get(k, 0) | bit for every k (with recency, k also moves to the dict's end);\n"
+"returns how many keys were new.");
+
+static int
+dict_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, keys_t *k)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+        return -1;
+    }
+    if (!PyDict_CheckExact(args[0])) {
+        PyErr_Format(PyExc_TypeError, "%s(): expected a dict", name);
+        return -1;
+    }
+    return keys_open(args[1], k);
+}
+
+static PyObject *
+or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    keys_t ks;
+    if (dict_args(args, nargs, 4, "or_bits", &ks) < 0)
+        return NULL;
+    PyObject *d = args[0], *bit = args[2];
+    int recency = PyObject_IsTrue(args[3]);
+    if (recency < 0) {
+        keys_close(&ks);
+        return NULL;
+    }
+    Py_ssize_t added = 0;
+    for (Py_ssize_t i = 0; i < ks.n; i++) {
+        PyObject *k = keys_get(&ks, i);
+        if (k == NULL)
+            goto fail;
+        PyObject *old = PyDict_GetItemWithError(d, k); /* borrowed */
+        PyObject *m;
+        if (old == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(k);
+                goto fail;
+            }
+            added++;
+            m = Py_NewRef(bit);
+        }
+        else {
+            m = PyNumber_Or(old, bit);
+            if (m == NULL || (recency && PyDict_DelItem(d, k) < 0)) {
+                Py_XDECREF(m);
+                Py_DECREF(k);
+                goto fail;
+            }
+        }
+        int rc = PyDict_SetItem(d, k, m);
+        Py_DECREF(m);
+        Py_DECREF(k);
+        if (rc < 0)
+            goto fail;
+    }
+    keys_close(&ks);
+    return PyLong_FromSsize_t(added);
+fail:
+    keys_close(&ks);
+    return NULL;
+}
+
+PyDoc_STRVAR(and_bits_doc,
+"and_bits(d, keys, keep) -> int\n\n"
+"d[k] &= keep for every k present, deleting keys whose mask becomes 0; returns how many were\n"
+"deleted.");
+
+static PyObject *
+and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    keys_t ks;
+    if (dict_args(args, nargs, 3, "and_bits", &ks) < 0)
+        return NULL;
+    PyObject *d = args[0], *keep = args[2];
+    Py_ssize_t deleted = 0;
+    for (Py_ssize_t i = 0; i < ks.n; i++) {
+        PyObject *k = keys_get(&ks, i);
+        if (k == NULL)
+            goto fail;
+        PyObject *old = PyDict_GetItemWithError(d, k);
+        if (old == NULL) {
+            Py_DECREF(k);
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        PyObject *m = PyNumber_And(old, keep);
+        if (m == NULL) {
+            Py_DECREF(k);
+            goto fail;
+        }
+        int nonzero = PyObject_IsTrue(m);
+        int rc;
+        if (nonzero > 0) {
+            rc = PyDict_SetItem(d, k, m);
+        }
+        else if (nonzero == 0) {
+            rc = PyDict_DelItem(d, k);
+            deleted++;
+        }
+        else {
+            rc = -1;
+        }
+        Py_DECREF(m);
+        Py_DECREF(k);
+        if (rc < 0)
+            goto fail;
+    }
+    keys_close(&ks);
+    return PyLong_FromSsize_t(deleted);
+fail:
+    keys_close(&ks);
+    return NULL;
+}
+
+PyDoc_STRVAR(lookup_doc,
+"lookup(d, keys) -> list\n\n"
+"[d.get(k) for k in keys].");
+
+static PyObject *
+lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *seq;
+    if (dict_and_seq(args, nargs, 2, "lookup", &seq) < 0)
+        return NULL;
+    PyObject *d = args[0];
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyDict_GetItemWithError(d, items[i]);
+        if (v == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            v = Py_None;
+        }
+        PyList_SET_ITEM(out, i, Py_NewRef(v));
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+PyDoc_STRVAR(forget_unindexed_doc,
+"forget_unindexed(emap, engine_keys, tiers) -> int\n\n"
+"Delete emap[e] for each e whose value is in none of the dicts of the sequence tiers;\n"
+"returns how many were deleted.");
+
+static PyObject *
+forget_unindexed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *seq, *tiers = NULL;
+    if (dict_and_seq(args, nargs, 3, "forget_unindexed", &seq) < 0)
+        return NULL;
+    PyObject *emap = args[0];
+    Py_ssize_t deleted = 0;
+    tiers = PySequence_Fast(args[2], "tiers must be a sequence of dicts");
+    if (tiers == NULL)
+        goto fail;
+    Py_ssize_t nt = PySequence_Fast_GET_SIZE(tiers);
+    PyObject **ts = PySequence_Fast_ITEMS(tiers);
+    for (Py_ssize_t j = 0; j < nt; j++) {
+        if (!PyDict_CheckExact(ts[j])) {
+            PyErr_SetString(PyExc_TypeError, "forget_unindexed(): tiers must be dicts");
+            goto fail;
+        }
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *e = items[i];
+        PyObject *r = PyDict_GetItemWithError(emap, e);
+        if (r == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            continue;
+        }
+        int indexed = 0;
+        for (Py_ssize_t j = 0; j < nt && !indexed; j++) {
+            indexed = PyDict_Contains(ts[j], r);
+            if (indexed < 0)
+                goto fail;
+        }
+        if (!indexed) {
+            if (PyDict_DelItem(emap, e) < 0)
+                goto fail;
+            deleted++;
+        }
+    }
+    Py_DECREF(tiers);
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(deleted);
+fail:
+    Py_XDECREF(tiers);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+PyDoc_STRVAR(xor_u64_doc,
+"xor_u64(hashes, tag) -> list[int]\n\n"
+"[u64(h) ^ tag for h in hashes], where u64 of an int is itself (it must be in [0, 2**64)) and\n"
+"of bytes is their last 8 bytes, big-endian (a published raw digest).");
+
+static PyObject *
+xor_u64(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "xor_u64() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    uint64_t tag;
+    if (get_u64(args[1], &tag) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "hashes must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(n);
+    if (out == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *h = items[i];
+        uint64_t v;
+        if (PyBytes_Check(h)) {
+            Py_ssize_t len = PyBytes_GET_SIZE(h);
+            const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(h);
+            Py_ssize_t take = len < 8 ? len : 8;
+            v = be(b + len - take, (int)take);
+        }
+        else if (get_u64(h, &v) < 0) {
+            goto fail;
+        }
+        PyObject *x = PyLong_FromUnsignedLongLong(v ^ tag);
+        if (x == NULL)
+            goto fail;
+        PyList_SET_ITEM(out, i, x);
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"msgpack_u32_count", (PyCFunction)msgpack_u32_count, METH_O, msgpack_u32_count_doc},
+    {"chain_u32", (PyCFunction)(void (*)(void))chain_u32, METH_FASTCALL, chain_u32_doc},
+    {"chain_msgpack", (PyCFunction)(void (*)(void))chain_msgpack, METH_FASTCALL,
+     chain_msgpack_doc},
+    {"or_bits", (PyCFunction)(void (*)(void))or_bits, METH_FASTCALL, or_bits_doc},
+    {"and_bits", (PyCFunction)(void (*)(void))and_bits, METH_FASTCALL, and_bits_doc},
+    {"lookup", (PyCFunction)(void (*)(void))lookup, METH_FASTCALL, lookup_doc},
+    {"forget_unindexed", (PyCFunction)(void (*)(void))forget_unindexed, METH_FASTCALL,
+     forget_unindexed_doc},
+    {"xor_u64", (PyCFunction)(void (*)(void))xor_u64, METH_FASTCALL, xor_u64_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvray._speedups",
+    "The write path's inner loops in C; pure-Python twins in kvray.core.fast.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

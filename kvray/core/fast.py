@@ -1,0 +1,177 @@
+"""The write path's inner loops: the C extension ``kvray._speedups`` or its pure-Python twins.
+
+A shard spends most of its time in a handful of loops: hashing each block's tokens into a chained
+request key, turning published hashes into u64 engine keys, and setting or clearing one holder's
+bit in a dict of bitmasks. ``kvray._speedups`` (``kvray/_ext/speedups.c``, built by ``pip
+install`` when a C compiler is present) runs them without the interpreter, and reads a
+``BlockStored``'s tokens straight from the msgpack bytes instead of building an int per token.
+Every function below has a Python twin with the same results (``tests/unit/test_fast.py``
+compares them on random input); ``COMPILED`` says which ones are in use, and setting
+``KVRAY_PURE_PYTHON=1`` forces the twins (to compare, or to debug).
+
+Invariant: for every input, the compiled and the Python function return the same value or both
+raise (``ValueError`` for malformed msgpack, ``TypeError``/``OverflowError`` for bad ints).
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgspec
+import xxhash
+
+_xxh64 = xxhash.xxh3_64_intdigest
+
+
+def py_msgpack_u32_count(raw: bytes | memoryview) -> int:
+    """The length of a msgpack array of ints in [0, 2^32); ``ValueError`` otherwise."""
+    return len(_py_tokens(raw))
+
+
+_U32 = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+_tokens_decoder = msgspec.msgpack.Decoder(list[_U32])
+
+
+def _py_tokens(raw: bytes | memoryview) -> list[int]:
+    try:
+        return _tokens_decoder.decode(raw)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"token_ids is not an array of ints in [0, 2^32): {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"token_ids is not valid msgpack: {exc}") from exc
+
+
+def py_chain_u32(data: bytes | memoryview, block_size: int, parent: int) -> list[int]:
+    """Request keys of every full block of little-endian u32 tokens (seed chain from parent)."""
+    _check_chain(block_size, parent)
+    step = 4 * block_size
+    view = memoryview(data).cast("B")
+    out: list[int] = []
+    append = out.append
+    key = parent
+    for off in range(0, len(view) // step * step, step):
+        key = _xxh64(view[off : off + step], key)
+        append(key)
+    return out
+
+
+def py_chain_msgpack(raw: bytes | memoryview, block_size: int, parent: int) -> list[int]:
+    """``chain_u32`` over a raw msgpack array of tokens."""
+    _check_chain(block_size, parent)
+    tokens = _py_tokens(raw)
+    return py_chain_u32(array("I", tokens).tobytes(), block_size, parent)
+
+
+def _check_chain(block_size: int, parent: int) -> None:
+    if not 1 <= block_size <= 1 << 24:
+        raise ValueError(f"block_size must be in [1, 2^24], got {block_size}")
+    _check_u64(parent)
+
+
+def _check_u64(v: object) -> int:
+    if not isinstance(v, int):
+        raise TypeError(f"expected an int, got {type(v).__name__}")
+    if not 0 <= v < 1 << 64:
+        raise OverflowError(f"{v} is not a u64")
+    return v
+
+
+def py_or_bits(d: dict[int, int], keys: Sequence[int], bit: int, recency: bool) -> int:
+    """``d[k] = d.get(k, 0) | bit`` for every key (recency: also move k to the end); new keys."""
+    before = len(d)
+    if recency:
+        pop = d.pop
+        for k in keys:
+            d[k] = pop(k, 0) | bit
+    else:
+        get = d.get
+        for k in keys:
+            d[k] = get(k, 0) | bit
+    return len(d) - before
+
+
+def py_and_bits(d: dict[int, int], keys: Sequence[int], keep: int) -> int:
+    """``d[k] &= keep`` for the keys present, deleting zeroed keys; returns how many went."""
+    deleted = 0
+    get = d.get
+    for k in keys:
+        m = get(k)
+        if m is None:
+            continue
+        m &= keep
+        if m:
+            d[k] = m
+        else:
+            del d[k]
+            deleted += 1
+    return deleted
+
+
+def py_lookup(d: dict[int, int], keys: Sequence[int]) -> list[int | None]:
+    """``[d.get(k) for k in keys]``."""
+    get = d.get
+    return [get(k) for k in keys]
+
+
+def py_forget_unindexed(
+    emap: dict[int, int], engine_keys: Sequence[int], tiers: Sequence[dict[int, int]]
+) -> int:
+    """Delete ``emap[e]`` for each engine key whose request key no tier holds; how many went."""
+    deleted = 0
+    for e in engine_keys:
+        r = emap.get(e)
+        if r is not None and not any(r in d for d in tiers):
+            del emap[e]
+            deleted += 1
+    return deleted
+
+
+def py_xor_u64(hashes: Sequence[int | bytes], tag: int) -> list[int]:
+    """Published hashes as u64 (raw digests: their last 8 bytes, big-endian) XOR ``tag``."""
+    _check_u64(tag)
+    out: list[int] = []
+    for h in hashes:
+        if isinstance(h, bytes):
+            v = int.from_bytes(h[-8:], "big")
+        else:
+            v = _check_u64(h)
+        out.append(v ^ tag)
+    return out
+
+
+PYTHON: dict[str, Any] = {
+    "msgpack_u32_count": py_msgpack_u32_count,
+    "chain_u32": py_chain_u32,
+    "chain_msgpack": py_chain_msgpack,
+    "or_bits": py_or_bits,
+    "and_bits": py_and_bits,
+    "lookup": py_lookup,
+    "forget_unindexed": py_forget_unindexed,
+    "xor_u64": py_xor_u64,
+}
+
+_speedups: Any
+if os.environ.get("KVRAY_PURE_PYTHON", "") not in ("", "0"):
+    _speedups = None
+else:
+    try:
+        from kvray import _speedups  # type: ignore[attr-defined, no-redef]
+    except ImportError:  # built without a C compiler: the twins below do the same, slower
+        _speedups = None
+
+COMPILED: bool = _speedups is not None
+"""True when the C extension is in use."""
+
+_impl: Any = _speedups if _speedups is not None else None
+
+msgpack_u32_count = _impl.msgpack_u32_count if _impl else py_msgpack_u32_count
+chain_u32 = _impl.chain_u32 if _impl else py_chain_u32
+chain_msgpack = _impl.chain_msgpack if _impl else py_chain_msgpack
+or_bits = _impl.or_bits if _impl else py_or_bits
+and_bits = _impl.and_bits if _impl else py_and_bits
+lookup = _impl.lookup if _impl else py_lookup
+forget_unindexed = _impl.forget_unindexed if _impl else py_forget_unindexed
+xor_u64 = _impl.xor_u64 if _impl else py_xor_u64

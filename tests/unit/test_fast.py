@@ -1,0 +1,184 @@
+"""The C extension ``kvray._speedups`` against its pure-Python twins (``kvray.core.fast``).
+
+Each property draws inputs (valid and not) and requires both implementations to return the same
+value, or both to raise the same exception type. The compiled module must be present: CI builds
+it; only ``KVRAY_PURE_PYTHON=1`` (a deliberate pure run) lets these tests pass without it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from typing import Any
+
+import msgspec
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvray.core import fast
+
+if not fast.COMPILED and os.environ.get("KVRAY_PURE_PYTHON", "") in ("", "0"):
+    pytest.fail(
+        "kvray._speedups is not built (no C compiler at install?): reinstall with gcc present, "
+        "or set KVRAY_PURE_PYTHON=1 to run the pure-Python twins on purpose",
+        pytrace=False,
+    )
+
+C: Any = fast._speedups
+needs_c = pytest.mark.skipif(C is None, reason="pure-Python run (KVRAY_PURE_PYTHON=1)")
+
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+some_ints = st.integers(-(2**70), 2**70)
+
+
+def same(name: str, *args: Any) -> Any:
+    """Call both implementations; equal results or the same exception type."""
+    py = fast.PYTHON[name]
+    c = getattr(C, name)
+
+    def run(fn: Any, fresh: list[Any]) -> tuple[str, Any]:
+        try:
+            return "ok", fn(*fresh)
+        except (ValueError, TypeError, OverflowError) as exc:
+            return type(exc).__name__, None
+
+    def copy(a: Any) -> Any:
+        return dict(a) if isinstance(a, dict) else a
+
+    py_args = [copy(a) for a in args]
+    c_args = [copy(a) for a in args]
+    got_py, got_c = run(py, py_args), run(c, c_args)
+    assert got_c == got_py, (name, args)
+    # Mutated dicts must end equal too (and in the same order: dict order is LRU order).
+    for a, b in zip(py_args, c_args, strict=True):
+        if isinstance(a, dict):
+            assert list(a.items()) == list(b.items())
+    return got_py[1]
+
+
+def _mp_int(v: int, form: int) -> bytes:
+    """``v`` in one of msgpack's integer encodings (several are legal for the same value)."""
+    if form == 0 or not 0 <= v < 128:
+        return msgspec.msgpack.encode(v)
+    codes = [(0xCC, "B"), (0xCD, ">H"), (0xCE, ">I"), (0xCF, ">Q"), (0xD2, ">i"), (0xD3, ">q")]
+    code, fmt = codes[form % len(codes)]
+    try:
+        return bytes([code]) + struct.pack(fmt, v)
+    except struct.error:
+        return msgspec.msgpack.encode(v)
+
+
+@st.composite
+def token_arrays(draw: st.DrawFn) -> bytes:
+    """msgpack arrays of tokens: mostly valid, in varied int encodings; sometimes broken."""
+    tokens = draw(st.lists(st.one_of(u32, st.integers(-5, 2**33)), max_size=70))
+    body = b"".join(_mp_int(t, draw(st.integers(0, 6))) for t in tokens)
+    n = len(tokens)
+    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    raw = head + body
+    match draw(st.integers(0, 9)):
+        case 0:
+            return raw[: draw(st.integers(0, len(raw)))]  # truncated
+        case 1:
+            return raw + b"\x01"  # trailing bytes
+        case 2:
+            return msgspec.msgpack.encode(draw(st.one_of(st.none(), st.text(), st.floats())))
+        case 3:
+            return msgspec.msgpack.encode([draw(st.floats(allow_nan=False)), 1])
+        case _:
+            return raw
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=token_arrays(), block_size=st.sampled_from([1, 2, 3, 16]), parent=u64)
+@needs_c
+def test_msgpack_tokens_agree(raw: bytes, block_size: int, parent: int) -> None:
+    n = same("msgpack_u32_count", raw)
+    keys = same("chain_msgpack", raw, block_size, parent)
+    if n is not None and keys is not None:
+        assert len(keys) == n // block_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(u32, max_size=100), block_size=st.integers(1, 20), parent=u64)
+@needs_c
+def test_chain_is_xxh3_seeded_chain(tokens: list[int], block_size: int, parent: int) -> None:
+    data = array("I", tokens).tobytes()
+    keys = same("chain_u32", data, block_size, parent)
+    assert same("chain_msgpack", msgspec.msgpack.encode(tokens), block_size, parent) == keys
+    want, key = [], parent
+    for i in range(len(tokens) // block_size):
+        key = xxhash.xxh3_64_intdigest(data[4 * block_size * i : 4 * block_size * (i + 1)], key)
+        want.append(key)
+    assert keys == want
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"", 0, 1),
+        (b"", -1, 1),
+        (b"", 2**25, 1),
+        (b"", 16, -1),
+        (b"", 16, 2**64),
+        (b"", 16, "x"),
+        (b"", "16", 1),
+        ("text", 16, 1),
+    ],
+)
+def test_chain_rejects_bad_arguments(args: tuple[Any, ...]) -> None:
+    assert same("chain_u32", *args) is None
+    assert same("chain_msgpack", *args) is None
+
+
+masks = st.integers(0, 2**80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    d=st.dictionaries(st.integers(0, 40), masks, max_size=30),
+    keys=st.lists(st.integers(0, 50), max_size=30),
+    bit=st.integers(0, 70).map(lambda s: 1 << s),
+    recency=st.booleans(),
+    packed=st.booleans(),
+)
+@needs_c
+def test_bitmask_updates_agree(
+    d: dict[int, int], keys: list[int], bit: int, recency: bool, packed: bool
+) -> None:
+    seq: Any = array("Q", keys) if packed else keys
+    same("or_bits", d, seq, bit, recency)
+    same("and_bits", d, seq, ~bit)
+    same("lookup", d, keys)
+    tiers = [{k: 1 for k in keys[::2]}, {k: 1 for k in keys[1::3]}]
+    emap = {k: v % 45 for k, v in d.items()}
+    same("forget_unindexed", emap, keys, tiers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hashes=st.lists(st.one_of(u64, some_ints, st.binary(max_size=40), st.none()), max_size=20),
+    tag=st.one_of(u64, some_ints),
+)
+@needs_c
+def test_xor_u64_agrees(hashes: list[Any], tag: int) -> None:
+    same("xor_u64", hashes, tag)
+
+
+@needs_c
+def test_bad_containers_raise_not_crash() -> None:
+    for name, args in [
+        ("or_bits", ([], [1], 1, True)),
+        ("and_bits", ({}, 5, 1)),
+        ("lookup", ({}, None)),
+        ("forget_unindexed", ({}, [1], [[]])),
+        ("or_bits", ({}, [[1]], 1, False)),  # unhashable key
+        ("and_bits", ({1: "x"}, [1], 1)),  # a mask that is not an int
+    ]:
+        with pytest.raises((TypeError, ValueError)):
+            getattr(C, name)(*args)
