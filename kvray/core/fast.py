@@ -134,10 +134,7 @@ def py_xor_u64(hashes: Sequence[int | bytes], tag: int) -> list[int]:
     _check_u64(tag)
     out: list[int] = []
     for h in hashes:
-        if isinstance(h, bytes):
-            v = int.from_bytes(h[-8:], "big")
-        else:
-            v = _check_u64(h)
+        v = int.from_bytes(h[-8:], "big") if isinstance(h, bytes) else _check_u64(h)
         out.append(v ^ tag)
     return out
 
