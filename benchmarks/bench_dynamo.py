@@ -78,6 +78,7 @@ import zmq  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import init_local_ray, pct, table, write_report  # noqa: E402
 
+from kvray.core import fast  # noqa: E402
 from kvray.core.events import WireEvent, encode_batch  # noqa: E402
 from kvray.sim import SimPod  # noqa: E402
 
@@ -1152,7 +1153,8 @@ def render(
         f"{str(args.dynamo_threads).split(',')[0]}`, pods registered with `POST /register`, "
         "queried with `POST /query`, ingestion complete when the sum of "
         "`dynamo_kvrouter_kv_cache_events_applied` reaches the events sent); kvray: "
-        f"{KVRAY_SHARDS} shards, 1 ingestor, request keys, hash checks off"
+        f"{KVRAY_SHARDS} shards, 1 ingestor, request keys, hash checks off, write path "
+        + ("compiled (`kvray._speedups`)" if fast.COMPILED else "pure Python (no C extension)")
         + (f", flush_messages {KVRAY_EVENTS['flush_messages']}" if KVRAY_EVENTS else "")
         + ", pods added with `client.add_pod`, complete "
         "when `client.sync(expect)` returns; HTTP `POST /score_tokens` (Ray Serve, direct "
