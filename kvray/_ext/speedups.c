@@ -354,22 +354,6 @@ keys_close(keys_t *k)
     Py_XDECREF(k->seq);
 }
 
-static int
-dict_and_seq(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
-             PyObject **seq)
-{
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
-        return -1;
-    }
-    if (!PyDict_CheckExact(args[0])) {
-        PyErr_Format(PyExc_TypeError, "%s(): expected a dict", name);
-        return -1;
-    }
-    *seq = PySequence_Fast(args[1], "keys must be a sequence");
-    return *seq == NULL ? -1 : 0;
-}
-
 PyDoc_STRVAR(or_bits_doc,
 "or_bits(d, keys, bit, recency) -> int\n\n"
 "keys: a list or tuple of ints, or an array('Q').\n"
@@ -498,30 +482,21 @@ PyDoc_STRVAR(lookup_doc,
 static PyObject *
 lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *seq;
-    if (dict_and_seq(args, nargs, 2, "lookup", &seq) < 0)
+    keys_t ks;
+    if (dict_args(args, nargs, 2, "lookup", &ks) < 0)
         return NULL;
-    PyObject *d = args[0];
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *out = PyList_New(n);
-    if (out == NULL)
-        goto fail;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *v = PyDict_GetItemWithError(d, items[i]);
-        if (v == NULL) {
-            if (PyErr_Occurred())
-                goto fail;
-            v = Py_None;
-        }
-        PyList_SET_ITEM(out, i, Py_NewRef(v));
+    PyObject *out = PyList_New(ks.n);
+    for (Py_ssize_t i = 0; out != NULL && i < ks.n; i++) {
+        PyObject *k = keys_get(&ks, i);
+        PyObject *v = k == NULL ? NULL : PyDict_GetItemWithError(args[0], k);
+        Py_XDECREF(k);
+        if (v == NULL && (k == NULL || PyErr_Occurred()))
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, Py_NewRef(v != NULL ? v : Py_None));
     }
-    Py_DECREF(seq);
+    keys_close(&ks);
     return out;
-fail:
-    Py_XDECREF(out);
-    Py_DECREF(seq);
-    return NULL;
 }
 
 PyDoc_STRVAR(forget_unindexed_doc,
@@ -532,12 +507,12 @@ PyDoc_STRVAR(forget_unindexed_doc,
 static PyObject *
 forget_unindexed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *seq, *tiers = NULL;
-    if (dict_and_seq(args, nargs, 3, "forget_unindexed", &seq) < 0)
+    keys_t ks;
+    if (dict_args(args, nargs, 3, "forget_unindexed", &ks) < 0)
         return NULL;
     PyObject *emap = args[0];
     Py_ssize_t deleted = 0;
-    tiers = PySequence_Fast(args[2], "tiers must be a sequence of dicts");
+    PyObject *tiers = PySequence_Fast(args[2], "tiers must be a sequence of dicts");
     if (tiers == NULL)
         goto fail;
     Py_ssize_t nt = PySequence_Fast_GET_SIZE(tiers);
@@ -548,34 +523,28 @@ forget_unindexed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *e = items[i];
+    for (Py_ssize_t i = 0; i < ks.n; i++) {
+        PyObject *e = keys_get(&ks, i);
+        if (e == NULL)
+            goto fail;
         PyObject *r = PyDict_GetItemWithError(emap, e);
-        if (r == NULL) {
-            if (PyErr_Occurred())
-                goto fail;
-            continue;
-        }
-        int indexed = 0;
-        for (Py_ssize_t j = 0; j < nt && !indexed; j++) {
+        int indexed = r == NULL ? (PyErr_Occurred() ? -1 : 1) : 0;
+        for (Py_ssize_t j = 0; j < nt && !indexed; j++)
             indexed = PyDict_Contains(ts[j], r);
-            if (indexed < 0)
-                goto fail;
-        }
-        if (!indexed) {
-            if (PyDict_DelItem(emap, e) < 0)
-                goto fail;
+        if (indexed == 0) {
+            indexed = PyDict_DelItem(emap, e);
             deleted++;
         }
+        Py_DECREF(e);
+        if (indexed < 0)
+            goto fail;
     }
     Py_DECREF(tiers);
-    Py_DECREF(seq);
+    keys_close(&ks);
     return PyLong_FromSsize_t(deleted);
 fail:
     Py_XDECREF(tiers);
-    Py_DECREF(seq);
+    keys_close(&ks);
     return NULL;
 }
 
