@@ -548,6 +548,129 @@ fail:
     return NULL;
 }
 
+
+PyDoc_STRVAR(add_engine_doc,
+"add_engine(d, emap, keys, engine, bit, recency) -> int\n\n"
+"or_bits(d, keys, bit, recency), then emap[engine[i]] = keys[i] for every i (keys and engine\n"
+"are lists of equal length); returns how many keys were new in d.");
+
+static PyObject *
+add_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "add_engine() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(args[1]) || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "add_engine(): expected dict, dict, list, list");
+        return NULL;
+    }
+    if (PyList_GET_SIZE(args[2]) != PyList_GET_SIZE(args[3])) {
+        PyErr_SetString(PyExc_ValueError, "add_engine(): keys and engine differ in length");
+        return NULL;
+    }
+    PyObject *added = or_bits(self, (PyObject *const[]){args[0], args[2], args[4], args[5]}, 4);
+    if (added == NULL)
+        return NULL;
+    PyObject *emap = args[1], *keys = args[2], *engine = args[3];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        if (PyDict_SetItem(emap, PyList_GET_ITEM(engine, i), PyList_GET_ITEM(keys, i)) < 0) {
+            Py_DECREF(added);
+            return NULL;
+        }
+    }
+    return added;
+}
+
+PyDoc_STRVAR(remove_engine_doc,
+"remove_engine(d, emap, engine, keep, tiers) -> (keys, unknown, deleted)\n\n"
+"For each engine key in order: r = emap.get(e) (counted in unknown when absent, else appended\n"
+"to keys); d[r] &= keep, deleting r when its mask becomes 0 (counted in deleted); then, when\n"
+"no dict of tiers holds r any more, del emap[e].");
+
+static PyObject *
+remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "remove_engine() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *d = args[0], *emap = args[1], *keep = args[3];
+    if (!PyDict_CheckExact(d) || !PyDict_CheckExact(emap)) {
+        PyErr_SetString(PyExc_TypeError, "remove_engine(): expected two dicts");
+        return NULL;
+    }
+    keys_t ks;
+    if (keys_open(args[2], &ks) < 0)
+        return NULL;
+    PyObject *tiers = PySequence_Fast(args[4], "tiers must be a sequence of dicts");
+    PyObject *keys = PyList_New(0);
+    Py_ssize_t unknown = 0, deleted = 0;
+    if (tiers == NULL || keys == NULL)
+        goto fail;
+    Py_ssize_t nt = PySequence_Fast_GET_SIZE(tiers);
+    PyObject **ts = PySequence_Fast_ITEMS(tiers);
+    for (Py_ssize_t j = 0; j < nt; j++) {
+        if (!PyDict_CheckExact(ts[j])) {
+            PyErr_SetString(PyExc_TypeError, "remove_engine(): tiers must be dicts");
+            goto fail;
+        }
+    }
+    for (Py_ssize_t i = 0; i < ks.n; i++) {
+        PyObject *e = keys_get(&ks, i);
+        if (e == NULL)
+            goto fail;
+        PyObject *r = PyDict_GetItemWithError(emap, e);
+        if (r == NULL) {
+            Py_DECREF(e);
+            if (PyErr_Occurred())
+                goto fail;
+            unknown++;
+            continue;
+        }
+        Py_INCREF(r); /* emap's entry may go below */
+        int rc = PyList_Append(keys, r);
+        PyObject *m = rc < 0 ? NULL : PyDict_GetItemWithError(d, r);
+        if (m != NULL) {
+            PyObject *m2 = PyNumber_And(m, keep);
+            int nz = m2 == NULL ? -1 : PyObject_IsTrue(m2);
+            if (nz > 0)
+                rc = PyDict_SetItem(d, r, m2);
+            else if (nz == 0) {
+                rc = PyDict_DelItem(d, r);
+                deleted++;
+            }
+            else
+                rc = -1;
+            Py_XDECREF(m2);
+        }
+        else if (PyErr_Occurred()) {
+            rc = -1;
+        }
+        int indexed = 0;
+        for (Py_ssize_t j = 0; rc == 0 && j < nt && !indexed; j++) {
+            indexed = PyDict_Contains(ts[j], r);
+            if (indexed < 0)
+                rc = -1;
+        }
+        if (rc == 0 && !indexed)
+            rc = PyDict_DelItem(emap, e);
+        Py_DECREF(r);
+        Py_DECREF(e);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_DECREF(tiers);
+    keys_close(&ks);
+    PyObject *out = Py_BuildValue("(Nnn)", keys, unknown, deleted);
+    return out;
+fail:
+    Py_XDECREF(tiers);
+    Py_XDECREF(keys);
+    keys_close(&ks);
+    return NULL;
+}
+
 PyDoc_STRVAR(xor_u64_doc,
 "xor_u64(hashes, tag) -> list[int]\n\n"
 "[u64(h) ^ tag for h in hashes], where u64 of an int is itself (it must be in [0, 2**64)) and\n"
@@ -606,6 +729,9 @@ static PyMethodDef methods[] = {
     {"lookup", (PyCFunction)(void (*)(void))lookup, METH_FASTCALL, lookup_doc},
     {"forget_unindexed", (PyCFunction)(void (*)(void))forget_unindexed, METH_FASTCALL,
      forget_unindexed_doc},
+    {"add_engine", (PyCFunction)(void (*)(void))add_engine, METH_FASTCALL, add_engine_doc},
+    {"remove_engine", (PyCFunction)(void (*)(void))remove_engine, METH_FASTCALL,
+     remove_engine_doc},
     {"xor_u64", (PyCFunction)(void (*)(void))xor_u64, METH_FASTCALL, xor_u64_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -32,7 +32,7 @@ from kvray.core.index.base import (
 )
 from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
 from kvray.errors import ConfigError, MalformedFrame
-from kvray.types import PodId
+from kvray.types import PodId, Tier
 
 KeyMode = Literal["request", "engine"]
 
@@ -189,6 +189,12 @@ class IndexWriter:
         self._forget_engine: Callable[[Sequence[int]], int] | None = getattr(
             backend, "forget_engine_keys", None
         )
+        self._add_engine: Callable[[PodId, Tier, list[int], list[int]], None] | None = getattr(
+            backend, "add_engine", None
+        )
+        self._remove_engine: (
+            Callable[[PodId, Tier, Sequence[int]], tuple[list[int], int]] | None
+        ) = getattr(backend, "remove_engine", None)
 
     def block_keys(
         self,
@@ -276,8 +282,11 @@ class IndexWriter:
         except (MalformedFrame, ValueError, msgspec.ValidationError):
             res.reject("schema", n)
             return
-        self.backend.add(holder, tier, keys)
-        self.backend.put_engine_map(list(zip(engine, keys, strict=True)))
+        if self._add_engine is not None:  # one pass (memory backends, through the journal)
+            self._add_engine(holder, tier, keys, engine)
+        else:
+            self.backend.add(holder, tier, keys)
+            self.backend.put_engine_map(list(zip(engine, keys, strict=True)))
         res.stored_blocks += n
 
     def _removed(
@@ -292,14 +301,19 @@ class IndexWriter:
         tier = normalize_tier(medium)
         if self.key_mode == "engine":
             keys = engine
+            self.backend.remove(holder, tier, keys)
+        elif self._remove_engine is not None:  # resolve, remove and forget in one pass
+            keys, unknown = self._remove_engine(holder, tier, engine)
+            if unknown:
+                res.reject("unknown_removed", unknown)
         else:
             resolved = self.backend.get_engine_map(engine)
             keys = [k for k in resolved if k is not None]
             if len(keys) != len(engine):
                 res.reject("unknown_removed", len(engine) - len(keys))
-        self.backend.remove(holder, tier, keys)
-        if self._forget_engine is not None and self.key_mode == "request":
-            self._forget_engine(engine)  # blocks nobody holds now: drop their engine keys
+            self.backend.remove(holder, tier, keys)
+            if self._forget_engine is not None:
+                self._forget_engine(engine)  # blocks nobody holds now: drop their engine keys
         res.removed_blocks += len(keys)
 
     # --- hash contract ---------------------------------------------------------------------

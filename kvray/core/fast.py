@@ -129,6 +129,52 @@ def py_forget_unindexed(
     return deleted
 
 
+def py_add_engine(
+    d: dict[int, int],
+    emap: dict[int, int],
+    keys: list[int],
+    engine: list[int],
+    bit: int,
+    recency: bool,
+) -> int:
+    """``or_bits(d, keys, bit, recency)``, then ``emap[engine[i]] = keys[i]``; new keys in d."""
+    if len(keys) != len(engine):
+        raise ValueError("add_engine(): keys and engine differ in length")
+    added = py_or_bits(d, keys, bit, recency)
+    emap.update(zip(engine, keys, strict=True))
+    return added
+
+
+def py_remove_engine(
+    d: dict[int, int],
+    emap: dict[int, int],
+    engine: Sequence[int],
+    keep: int,
+    tiers: Sequence[dict[int, int]],
+) -> tuple[list[int], int, int]:
+    """Resolve each engine key, clear ``keep``'s complement in ``d``, and forget engine keys
+    whose request key no tier holds; returns (request keys resolved, unknown, deleted from d)."""
+    keys: list[int] = []
+    unknown = deleted = 0
+    for e in engine:
+        r = emap.get(e)
+        if r is None:
+            unknown += 1
+            continue
+        keys.append(r)
+        m = d.get(r)
+        if m is not None:
+            m &= keep
+            if m:
+                d[r] = m
+            else:
+                del d[r]
+                deleted += 1
+        if not any(r in t for t in tiers):
+            del emap[e]
+    return keys, unknown, deleted
+
+
 def py_xor_u64(hashes: Sequence[int | bytes], tag: int) -> list[int]:
     """Published hashes as u64 (raw digests: their last 8 bytes, big-endian) XOR ``tag``."""
     _check_u64(tag)
@@ -147,6 +193,8 @@ PYTHON: dict[str, Any] = {
     "and_bits": py_and_bits,
     "lookup": py_lookup,
     "forget_unindexed": py_forget_unindexed,
+    "add_engine": py_add_engine,
+    "remove_engine": py_remove_engine,
     "xor_u64": py_xor_u64,
 }
 
@@ -171,4 +219,6 @@ or_bits = _impl.or_bits if _impl else py_or_bits
 and_bits = _impl.and_bits if _impl else py_and_bits
 lookup = _impl.lookup if _impl else py_lookup
 forget_unindexed = _impl.forget_unindexed if _impl else py_forget_unindexed
+add_engine = _impl.add_engine if _impl else py_add_engine
+remove_engine = _impl.remove_engine if _impl else py_remove_engine
 xor_u64 = _impl.xor_u64 if _impl else py_xor_u64

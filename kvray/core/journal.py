@@ -162,6 +162,28 @@ class Journal:
     def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
         return self.backend.get_engine_map(engine_keys)
 
+    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
+        fused = getattr(self.backend, "add_engine", None)
+        if fused is None:
+            self.backend.add(pod, tier, keys)
+            self.backend.put_engine_map(list(zip(engine, keys, strict=True)))
+        else:
+            fused(pod, tier, keys, engine)
+        ttl = self._ttl_s if tier == SPECULATIVE else 0.0
+        self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
+
+    def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
+        fused = getattr(self.backend, "remove_engine", None)
+        if fused is None:
+            keys = [k for k in self.backend.get_engine_map(engine) if k is not None]
+            self.backend.remove(pod, tier, keys)
+            self.forget_engine_keys(engine)
+            unknown = len(engine) - len(keys)
+        else:
+            keys, unknown = fused(pod, tier, engine)
+        self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
+        return keys, unknown
+
     def forget_engine_keys(self, engine_keys: Sequence[int]) -> int:
         forget = getattr(self.backend, "forget_engine_keys", None)
         return 0 if forget is None else int(forget(engine_keys))

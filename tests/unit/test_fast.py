@@ -182,3 +182,39 @@ def test_bad_containers_raise_not_crash() -> None:
     ]:
         with pytest.raises((TypeError, ValueError)):
             getattr(C, name)(*args)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    d=st.dictionaries(st.integers(0, 40), masks, max_size=30),
+    emap=st.dictionaries(st.integers(100, 140), st.integers(0, 45), max_size=30),
+    other=st.dictionaries(st.integers(0, 40), st.just(1), max_size=10),
+    engine=st.lists(st.integers(100, 150), max_size=30),
+    keys=st.lists(st.integers(0, 50), max_size=30),
+    bit=st.integers(0, 70).map(lambda s: 1 << s),
+    recency=st.booleans(),
+    packed=st.booleans(),
+)
+@needs_c
+def test_fused_engine_paths_agree(
+    d: dict[int, int],
+    emap: dict[int, int],
+    other: dict[int, int],
+    engine: list[int],
+    keys: list[int],
+    bit: int,
+    recency: bool,
+    packed: bool,
+) -> None:
+    n = min(len(engine), len(keys))
+    same("add_engine", d, emap, keys[:n], engine[:n], bit, recency)
+    py_d, c_d, py_e, c_e = dict(d), dict(d), dict(emap), dict(emap)
+    seq: Any = array("Q", engine) if packed else engine
+    got_py = fast.py_remove_engine(py_d, py_e, seq, ~bit, [py_d, other])
+    got_c = C.remove_engine(c_d, c_e, seq, ~bit, [c_d, other])
+    assert got_c == got_py
+    assert list(c_d.items()) == list(py_d.items()) and list(c_e.items()) == list(py_e.items())
+    with pytest.raises((TypeError, ValueError)):
+        C.add_engine(d, emap, [1], [], 1, True)
+    with pytest.raises(TypeError):
+        C.remove_engine(d, emap, engine, ~bit, [None])

@@ -28,7 +28,14 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
 
-from kvray.core.fast import and_bits, forget_unindexed, lookup, or_bits
+from kvray.core.fast import (
+    add_engine,
+    and_bits,
+    forget_unindexed,
+    lookup,
+    or_bits,
+    remove_engine,
+)
 from kvray.core.index.base import IndexStats
 from kvray.core.snapshot import decode_snapshot, encode_snapshot
 from kvray.types import PodId, Tier
@@ -122,6 +129,41 @@ class MemoryIndex:
             self._evict()
         if self._retired:
             self._sweep_step()
+
+    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
+        """``add(pod, tier, keys)`` and ``put_engine_map(zip(engine, keys))`` in one pass."""
+        if type(self).add is not MemoryIndex.add:  # a subclass keeps its own accounting
+            self.add(pod, tier, keys)
+            self.put_engine_map(list(zip(engine, keys, strict=True)))
+            return
+        bit = self._bit(pod)
+        d = self._tiers.get(tier)
+        if d is None:
+            d = self._tiers[tier] = {}
+        self._nkeys += add_engine(d, self._emap, keys, engine, bit, self.recency)
+        if self._nkeys > self.max_keys:
+            self._evict()
+        if self._retired:
+            self._sweep_step()
+        self._after_engine_put()
+
+    def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
+        """Resolve engine keys, remove ``pod`` from those blocks and forget the engine keys of
+        blocks nobody holds any more; returns (the request keys resolved, how many were not)."""
+        slot = self._slot.get(pod)
+        d = self._tiers.get(tier)
+        if type(self).remove is not MemoryIndex.remove or slot is None or d is None:
+            keys = [k for k in self.get_engine_map(engine) if k is not None]
+            self.remove(pod, tier, keys)
+            self.forget_engine_keys(engine)
+            return keys, len(engine) - len(keys)
+        keys, unknown, deleted = remove_engine(
+            d, self._emap, engine, ~(1 << slot), list(self._tiers.values())
+        )
+        self._nkeys -= deleted
+        if self._retired:
+            self._sweep_step()
+        return keys, unknown
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         slot = self._slot.get(pod)
@@ -269,6 +311,9 @@ class MemoryIndex:
 
     def put_engine_map(self, pairs: Sequence[tuple[int, int]]) -> None:
         self._emap.update(pairs)
+        self._after_engine_put()
+
+    def _after_engine_put(self) -> None:
         if self._emap_sweep is None and len(self._emap) > 2 * self._nkeys + 65536:
             # Forget engine keys whose request key is no longer indexed (evicted or removed),
             # a bounded slice per call: a whole pass over ~10^5 entries would stall the shard
