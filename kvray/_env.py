@@ -30,3 +30,19 @@ def env_str(name: str, default: str | None = None) -> str | None:
     if not name.startswith("KVRAY_"):
         raise ValueError(f"kvray env knobs start with KVRAY_, got {name!r}")
     return os.environ.get(name, default)
+
+
+def freeze_heap() -> None:
+    """Move every object alive now out of the garbage collector's reach (``gc.freeze``).
+
+    Called once by kvray's own processes (shards, Serve replicas) at the end of their set-up.
+    A Ray worker starts with a large heap of GC-tracked objects (Ray, gRPC, pydantic, ...) that
+    every full collection walks; the write path allocates short-lived lists fast enough to
+    trigger such collections all the time. Measured with ``perf`` in a shard while ingesting:
+    12 % of its CPU was the collector walking that start-up heap. Frozen objects are never freed
+    (they were not going to be: they are the process's modules and singletons).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()

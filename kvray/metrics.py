@@ -85,6 +85,14 @@ class _StatsCollector(Collector):
             g.add_metric([str(s["shard"]), "0.5"], s["lag_p50_s"])
             g.add_metric([str(s["shard"]), "0.99"], s["lag_p99_s"])
         yield g
+        g = GaugeMetricFamily(
+            "kvray_write_path_compiled",
+            "1 when the shard's write path runs the C extension (kvray._speedups)",
+            labels=["shard"],
+        )
+        for s in shards:
+            g.add_metric([str(s["shard"])], float(s.get("write_path") == "compiled"))
+        yield g
         c = CounterMetricFamily(
             "kvray_shard_apply_seconds", "Time shards spent applying ops", labels=["shard"]
         )

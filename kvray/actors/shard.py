@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
+from kvray._env import freeze_heap
 from kvray.config import Config
+from kvray.core import fast
 from kvray.core.apply import ApplyResult, IndexWriter
 from kvray.core.events import EventDecoder
 from kvray.core.index.base import IndexStats
@@ -92,6 +94,11 @@ class IndexShard:
         if ic.backend == "redis":
             opts["prefix"] = f"{ic.redis_prefix}:s{shard_id}"
         self.backend = create_backend(ic.backend, **opts)
+        if shard_id == 0 and not fast.COMPILED:
+            log.warning(
+                "kvray._speedups is not built (no C compiler at install?): the write path runs "
+                "in pure Python, about 1.5-2x slower to ingest"
+            )
         self.journal = Journal(self.backend)
         self.writer = IndexWriter(
             self.journal,
@@ -133,6 +140,7 @@ class IndexShard:
         self._epoch_checked = time.monotonic()
         self._epoch = uuid.uuid4().hex
         self._mark_epoch()
+        freeze_heap()  # the collector stops walking Ray's start-up heap (see freeze_heap)
 
     def _mark_epoch(self) -> None:
         set_epoch = getattr(self.backend, "set_epoch", None)
@@ -562,6 +570,7 @@ class IndexShard:
             "hash_mismatched_pods": sum(
                 1 for c in self.writer.contracts.values() if c.status == "mismatch"
             ),
+            "write_path": "compiled" if fast.COMPILED else "python",
         }
 
     # --- snapshot --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from kvray._env import freeze_heap
 from kvray.config import Config, ServeConfig
 from kvray.errors import BadRequest, ConfigError, KvrayError
 from kvray.metrics import CONTENT_TYPE, LatencyHistogram, render
@@ -226,6 +227,7 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
                     self.fast_port = start_fast_http(self, app.openapi())
                 except OSError as exc:  # no free port: serve through Serve's endpoint only
                     logging.getLogger("kvray.serve").warning("fast HTTP path off: %s", exc)
+            freeze_heap()  # the replica's change-stream thread allocates fast (see freeze_heap)
 
         @app.get("/healthz", summary="Liveness")
         async def healthz(self) -> dict[str, str]:

@@ -26,6 +26,7 @@ SHARD = {
     "rss_bytes": 1,
     "lag_p50_s": 0.001,
     "lag_p99_s": 0.004,
+    "write_path": "compiled",
 }
 INGESTOR = {
     "ingestor": 0,
@@ -82,3 +83,4 @@ def test_render_all_families() -> None:
     assert samples[("kvray_replica_resyncs_total", ())] == 1
     assert samples[("kvray_scoring_latency_seconds_bucket", (("le", "0.0005"),))] == 1
     assert samples[("kvray_event_lag_seconds", (("quantile", "0.99"), ("shard", "0")))] == 0.004
+    assert samples[("kvray_write_path_compiled", (("shard", "0"),))] == 1
