@@ -38,6 +38,11 @@ class SeqResult:
         return self.missing_to - self.missing_from
 
 
+_FIRST = SeqResult(Verdict.FIRST)
+_IN_ORDER = SeqResult(Verdict.IN_ORDER)
+_RESTART = SeqResult(Verdict.RESTART)
+
+
 class SeqTracker:
     """Tracks the next expected seq of every stream."""
 
@@ -48,13 +53,13 @@ class SeqTracker:
         """Record ``seq`` as received on ``stream`` and classify it."""
         expected = self._expected.get(stream)
         self._expected[stream] = seq + 1
-        if expected is None:
-            return SeqResult(Verdict.FIRST)
         if seq == expected:
-            return SeqResult(Verdict.IN_ORDER)
+            return _IN_ORDER
+        if expected is None:
+            return _FIRST
         if seq > expected:
             return SeqResult(Verdict.GAP, expected, seq)
-        return SeqResult(Verdict.RESTART)
+        return _RESTART
 
     def expected(self, stream: tuple[str, int]) -> int | None:
         """The next seq expected on ``stream`` (None when never seen)."""

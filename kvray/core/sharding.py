@@ -6,11 +6,14 @@ owners; xxh3-64 of the UTF-8 id gives every process, and every restart, the same
 
 from __future__ import annotations
 
+import functools
+
 import xxhash
 
 
+@functools.lru_cache(maxsize=65536)
 def shard_of(holder: str, num_shards: int) -> int:
-    """The shard index in ``[0, num_shards)`` owning ``holder``."""
+    """The shard index in ``[0, num_shards)`` owning ``holder`` (memoised: asked per message)."""
     if num_shards <= 0:
         raise ValueError(f"num_shards must be positive, got {num_shards}")
     return int(xxhash.xxh3_64_intdigest(holder.encode("utf-8")) % num_shards)

@@ -6,6 +6,7 @@ reason label (``frames``, ``topic``, ``seq``); nothing else escapes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,18 +28,29 @@ class Topic:
     """Served model name (may contain ``/`` and ``@``)."""
 
 
+_BYTES = (bytes, bytearray, memoryview)
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_text(topic: bytes) -> str:
+    """A topic frame as text (memoised: a fleet has a few topics, sent with every message)."""
+    try:
+        return topic.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedFrame(f"topic is not UTF-8: {exc}", reason="topic") from exc
+
+
 def parse_frames(frames: Sequence[bytes]) -> tuple[str, int, bytes]:
     """Split one ZMQ message into (topic text, seq, payload)."""
     if not isinstance(frames, list | tuple) or len(frames) != 3:
         n = len(frames) if isinstance(frames, list | tuple) else type(frames).__name__
         raise MalformedFrame(f"expected 3 frames [topic, seq, payload], got {n}", reason="frames")
     topic_b, seq_b, payload = frames
-    if not all(isinstance(f, bytes | bytearray | memoryview) for f in frames):
+    if not (
+        isinstance(topic_b, _BYTES) and isinstance(seq_b, _BYTES) and isinstance(payload, _BYTES)
+    ):
         raise MalformedFrame("frames must be byte strings", reason="frames")
-    try:
-        topic = bytes(topic_b).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MalformedFrame(f"topic is not UTF-8: {exc}", reason="topic") from exc
+    topic = _topic_text(bytes(topic_b))
     if len(seq_b) != SEQ_BYTES:
         raise MalformedFrame(
             f"seq frame must be {SEQ_BYTES} bytes big-endian, got {len(seq_b)}", reason="seq"
@@ -46,6 +58,7 @@ def parse_frames(frames: Sequence[bytes]) -> tuple[str, int, bytes]:
     return topic, int.from_bytes(seq_b, "big"), bytes(payload)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_topic(
     topic: str, *, default_pod: str | None = None, default_model: str | None = None
 ) -> Topic:
@@ -56,6 +69,8 @@ def parse_topic(
 
     Raises:
         MalformedFrame: (reason ``topic``) for any other shape, or an empty topic with no default.
+
+    Memoised (``Topic`` is immutable): every message of a stream carries the same topic.
     """
     if not topic:
         if default_pod is None or default_model is None:
