@@ -499,6 +499,35 @@ lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* A sequence of dicts (the index's tiers): a new reference from PySequence_Fast, or NULL. */
+static PyObject *
+tiers_open(PyObject *obj, const char *name)
+{
+    PyObject *tiers = PySequence_Fast(obj, "tiers must be a sequence of dicts");
+    if (tiers == NULL)
+        return NULL;
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(tiers); j++) {
+        if (!PyDict_CheckExact(PySequence_Fast_GET_ITEM(tiers, j))) {
+            PyErr_Format(PyExc_TypeError, "%s(): tiers must be dicts", name);
+            Py_DECREF(tiers);
+            return NULL;
+        }
+    }
+    return tiers;
+}
+
+/* 1 when some tier holds r, 0 when none does, -1 on error. */
+static int
+indexed_in(PyObject *tiers, PyObject *r)
+{
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(tiers); j++) {
+        int rc = PyDict_Contains(PySequence_Fast_GET_ITEM(tiers, j), r);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(forget_unindexed_doc,
 "forget_unindexed(emap, engine_keys, tiers) -> int\n\n"
 "Delete emap[e] for each e whose value is in none of the dicts of the sequence tiers;\n"
@@ -512,25 +541,15 @@ forget_unindexed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *emap = args[0];
     Py_ssize_t deleted = 0;
-    PyObject *tiers = PySequence_Fast(args[2], "tiers must be a sequence of dicts");
+    PyObject *tiers = tiers_open(args[2], "forget_unindexed");
     if (tiers == NULL)
         goto fail;
-    Py_ssize_t nt = PySequence_Fast_GET_SIZE(tiers);
-    PyObject **ts = PySequence_Fast_ITEMS(tiers);
-    for (Py_ssize_t j = 0; j < nt; j++) {
-        if (!PyDict_CheckExact(ts[j])) {
-            PyErr_SetString(PyExc_TypeError, "forget_unindexed(): tiers must be dicts");
-            goto fail;
-        }
-    }
     for (Py_ssize_t i = 0; i < ks.n; i++) {
         PyObject *e = keys_get(&ks, i);
         if (e == NULL)
             goto fail;
         PyObject *r = PyDict_GetItemWithError(emap, e);
-        int indexed = r == NULL ? (PyErr_Occurred() ? -1 : 1) : 0;
-        for (Py_ssize_t j = 0; j < nt && !indexed; j++)
-            indexed = PyDict_Contains(ts[j], r);
+        int indexed = r == NULL ? (PyErr_Occurred() ? -1 : 1) : indexed_in(tiers, r);
         if (indexed == 0) {
             indexed = PyDict_DelItem(emap, e);
             deleted++;
@@ -547,7 +566,6 @@ fail:
     keys_close(&ks);
     return NULL;
 }
-
 
 PyDoc_STRVAR(add_engine_doc,
 "add_engine(d, emap, keys, engine, bit, recency) -> int\n\n"
@@ -603,19 +621,11 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     keys_t ks;
     if (keys_open(args[2], &ks) < 0)
         return NULL;
-    PyObject *tiers = PySequence_Fast(args[4], "tiers must be a sequence of dicts");
+    PyObject *tiers = tiers_open(args[4], "remove_engine");
     PyObject *keys = PyList_New(0);
     Py_ssize_t unknown = 0, deleted = 0;
     if (tiers == NULL || keys == NULL)
         goto fail;
-    Py_ssize_t nt = PySequence_Fast_GET_SIZE(tiers);
-    PyObject **ts = PySequence_Fast_ITEMS(tiers);
-    for (Py_ssize_t j = 0; j < nt; j++) {
-        if (!PyDict_CheckExact(ts[j])) {
-            PyErr_SetString(PyExc_TypeError, "remove_engine(): tiers must be dicts");
-            goto fail;
-        }
-    }
     for (Py_ssize_t i = 0; i < ks.n; i++) {
         PyObject *e = keys_get(&ks, i);
         if (e == NULL)
@@ -647,14 +657,10 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         else if (PyErr_Occurred()) {
             rc = -1;
         }
-        int indexed = 0;
-        for (Py_ssize_t j = 0; rc == 0 && j < nt && !indexed; j++) {
-            indexed = PyDict_Contains(ts[j], r);
-            if (indexed < 0)
-                rc = -1;
+        if (rc == 0) {
+            int indexed = indexed_in(tiers, r);
+            rc = indexed < 0 ? -1 : indexed ? 0 : PyDict_DelItem(emap, e);
         }
-        if (rc == 0 && !indexed)
-            rc = PyDict_DelItem(emap, e);
         Py_DECREF(r);
         Py_DECREF(e);
         if (rc < 0)

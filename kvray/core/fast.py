@@ -95,19 +95,20 @@ def py_or_bits(d: dict[int, int], keys: Sequence[int], bit: int, recency: bool) 
 
 def py_and_bits(d: dict[int, int], keys: Sequence[int], keep: int) -> int:
     """``d[k] &= keep`` for the keys present, deleting zeroed keys; returns how many went."""
-    deleted = 0
-    get = d.get
-    for k in keys:
-        m = get(k)
-        if m is None:
-            continue
-        m &= keep
-        if m:
-            d[k] = m
-        else:
-            del d[k]
-            deleted += 1
-    return deleted
+    return sum(_clear(d, k, keep) for k in keys)
+
+
+def _clear(d: dict[int, int], k: int, keep: int) -> bool:
+    """``d[k] &= keep`` when k is present; True when that deleted k."""
+    m = d.get(k)
+    if m is None:
+        return False
+    m &= keep
+    if m:
+        d[k] = m
+        return False
+    del d[k]
+    return True
 
 
 def py_lookup(d: dict[int, int], keys: Sequence[int]) -> list[int | None]:
@@ -123,10 +124,14 @@ def py_forget_unindexed(
     deleted = 0
     for e in engine_keys:
         r = emap.get(e)
-        if r is not None and not any(r in d for d in tiers):
+        if r is not None and not _indexed(r, tiers):
             del emap[e]
             deleted += 1
     return deleted
+
+
+def _indexed(r: int, tiers: Sequence[dict[int, int]]) -> bool:
+    return any(r in d for d in tiers)
 
 
 def py_add_engine(
@@ -162,15 +167,8 @@ def py_remove_engine(
             unknown += 1
             continue
         keys.append(r)
-        m = d.get(r)
-        if m is not None:
-            m &= keep
-            if m:
-                d[r] = m
-            else:
-                del d[r]
-                deleted += 1
-        if not any(r in t for t in tiers):
+        deleted += _clear(d, r, keep)
+        if not _indexed(r, tiers):
             del emap[e]
     return keys, unknown, deleted
 
