@@ -14,8 +14,11 @@ Cost model (measured in ``benchmarks/bench_core.py``; CPython 3.11, 64-bit):
 * ``score``: ``map(dict.get)`` + ``accumulate(and_)`` + ``takewhile`` run in C and stop at the
   first block no allowed holder has; only the (at most #holders) points where the running mask
   shrinks are located in Python, by bisection. O(run) C steps + O(changes · log run) Python steps.
-* engine map: pruned of entries whose request key left the index once it outgrows twice the
-  key count, ``_EMAP_PRUNE_BATCH`` entries per write (no stall).
+* engine map: a removal forgets the engine keys of blocks no tier holds any more
+  (``remove_engine``/``forget_engine_keys``); what that misses (LRU evictions, cleared pods) is
+  pruned once the map outgrows twice the key count, ``_EMAP_PRUNE_BATCH`` entries per write.
+* the inner loops (bit set/clear, engine map) run in C when ``kvray._speedups`` is built
+  (``kvray.core.fast``; pure-Python twins otherwise).
 * ``clear_pod``: O(1). The holder gets a fresh slot; its old bit is *retired* and swept out of
   the masks incrementally (a bounded number of keys per mutating call) before the slot is reused.
   Retired bits are never attributed to a holder, so scores are exact while the sweep runs.
