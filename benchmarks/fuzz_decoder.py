@@ -4,6 +4,9 @@ Run: ``python benchmarks/fuzz_decoder.py [--n 1000000] [--out benchmarks/results
 Inputs: byte-level mutations of every captured vLLM frame (flip, insert, delete, truncate,
 splice, integer-boundary patches), random msgpack documents, and random bytes. Every input must
 either decode or raise ``MalformedFrame``; anything else is a crash, printed with its input.
+Every batch that decodes is then applied through a shard's write path (``IndexWriter`` over a
+``Journal`` over a ``MemoryIndex``, request keys: the C extension's loops when it is built),
+which must never raise.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import table, write_report  # noqa: E402
 
 from kvray.config import load_config  # noqa: E402
+from kvray.core import fast  # noqa: E402
+from kvray.core.apply import IndexWriter, ModelHashing  # noqa: E402
 from kvray.core.events import EventDecoder, peek_rank  # noqa: E402
+from kvray.core.index.memory import MemoryIndex  # noqa: E402
+from kvray.core.journal import Journal  # noqa: E402
 from kvray.core.topics import parse_frames, parse_topic  # noqa: E402
 from kvray.errors import ConfigError, MalformedFrame  # noqa: E402
+from kvray.types import PodId  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUNDARY = [
@@ -125,7 +133,9 @@ def main() -> int:
     rng = random.Random(args.seed)
     pool = seeds()
     dec = EventDecoder()
+    writer = IndexWriter(Journal(MemoryIndex(max_keys=50_000)), lambda m: ModelHashing(16))
     reasons: Counter[str] = Counter()
+    applied: Counter[str] = Counter()
     crashes = 0
     t0 = time.perf_counter()
     for i in range(args.n):
@@ -139,9 +149,14 @@ def main() -> int:
         else:
             data = rng.randbytes(rng.randrange(64))
         try:
-            dec.decode(data)
+            batch = dec.decode(data)
             peek_rank(data)
             reasons["decoded"] += 1
+            res = writer.apply_batch(PodId(f"p{i % 8}"), "m", batch)
+            applied["stored"] += res.stored_blocks
+            applied["removed"] += res.removed_blocks
+            applied.update(res.rejected)
+            writer.backend.drain()  # type: ignore[attr-defined]
         except MalformedFrame as exc:
             reasons[exc.reason] += 1
         except Exception as exc:  # a crash: the one outcome that must never happen
@@ -197,6 +212,12 @@ def main() -> int:
         [
             f"## Decoder: {args.n:,} inputs in {dt:.1f} s ({args.n / dt / 1e3:.0f} k/s), "
             f"crashes: {crashes}\n\n" + table(["outcome (MalformedFrame reason)", "inputs"], rows),
+            "## Write path on every decoded batch "
+            f"({'compiled' if fast.COMPILED else 'pure Python'}), crashes included above\n\n"
+            + table(
+                ["blocks (applied, or rejected by reason)", "count"],
+                [[k, f"{v:,}"] for k, v in sorted(applied.items())],
+            ),
             f"## Frames + topic parser: {args.n // 10:,} inputs, {topics:,} parsed, crashes: "
             f"{frame_crashes}",
             f"## Config loader: 2,000 random documents, crashes: {cfg_crashes}",
