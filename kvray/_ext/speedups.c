@@ -422,6 +422,19 @@ fail:
     return NULL;
 }
 
+/* d[k] = old & keep, deleting k when that is 0: 1 when k was deleted, 0 when kept, -1 on error. */
+static int
+clear_bits(PyObject *d, PyObject *k, PyObject *old, PyObject *keep)
+{
+    PyObject *m = PyNumber_And(old, keep);
+    if (m == NULL)
+        return -1;
+    int nonzero = PyObject_IsTrue(m);
+    int rc = nonzero < 0 ? -1 : nonzero ? PyDict_SetItem(d, k, m) : PyDict_DelItem(d, k);
+    Py_DECREF(m);
+    return rc < 0 ? -1 : !nonzero;
+}
+
 PyDoc_STRVAR(and_bits_doc,
 "and_bits(d, keys, keep) -> int\n\n"
 "d[k] &= keep for every k present, deleting keys whose mask becomes 0; returns how many were\n"
@@ -446,27 +459,11 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             continue;
         }
-        PyObject *m = PyNumber_And(old, keep);
-        if (m == NULL) {
-            Py_DECREF(k);
-            goto fail;
-        }
-        int nonzero = PyObject_IsTrue(m);
-        int rc;
-        if (nonzero > 0) {
-            rc = PyDict_SetItem(d, k, m);
-        }
-        else if (nonzero == 0) {
-            rc = PyDict_DelItem(d, k);
-            deleted++;
-        }
-        else {
-            rc = -1;
-        }
-        Py_DECREF(m);
+        int gone = clear_bits(d, k, old, keep);
         Py_DECREF(k);
-        if (rc < 0)
+        if (gone < 0)
             goto fail;
+        deleted += gone;
     }
     keys_close(&ks);
     return PyLong_FromSsize_t(deleted);
@@ -642,17 +639,9 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         int rc = PyList_Append(keys, r);
         PyObject *m = rc < 0 ? NULL : PyDict_GetItemWithError(d, r);
         if (m != NULL) {
-            PyObject *m2 = PyNumber_And(m, keep);
-            int nz = m2 == NULL ? -1 : PyObject_IsTrue(m2);
-            if (nz > 0)
-                rc = PyDict_SetItem(d, r, m2);
-            else if (nz == 0) {
-                rc = PyDict_DelItem(d, r);
-                deleted++;
-            }
-            else
-                rc = -1;
-            Py_XDECREF(m2);
+            int gone = clear_bits(d, r, m, keep);
+            rc = gone < 0 ? -1 : 0;
+            deleted += gone > 0;
         }
         else if (PyErr_Occurred()) {
             rc = -1;

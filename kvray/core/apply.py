@@ -28,11 +28,12 @@ from kvray.core.index.base import (
     SPECULATIVE,
     IndexBackend,
     SpeculativeEntries,
+    engine_ops,
     normalize_tier,
 )
 from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
 from kvray.errors import ConfigError, MalformedFrame
-from kvray.types import PodId, Tier
+from kvray.types import PodId
 
 KeyMode = Literal["request", "engine"]
 
@@ -185,16 +186,9 @@ class IndexWriter:
         self.models: dict[PodId, str] = {}
         self._digests: dict[int, bytes] = {}
         self._spec = SpeculativeEntries()
-        # Optional backend method (the memory backends have it; a shared Redis keeps its map).
-        self._forget_engine: Callable[[Sequence[int]], int] | None = getattr(
-            backend, "forget_engine_keys", None
-        )
-        self._add_engine: Callable[[PodId, Tier, list[int], list[int]], None] | None = getattr(
-            backend, "add_engine", None
-        )
-        self._remove_engine: (
-            Callable[[PodId, Tier, Sequence[int]], tuple[list[int], int]] | None
-        ) = getattr(backend, "remove_engine", None)
+        # Store/remove with engine keys in one pass where the backend can (memory backends,
+        # through the journal); any other backend gets the separate calls.
+        self._add_engine, self._remove_engine = engine_ops(backend)
 
     def block_keys(
         self,
@@ -282,11 +276,7 @@ class IndexWriter:
         except (MalformedFrame, ValueError, msgspec.ValidationError):
             res.reject("schema", n)
             return
-        if self._add_engine is not None:  # one pass (memory backends, through the journal)
-            self._add_engine(holder, tier, keys, engine)
-        else:
-            self.backend.add(holder, tier, keys)
-            self.backend.put_engine_map(list(zip(engine, keys, strict=True)))
+        self._add_engine(holder, tier, keys, engine)
         res.stored_blocks += n
 
     def _removed(
@@ -302,18 +292,10 @@ class IndexWriter:
         if self.key_mode == "engine":
             keys = engine
             self.backend.remove(holder, tier, keys)
-        elif self._remove_engine is not None:  # resolve, remove and forget in one pass
+        else:
             keys, unknown = self._remove_engine(holder, tier, engine)
             if unknown:
                 res.reject("unknown_removed", unknown)
-        else:
-            resolved = self.backend.get_engine_map(engine)
-            keys = [k for k in resolved if k is not None]
-            if len(keys) != len(engine):
-                res.reject("unknown_removed", len(engine) - len(keys))
-            self.backend.remove(holder, tier, keys)
-            if self._forget_engine is not None:
-                self._forget_engine(engine)  # blocks nobody holds now: drop their engine keys
         res.removed_blocks += len(keys)
 
     # --- hash contract ---------------------------------------------------------------------

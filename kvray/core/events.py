@@ -233,7 +233,7 @@ class EventDecoder:
             raise MalformedFrame(f"BlockStored with {n} blocks", reason="size")
         if ev.block_size <= 0:
             raise MalformedFrame(f"BlockStored block_size must be positive, got {ev.block_size}")
-        if len(ev.token_raw) > 1:
+        if ev.has_tokens:
             try:
                 ntok = msgpack_u32_count(ev.token_raw)
             except ValueError as exc:

@@ -208,7 +208,7 @@ else:
 COMPILED: bool = _speedups is not None
 """True when the C extension is in use."""
 
-_impl: Any = _speedups if _speedups is not None else None
+_impl: Any = _speedups
 
 msgpack_u32_count = _impl.msgpack_u32_count if _impl else py_msgpack_u32_count
 chain_u32 = _impl.chain_u32 if _impl else py_chain_u32

@@ -22,7 +22,13 @@ from contextlib import contextmanager
 
 import msgspec
 
-from kvray.core.index.base import SPECULATIVE, IndexBackend, IndexStats, SpeculativeEntries
+from kvray.core.index.base import (
+    SPECULATIVE,
+    IndexBackend,
+    IndexStats,
+    SpeculativeEntries,
+    engine_ops,
+)
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.snapshot import decode_snapshot
 from kvray.types import PodId, Tier
@@ -101,6 +107,7 @@ class Journal:
     def __init__(self, backend: IndexBackend) -> None:
         self.backend = backend
         self.name = backend.name
+        self._add_engine, self._remove_engine = engine_ops(backend)
         self.ops: list[Op] = []
         self._ttl_s = 0.0
         if isinstance(backend, MemoryIndex):
@@ -163,30 +170,14 @@ class Journal:
         return self.backend.get_engine_map(engine_keys)
 
     def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
-        fused = getattr(self.backend, "add_engine", None)
-        if fused is None:
-            self.backend.add(pod, tier, keys)
-            self.backend.put_engine_map(list(zip(engine, keys, strict=True)))
-        else:
-            fused(pod, tier, keys, engine)
+        self._add_engine(pod, tier, keys, engine)
         ttl = self._ttl_s if tier == SPECULATIVE else 0.0
         self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
 
     def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
-        fused = getattr(self.backend, "remove_engine", None)
-        if fused is None:
-            keys = [k for k in self.backend.get_engine_map(engine) if k is not None]
-            self.backend.remove(pod, tier, keys)
-            self.forget_engine_keys(engine)
-            unknown = len(engine) - len(keys)
-        else:
-            keys, unknown = fused(pod, tier, engine)
+        keys, unknown = self._remove_engine(pod, tier, engine)
         self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
         return keys, unknown
-
-    def forget_engine_keys(self, engine_keys: Sequence[int]) -> int:
-        forget = getattr(self.backend, "forget_engine_keys", None)
-        return 0 if forget is None else int(forget(engine_keys))
 
     def stats(self) -> IndexStats:
         return self.backend.stats()

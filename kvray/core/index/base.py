@@ -19,8 +19,9 @@ Semantics every backend keeps:
 
 from __future__ import annotations
 
+import functools
 import heapq
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +56,46 @@ class SpeculativeEntries:
             backend.remove(holder, SPECULATIVE, keys)
             n += 1
         return n
+
+
+AddEngine = Callable[[PodId, Tier, list[int], list[int]], None]
+"""``(pod, tier, keys, engine)``: store ``keys`` for ``pod`` and map ``engine[i]`` → ``keys[i]``."""
+RemoveEngine = Callable[[PodId, Tier, Sequence[int]], tuple[list[int], int]]
+"""``(pod, tier, engine)``: resolve engine keys, remove ``pod`` from those blocks, let the backend
+forget engine keys nobody needs; returns (the request keys resolved, how many were unknown)."""
+
+
+def engine_ops(backend: IndexBackend) -> tuple[AddEngine, RemoveEngine]:
+    """The backend's one-pass ``add_engine``/``remove_engine`` when it has them (the memory
+    backends, the journal), else the same through its ``IndexBackend`` methods."""
+    add: AddEngine = getattr(backend, "add_engine", None) or functools.partial(
+        add_engine_generic, backend
+    )
+    remove: RemoveEngine = getattr(backend, "remove_engine", None) or functools.partial(
+        remove_engine_generic, backend
+    )
+    return add, remove
+
+
+def add_engine_generic(
+    backend: IndexBackend, pod: PodId, tier: Tier, keys: list[int], engine: list[int]
+) -> None:
+    """``add_engine`` through the ``IndexBackend`` methods alone."""
+    backend.add(pod, tier, keys)
+    backend.put_engine_map(list(zip(engine, keys, strict=True)))
+
+
+def remove_engine_generic(
+    backend: IndexBackend, pod: PodId, tier: Tier, engine: Sequence[int]
+) -> tuple[list[int], int]:
+    """``remove_engine`` through the ``IndexBackend`` methods (and an optional
+    ``forget_engine_keys``: a shared Redis keeps its map)."""
+    keys = [k for k in backend.get_engine_map(engine) if k is not None]
+    backend.remove(pod, tier, keys)
+    forget = getattr(backend, "forget_engine_keys", None)
+    if forget is not None:
+        forget(engine)  # blocks nobody holds now: drop their engine keys
+    return keys, len(engine) - len(keys)
 
 
 def normalize_tier(medium: str | None) -> Tier:

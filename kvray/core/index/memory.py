@@ -39,7 +39,7 @@ from kvray.core.fast import (
     or_bits,
     remove_engine,
 )
-from kvray.core.index.base import IndexStats
+from kvray.core.index.base import IndexStats, add_engine_generic, remove_engine_generic
 from kvray.core.snapshot import decode_snapshot, encode_snapshot
 from kvray.types import PodId, Tier
 
@@ -122,32 +122,16 @@ class MemoryIndex:
     # --- writes ----------------------------------------------------------------------------
 
     def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
-        bit = self._bit(pod)
-        d = self._tiers.get(tier)
-        if d is None:
-            d = self._tiers[tier] = {}
         # With recency, a stored key moves to the dict's end: dict order is recency order.
-        self._nkeys += or_bits(d, keys, bit, self.recency)
-        if self._nkeys > self.max_keys:
-            self._evict()
-        if self._retired:
-            self._sweep_step()
+        self._grew(or_bits(self._tier(tier), keys, self._bit(pod), self.recency))
 
     def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
         """``add(pod, tier, keys)`` and ``put_engine_map(zip(engine, keys))`` in one pass."""
         if type(self).add is not MemoryIndex.add:  # a subclass keeps its own accounting
-            self.add(pod, tier, keys)
-            self.put_engine_map(list(zip(engine, keys, strict=True)))
+            add_engine_generic(self, pod, tier, keys, engine)
             return
         bit = self._bit(pod)
-        d = self._tiers.get(tier)
-        if d is None:
-            d = self._tiers[tier] = {}
-        self._nkeys += add_engine(d, self._emap, keys, engine, bit, self.recency)
-        if self._nkeys > self.max_keys:
-            self._evict()
-        if self._retired:
-            self._sweep_step()
+        self._grew(add_engine(self._tier(tier), self._emap, keys, engine, bit, self.recency))
         self._after_engine_put()
 
     def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
@@ -156,10 +140,7 @@ class MemoryIndex:
         slot = self._slot.get(pod)
         d = self._tiers.get(tier)
         if type(self).remove is not MemoryIndex.remove or slot is None or d is None:
-            keys = [k for k in self.get_engine_map(engine) if k is not None]
-            self.remove(pod, tier, keys)
-            self.forget_engine_keys(engine)
-            return keys, len(engine) - len(keys)
+            return remove_engine_generic(self, pod, tier, engine)
         keys, unknown, deleted = remove_engine(
             d, self._emap, engine, ~(1 << slot), list(self._tiers.values())
         )
@@ -167,6 +148,20 @@ class MemoryIndex:
         if self._retired:
             self._sweep_step()
         return keys, unknown
+
+    def _tier(self, tier: Tier) -> dict[int, int]:
+        d = self._tiers.get(tier)
+        if d is None:
+            d = self._tiers[tier] = {}
+        return d
+
+    def _grew(self, added: int) -> None:
+        """Bookkeeping after ``added`` new keys: the size bound, then the retired-slot sweep."""
+        self._nkeys += added
+        if self._nkeys > self.max_keys:
+            self._evict()
+        if self._retired:
+            self._sweep_step()
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         slot = self._slot.get(pod)
