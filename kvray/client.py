@@ -26,11 +26,12 @@ from kvray.core.apply import Keyer
 from kvray.core.keys import LoRA
 from kvray.core.prefix_store import first_chunk_route
 from kvray.core.scoring import merge_scores
-from kvray.core.sharding import shard_of
+from kvray.core.sharding import Placement
 from kvray.errors import BadRequest, ConfigError
 from kvray.replica import Replica
 
 _ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix store's chunk)
+_PINS_FRESH_S = 1.0  # pins this young are trusted for pods they do not name (hash placed)
 
 
 class Client:
@@ -54,6 +55,8 @@ class Client:
         self.ingestors = [ray.get_actor(n, namespace=namespace) for n in info["ingestors"]]
         self.tokenizers = [ray.get_actor(n, namespace=namespace) for n in info["tokenizers"]]
         self.endpoints: list[list[str]] = info["endpoints"]
+        self.placement = Placement(len(self.shards), info.get("pins"))
+        self._pins_at = time.monotonic()
         self.keyer = Keyer(self.config.index.hashing_lookup(), self.config.index.keys)
         self.replica: Replica | None = None
         on = self.config.replicas_on()
@@ -79,8 +82,35 @@ class Client:
         rep = self.replica
         if rep is None:
             return None
-        ids = None if pods is None else self._owner_ids(pods)
+        ids = None if pods is None or not self._sure(pods) else self._owner_ids(pods)
         return rep if rep.ready(ids) else None
+
+    # --- placement (which shard owns a holder) ---------------------------------------------
+
+    def owner(self, holder: str) -> int:
+        """The shard owning ``holder``: its pod's pin (named pods that shards read are spread
+        evenly by the controller), else the hash (``core.sharding``)."""
+        self._refresh_pins([holder])
+        return self.placement.owner(holder)
+
+    def _sure(self, holders: Sequence[str]) -> bool:
+        """Whether the cached pins answer for ``holders``: every one pinned, or the pins are
+        fresh (a pod pinned since would be missed only for ``_PINS_FRESH_S``)."""
+        if time.monotonic() - self._pins_at < _PINS_FRESH_S:
+            return True
+        return all(self.placement.is_pinned(h) for h in holders)
+
+    def _refresh_pins(self, holders: Sequence[str]) -> None:
+        if not self._sure(holders):
+            self._set_pins(ray.get(self.controller.pins.remote(), timeout=self.timeout_s))
+
+    async def _refresh_pins_async(self, holders: Sequence[str]) -> None:
+        if not self._sure(holders):
+            self._set_pins(await self.controller.pins.remote())
+
+    def _set_pins(self, pins: dict[str, int]) -> None:
+        self.placement.update(pins)
+        self._pins_at = time.monotonic()
 
     # --- keys and tokens -------------------------------------------------------------------
 
@@ -134,13 +164,14 @@ class Client:
             return rep.score(keys, pods)
         klist = list(keys)
         plist = None if pods is None else list(pods)
+        if plist is not None:
+            await self._refresh_pins_async(plist)
         parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self._owners(pods)))
         return merge_scores(parts)
 
     def _owner_ids(self, pods: Sequence[str]) -> list[int]:
-        """The ids of the shards owning ``pods``."""
-        n = len(self.shards)
-        return sorted({shard_of(p, n) for p in pods})
+        """The ids of the shards owning ``pods`` (by the cached pins)."""
+        return sorted({self.placement.owner(p) for p in pods})
 
     def _owners(self, pods: Sequence[str] | None) -> list[Any]:
         """The shards to ask: all, or only those owning the requested holders."""
@@ -159,6 +190,8 @@ class Client:
             return rep.score(keys, pods)
         klist = list(keys)
         plist = None if pods is None else list(pods)
+        if plist is not None:
+            self._refresh_pins(plist)
         refs = [s.score.remote(klist, plist) for s in self._owners(pods)]
         return merge_scores(ray.get(refs, timeout=self.timeout_s))
 
@@ -217,7 +250,7 @@ class Client:
         """Record that a prompt was routed to ``pod``: speculative entries until events arrive."""
         if keys is None:
             keys = self.block_keys(tokens or [], model, lora)
-        i = shard_of(pod, len(self.shards))
+        i = self.owner(pod)
         at = ray.get(
             self.shards[i].record_route.remote(pod, list(keys), ttl_s), timeout=self.timeout_s
         )
@@ -227,7 +260,8 @@ class Client:
     async def record_route_async(
         self, pod: str, keys: Sequence[int], ttl_s: float | None = None
     ) -> None:
-        i = shard_of(pod, len(self.shards))
+        await self._refresh_pins_async([pod])
+        i = self.placement.owner(pod)
         at = await self.shards[i].record_route.remote(pod, list(keys), ttl_s)
         if self.replica is not None:
             await self.replica.wait_for_async({i: tuple(at)}, 1.0)
@@ -249,10 +283,12 @@ class Client:
 
         ``pod``/``model`` name the pod when it publishes with an empty topic.
         """
-        ray.get(
+        shard = ray.get(
             self.controller.add_pod.remote(endpoint, replay_endpoint, pod, model),
             timeout=self.timeout_s,
         )
+        if shard is not None and pod:  # pinned: this client routes to it from now on
+            self.placement.pin(pod, shard)
 
     def remove_pod(self, pod: str) -> None:
         """Forget a pod everywhere: its streams in the ingestors, its blocks in its shard
@@ -265,9 +301,8 @@ class Client:
         holders = [
             p["pod"] for p in self.pods() if p["pod"] == pod or p["pod"].startswith(pod + "#dp")
         ]
-        n = len(self.shards)
         targets = holders or [pod]
-        owners = [shard_of(h, n) for h in targets]
+        owners = [self.owner(h) for h in targets]
         refs = [self.shards[i].clear_pod.remote(h) for i, h in zip(owners, targets, strict=True)]
         done = ray.get(refs, timeout=self.timeout_s)
         if self.replica is not None:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvray.core.apply import ModelHashing
 from kvray.core.hashing import BlockHasher
+from kvray.core.sharding import Placement
 from kvray.errors import ConfigError
 
 ENV_PREFIX = "KVRAY_"
@@ -262,6 +263,14 @@ class Config(_Strict):
         if self.replica.enabled is None:
             return self.index.backend != "redis"
         return self.replica.enabled
+
+    def placement(self) -> Placement:
+        """The pins of the named pods in ``events.connect`` that shards read themselves,
+        balanced in list order (every process derives the same from the same config)."""
+        named: list[str] = []
+        if self.events.shard_reads_named_pods:
+            named = [p.pod for p in self.events.connect if p.pod]
+        return Placement.balanced(self.num_shards, named)
 
 
 def _set_path(doc: dict[str, Any], path: list[str], value: Any) -> None:

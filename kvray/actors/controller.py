@@ -21,7 +21,6 @@ from kvray.actors.naming import ingestor_name, shard_name, tokenizer_name
 from kvray.actors.shard import IndexShard
 from kvray.actors.tokenizer import TokenizerActor
 from kvray.config import Config
-from kvray.core.sharding import shard_of
 
 log = logging.getLogger("kvray.controller")
 
@@ -89,6 +88,7 @@ class Controller:
         self._ingestor_endpoints: dict[int, list[str]] = {}
         self._pods: dict[str, dict[str, Any]] = {}
         self._pod_shard: dict[str, int] = {}  # endpoint → the shard reading it itself
+        self.placement = self.config.placement()  # named pods' pins (balanced), see sharding
         self._replay: dict[str, str] = {}
         self._snapshots: dict[int, bytes] = {}
         self._snapshot_times: dict[int, float] = {}
@@ -120,7 +120,12 @@ class Controller:
             "ingestors": self.ingestor_names,
             "tokenizers": self.tokenizer_names,
             "endpoints": endpoints,
+            "pins": self.placement.pins(),
         }
+
+    def pins(self) -> dict[str, int]:
+        """Pod → shard for the pinned (named, shard-read) pods; other holders hash."""
+        return self.placement.pins()
 
     def ingestor_memory(self, ingestor_id: int) -> dict[str, Any]:
         """What a restarted ingestor needs: the endpoints it bound in its first life (it
@@ -134,6 +139,7 @@ class Controller:
                 and Ingestor.owner_of(ep, len(self.ingestors)) == ingestor_id
             ],
             "replay": dict(self._replay),
+            "pins": self.placement.pins(),
         }
 
     def shard_memory(self, shard_id: int) -> dict[str, Any]:
@@ -158,11 +164,15 @@ class Controller:
         pod: str | None = None,
         model: str | None = None,
         ingestor: int = 0,
-    ) -> None:
-        """Subscribe to a pod that binds (remembered across restarts).
+    ) -> int | None:
+        """Subscribe to a pod that binds (remembered across restarts); returns the shard that
+        reads it, None when an ingestor does.
 
         A named pod is read by the shard that owns it (``events.shard_reads_named_pods``):
-        its batches then skip the ingestor and a Ray call. Otherwise ``ingestor`` reads it.
+        its batches then skip the ingestor and a Ray call. It is pinned to the shard with the
+        fewest pinned pods (``core.sharding.Placement``), all its data-parallel ranks with it;
+        the ingestors learn the pin before the shard starts reading. Otherwise ``ingestor``
+        reads it.
         """
         spec = {
             "endpoint": endpoint,
@@ -172,11 +182,13 @@ class Controller:
         }
         self._pods[endpoint] = spec
         if pod and self.config.events.shard_reads_named_pods:
-            i = shard_of(pod, len(self.shards))
+            i = self.placement.place(pod)
             self._pod_shard[endpoint] = i
+            ray.get([ing.pin.remote(pod, i) for ing in self.ingestors])
             ray.get(self.shards[i].subscribe.remote(endpoint, replay_endpoint, pod, model))
-            return
+            return i
         ray.get(self.ingestors[ingestor].add_pod.remote(endpoint, replay_endpoint, pod, model))
+        return None
 
     # --- snapshots -------------------------------------------------------------------------
 

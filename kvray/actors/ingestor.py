@@ -15,8 +15,9 @@ Malformed messages are counted by reason and logged once per pod per ``log_inter
 The same class also runs *inside* a shard (``IndexShard.subscribe``) for pods that bind their
 PUB socket and are named when added: the shard then reads its own pods, and the batches of its
 own holders are applied by a direct call (``local``) instead of a Ray call carrying the payload
-bytes through the object store. Holders owned by other shards (a pod's other DP ranks) still go
-to their shard by Ray call.
+bytes through the object store. Such pods are pinned to the shard reading them, every
+data-parallel rank included (``core.sharding.Placement``); holders of other shards still go to
+their shard by Ray call.
 """
 
 from __future__ import annotations
@@ -119,12 +120,15 @@ class Ingestor:
         self.source = ZmqSource()
         self.replay_endpoints: dict[str, str] = {}
         self._known_models: dict[str, str] = {}
+        self.placement = self.config.placement()
         if local is not None:  # in a shard: its pods are added by subscribe(); no binds
             self._known_models.update(local.models)
             self._known_positions = dict(local.positions)
             self.replay_endpoints.update(local.replay)
             for spec in local.pods:
                 self._connect(PodEndpoint.model_validate(spec))
+                if spec.get("pod"):
+                    self.placement.pin(spec["pod"], local.shard_id)
         else:
             # After a restart, rebind the ports this ingestor had (pods keep connecting to
             # them) and learn where each holder stopped, so the first message of every stream
@@ -193,6 +197,7 @@ class Ingestor:
         except Exception:  # no controller (standalone) or first start
             return [], {}
         self.replay_endpoints.update(mem["replay"])
+        self.placement.update(mem.get("pins", {}))
         for pod in mem["pods"]:
             self._connect(PodEndpoint.model_validate(pod))
         positions: dict[str, int] = {}
@@ -238,13 +243,20 @@ class Ingestor:
         pod: str | None = None,
         model: str | None = None,
     ) -> None:
-        """Start reading a pod that binds its PUB socket."""
+        """Start reading a pod that binds its PUB socket (in a shard: pinned to it)."""
         with self._lock:
+            if self.local is not None and pod:
+                self.placement.pin(pod, self.local.shard_id)
             self._connect(
                 PodEndpoint(
                     endpoint=endpoint, replay_endpoint=replay_endpoint, pod=pod, model=model
                 )
             )
+
+    def pin(self, pod: str, shard: int) -> None:
+        """Route every rank of ``pod`` to ``shard`` (``Controller.add_pod`` decided it)."""
+        with self._lock:
+            self.placement.pin(pod, shard)
 
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
         """Tell the ingestor where a (connecting) pod's replay ROUTER is."""
@@ -343,7 +355,7 @@ class Ingestor:
         stream = (topic.pod, rank or 0)
         self.streams_model[stream] = topic.model
         verdict = self.seq.observe(stream, seq)
-        shard = shard_of(holder_id(topic.pod, rank), len(self.shards))
+        shard = self.placement.owner(holder_id(topic.pod, rank))
         contiguous = True
         if verdict.verdict is Verdict.GAP:
             self.counters["seq_gaps"] += 1
@@ -409,7 +421,7 @@ class Ingestor:
         self.counters["replay_requests"] += 1
         got, complete = request_replay(ep, start, timeout_s=self.config.events.replay_timeout_s)
         model = self.streams_model.get(stream, "")
-        shard = shard_of(holder_id(pod, rank), len(self.shards))
+        shard = self.placement.owner(holder_id(pod, rank))
         expected = start
         for r in got:
             if r.seq < expected or r.seq >= stop:
@@ -563,7 +575,7 @@ class Ingestor:
         pending, self._pending[shard] = self._pending[shard], []
         for (pod, rank), nxt in self.seq.streams().items():
             holder = holder_id(pod, rank)
-            if shard_of(holder, len(self.shards)) != shard:
+            if self.placement.owner(holder) != shard:
                 continue
             start = positions.get(holder, -1) + 1
             if start < nxt:

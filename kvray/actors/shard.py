@@ -365,14 +365,13 @@ class IndexShard:
     def _resubscribe(self, restarted: bool) -> None:
         """Read the named pods of ``events.connect`` this shard owns and, after a restart,
         again the pods the controller sent here (they continue from the restored positions)."""
-        from kvray.core.sharding import shard_of
-
         ev = self.config.events
         if not ev.shard_reads_named_pods:
             return
         mem: dict[str, Any] = {"pods": [], "replay": {}}
+        placement = self.config.placement()
         for spec in ev.connect:
-            if spec.pod and shard_of(spec.pod, self.config.num_shards) == self.shard_id:
+            if spec.pod and placement.owner(spec.pod) == self.shard_id:
                 mem["pods"].append(spec.model_dump())
         if restarted:
             try:

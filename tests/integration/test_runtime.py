@@ -111,7 +111,7 @@ def test_events_land_in_owning_shards_and_scores_match_indexer(
     assert any(deployment.score_tokens(p, MODEL) for p in prompts)
     for info in deployment.pods():
         if info["pod"].startswith("10.1.0."):
-            assert info["shard"] == shard_of(info["pod"], 2)
+            assert info["shard"] == deployment.owner(info["pod"]) == shard_of(info["pod"], 2)
             assert info["hash_contract"]["status"] == "ok"
 
 
@@ -177,7 +177,7 @@ def test_killed_shard_is_rebuilt_from_snapshot_and_replay(deployment: Client, fl
     before = {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts}
     assert deployment.replica is not None
     loaded = deployment.replica.stats()["snapshots_loaded"]
-    victim = deployment.shards[shard_of("10.5.0.0", 2)]
+    victim = deployment.shards[deployment.owner("10.5.0.0")]
     ray.kill(victim, no_restart=False)
     ref = fleet.reference()
     direct = kvray.connect(deployment.namespace, replica=False)  # asks the shards themselves

@@ -13,7 +13,6 @@ import kvray
 from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig, PodEndpoint
-from kvray.core.sharding import shard_of
 from kvray.sim import SimPod, SimPublisher
 
 NS = "kvray-it-topologies"
@@ -50,6 +49,10 @@ def test_pods_that_bind_with_empty_topic_and_dp_ranks(deployment: Client) -> Non
     assert deployment.score_tokens(toks_b, "m") == {"10.8.0.1#dp1": 2.0}
     holders = {p["pod"] for p in deployment.pods()}
     assert {"10.8.0.1", "10.8.0.1#dp1"} <= holders
+    # Added by name, the pod is pinned: both ranks live on (and are read by) one shard.
+    shard_of_holder = {p["pod"]: p["shard"] for p in deployment.pods()}
+    assert shard_of_holder["10.8.0.1"] == shard_of_holder["10.8.0.1#dp1"]
+    assert deployment.owner("10.8.0.1#dp1") == shard_of_holder["10.8.0.1"]
     for pub in pubs:
         pub.close()
 
@@ -94,14 +97,22 @@ def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
         pods[i % 4].serve(p)
     assert deployment.sync({p.pod_id: p.publisher.seq for p in pods})  # type: ignore[union-attr]
     assert _truth(deployment, pods, prompts)
+    # The controller spread the named pods evenly (a hash would often put 3 of 4 on one).
+    pins = ray.get(deployment.controller.pins.remote())
+    assert {p.pod_id for p in pods} <= set(pins)
+    loads = [list(pins.values()).count(i) for i in range(2)]
+    assert max(loads) - min(loads) <= 1
+    assert all(deployment.owner(p.pod_id) == pins[p.pod_id] for p in pods)
+    on_shard = {p["pod"]: p["shard"] for p in deployment.pods()}
+    assert all(on_shard[p.pod_id] == pins[p.pod_id] for p in pods)
     ings = {str(s["ingestor"]): s for s in deployment.stats()["ingestors"]}
-    owners = {f"shard{shard_of(p.pod_id, 2)}" for p in pods}
+    owners = {f"shard{deployment.owner(p.pod_id)}" for p in pods}
     assert all(ings[o]["messages"] > before.get(o, 0) for o in owners)
     # The ingestor actor saw none of them.
     assert all(s["messages"] == before.get(n, 0) for n, s in ings.items() if n not in owners)
 
     ray.get(deployment.controller.snapshot_now.remote())
-    victim = deployment.shards[shard_of("10.12.0.0", 2)]
+    victim = deployment.shards[deployment.owner("10.12.0.0")]
     ray.kill(victim, no_restart=False)
     for i, p in enumerate(prompts[12:]):  # published while the shard is down or restarting
         pods[i % 4].serve(p)
