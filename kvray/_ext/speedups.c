@@ -354,11 +354,525 @@ keys_close(keys_t *k)
     Py_XDECREF(k->seq);
 }
 
+/* --- U64Map: an open-addressing hash table u64 -> int ---------------------------------------- */
+
+/* A dict keyed by ints costs, per entry, a 24-byte entry, an index slot and a 32-36-byte int
+ * object for the key, and a lookup touches all three (the key object to compare it). A U64Map
+ * stores the key as a machine word next to its value in one 16-byte slot: linear probing on a
+ * power-of-two table kept at most 3/4 full, deletion by backward shift (no tombstones), halved
+ * when under 1/8 full. Values must be ints (they cannot form reference cycles, so the type is
+ * not tracked by the garbage collector). No order: iteration is in table order. */
+
+typedef struct {
+    uint64_t key;
+    PyObject *val; /* NULL: empty slot */
+} u64slot;
+
+typedef struct {
+    PyObject_HEAD
+    u64slot *slots;
+    Py_ssize_t cap; /* 0 or a power of two */
+    Py_ssize_t used;
+} U64Map;
+
+static PyTypeObject U64Map_Type;
+
+#define IS_U64MAP(o) Py_IS_TYPE((o), &U64Map_Type)
+
+static inline size_t
+mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return (size_t)x;
+}
+
+/* The slot holding k, or -1. */
+static inline Py_ssize_t
+um_find(const U64Map *m, uint64_t k)
+{
+    if (m->cap == 0)
+        return -1;
+    size_t mask = (size_t)m->cap - 1, i = mix64(k) & mask;
+    for (;;) {
+        const u64slot *s = &m->slots[i];
+        if (s->val == NULL)
+            return -1;
+        if (s->key == k)
+            return (Py_ssize_t)i;
+        i = (i + 1) & mask;
+    }
+}
+
+static int
+um_resize(U64Map *m, Py_ssize_t cap)
+{
+    u64slot *fresh = PyMem_Calloc((size_t)cap, sizeof(u64slot));
+    if (fresh == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t mask = (size_t)cap - 1;
+    for (Py_ssize_t i = 0; i < m->cap; i++) {
+        u64slot *s = &m->slots[i];
+        if (s->val == NULL)
+            continue;
+        size_t j = mix64(s->key) & mask;
+        while (fresh[j].val != NULL)
+            j = (j + 1) & mask;
+        fresh[j] = *s;
+    }
+    PyMem_Free(m->slots);
+    m->slots = fresh;
+    m->cap = cap;
+    return 0;
+}
+
+/* m[k] = v (a new reference is taken): 1 when k is new, 0 when replaced, -1 on error. */
+static int
+um_set(U64Map *m, uint64_t k, PyObject *v)
+{
+    if ((m->used + 1) * 4 > m->cap * 3 && um_resize(m, m->cap ? m->cap * 2 : 8) < 0)
+        return -1;
+    size_t mask = (size_t)m->cap - 1, i = mix64(k) & mask;
+    for (;;) {
+        u64slot *s = &m->slots[i];
+        if (s->val == NULL) {
+            s->key = k;
+            s->val = Py_NewRef(v);
+            m->used++;
+            return 1;
+        }
+        if (s->key == k) {
+            Py_SETREF(s->val, Py_NewRef(v)); /* an int: its dealloc runs no code */
+            return 0;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+/* Empty slot i (it must be full), shifting later members of its probe run back. */
+static void
+um_del_at(U64Map *m, Py_ssize_t at)
+{
+    PyObject *v = m->slots[at].val;
+    size_t mask = (size_t)m->cap - 1, hole = (size_t)at, j = (size_t)at;
+    for (;;) {
+        j = (j + 1) & mask;
+        u64slot *s = &m->slots[j];
+        if (s->val == NULL)
+            break;
+        size_t home = mix64(s->key) & mask;
+        /* s may fill the hole when its home is not within (hole, j] (cyclically). */
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            m->slots[hole] = *s;
+            hole = j;
+        }
+    }
+    m->slots[hole].val = NULL;
+    m->slots[hole].key = 0;
+    m->used--;
+    Py_DECREF(v);
+    if (m->cap > 64 && m->used * 8 < m->cap && um_resize(m, m->cap / 2) < 0)
+        PyErr_Clear(); /* could not shrink: stay as large, still correct */
+}
+
+static void
+set_key_error(PyObject *k)
+{
+    PyObject *t = PyTuple_Pack(1, k);
+    if (t != NULL) {
+        PyErr_SetObject(PyExc_KeyError, t);
+        Py_DECREF(t);
+    }
+}
+
+static int
+um_key(PyObject *k, uint64_t *out)
+{
+    return get_u64(k, out);
+}
+
+/* A key that is not a u64 is simply absent (as in a dict); 1 found (slot in *at), 0, -1. */
+static int
+um_lookup(U64Map *m, PyObject *k, Py_ssize_t *at)
+{
+    uint64_t u;
+    if (!PyLong_Check(k))
+        return 0;
+    if (get_u64(k, &u) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *at = um_find(m, u);
+    return *at >= 0;
+}
+
+static int
+um_check_val(PyObject *v)
+{
+    if (!PyLong_CheckExact(v)) {
+        PyErr_Format(PyExc_TypeError, "U64Map values must be ints, got %.100s",
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static int um_update_from(U64Map *m, PyObject *src);
+
+static PyObject *
+um_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    PyObject *src = NULL;
+    if (kw != NULL && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "U64Map() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "U64Map", 0, 1, &src))
+        return NULL;
+    U64Map *m = (U64Map *)type->tp_alloc(type, 0);
+    if (m == NULL)
+        return NULL;
+    m->slots = NULL;
+    m->cap = m->used = 0;
+    if (src != NULL && um_update_from(m, src) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return (PyObject *)m;
+}
+
+static void
+um_clear_all(U64Map *m)
+{
+    u64slot *slots = m->slots;
+    Py_ssize_t cap = m->cap;
+    m->slots = NULL;
+    m->cap = m->used = 0;
+    for (Py_ssize_t i = 0; i < cap; i++)
+        Py_XDECREF(slots[i].val);
+    PyMem_Free(slots);
+}
+
+static void
+um_dealloc(U64Map *m)
+{
+    um_clear_all(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static Py_ssize_t
+um_len(U64Map *m)
+{
+    return m->used;
+}
+
+static PyObject *
+um_subscript(U64Map *m, PyObject *k)
+{
+    Py_ssize_t at;
+    int rc = um_lookup(m, k, &at);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        set_key_error(k);
+        return NULL;
+    }
+    return Py_NewRef(m->slots[at].val);
+}
+
+static int
+um_ass_subscript(U64Map *m, PyObject *k, PyObject *v)
+{
+    if (v == NULL) {
+        Py_ssize_t at;
+        int rc = um_lookup(m, k, &at);
+        if (rc <= 0) {
+            if (rc == 0)
+                set_key_error(k);
+            return -1;
+        }
+        um_del_at(m, at);
+        return 0;
+    }
+    uint64_t u;
+    if (um_key(k, &u) < 0 || um_check_val(v) < 0)
+        return -1;
+    return um_set(m, u, v) < 0 ? -1 : 0;
+}
+
+static int
+um_contains(U64Map *m, PyObject *k)
+{
+    Py_ssize_t at;
+    return um_lookup(m, k, &at);
+}
+
+static PyObject *
+um_get(U64Map *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get() takes 1 or 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t at;
+    int rc = um_lookup(m, args[0], &at);
+    if (rc < 0)
+        return NULL;
+    if (rc)
+        return Py_NewRef(m->slots[at].val);
+    return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+}
+
+static PyObject *
+um_pop(U64Map *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop() takes 1 or 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t at;
+    int rc = um_lookup(m, args[0], &at);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        if (nargs == 2)
+            return Py_NewRef(args[1]);
+        set_key_error(args[0]);
+        return NULL;
+    }
+    PyObject *v = Py_NewRef(m->slots[at].val);
+    um_del_at(m, at);
+    return v;
+}
+
+/* 0: keys, 1: values, 2: items, as a new list. */
+static PyObject *
+um_list(U64Map *m, int what)
+{
+    PyObject *out = PyList_New(m->used);
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; out != NULL && i < m->cap; i++) {
+        u64slot *s = &m->slots[i];
+        if (s->val == NULL)
+            continue;
+        PyObject *x;
+        if (what == 1) {
+            x = Py_NewRef(s->val);
+        }
+        else {
+            PyObject *k = PyLong_FromUnsignedLongLong(s->key);
+            x = what == 0 || k == NULL ? k : PyTuple_Pack(2, k, s->val);
+            if (what == 2)
+                Py_XDECREF(k);
+        }
+        if (x == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, n++, x);
+    }
+    return out;
+}
+
+static PyObject *
+um_keys(U64Map *m, PyObject *unused)
+{
+    return um_list(m, 0);
+}
+
+static PyObject *
+um_values(U64Map *m, PyObject *unused)
+{
+    return um_list(m, 1);
+}
+
+static PyObject *
+um_items(U64Map *m, PyObject *unused)
+{
+    return um_list(m, 2);
+}
+
+static PyObject *
+um_iter(U64Map *m)
+{
+    PyObject *keys = um_list(m, 0);
+    if (keys == NULL)
+        return NULL;
+    PyObject *it = PyObject_GetIter(keys);
+    Py_DECREF(keys);
+    return it;
+}
+
+/* From a mapping (its items()) or an iterable of (key, value) pairs. */
+static int
+um_update_from(U64Map *m, PyObject *src)
+{
+    PyObject *it;
+    if (PyDict_Check(src) || IS_U64MAP(src) || PyObject_HasAttrString(src, "items")) {
+        PyObject *items = PyObject_CallMethod(src, "items", NULL);
+        if (items == NULL)
+            return -1;
+        it = PyObject_GetIter(items);
+        Py_DECREF(items);
+    }
+    else {
+        it = PyObject_GetIter(src);
+    }
+    if (it == NULL)
+        return -1;
+    PyObject *pair;
+    while ((pair = PyIter_Next(it)) != NULL) {
+        PyObject *fast = PySequence_Fast(pair, "U64Map.update: expected (key, value) pairs");
+        Py_DECREF(pair);
+        if (fast == NULL)
+            goto fail;
+        uint64_t u;
+        int rc = -1;
+        if (PySequence_Fast_GET_SIZE(fast) != 2)
+            PyErr_SetString(PyExc_ValueError, "U64Map.update: expected (key, value) pairs");
+        else if (um_key(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
+                 && um_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
+            rc = um_set(m, u, PySequence_Fast_GET_ITEM(fast, 1));
+        Py_DECREF(fast);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_DECREF(it);
+    return PyErr_Occurred() ? -1 : 0;
+fail:
+    Py_DECREF(it);
+    return -1;
+}
+
+static PyObject *
+um_update(U64Map *m, PyObject *src)
+{
+    if (um_update_from(m, src) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+um_clear(U64Map *m, PyObject *unused)
+{
+    um_clear_all(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+um_sizeof(U64Map *m, PyObject *unused)
+{
+    return PyLong_FromSsize_t((Py_ssize_t)sizeof(U64Map) + m->cap * (Py_ssize_t)sizeof(u64slot));
+}
+
+static PyObject *
+um_reduce(U64Map *m, PyObject *unused)
+{
+    PyObject *items = um_list(m, 2);
+    return items == NULL ? NULL : Py_BuildValue("(O(N))", Py_TYPE(m), items);
+}
+
+static PyObject *
+um_repr(U64Map *m)
+{
+    return PyUnicode_FromFormat("U64Map(<%zd entries>)", m->used);
+}
+
+static PyMethodDef um_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))um_get, METH_FASTCALL, "get(k, default=None)"},
+    {"pop", (PyCFunction)(void (*)(void))um_pop, METH_FASTCALL, "pop(k[, default])"},
+    {"keys", (PyCFunction)um_keys, METH_NOARGS, "The keys, as a list."},
+    {"values", (PyCFunction)um_values, METH_NOARGS, "The values, as a list."},
+    {"items", (PyCFunction)um_items, METH_NOARGS, "(key, value) pairs, as a list."},
+    {"update", (PyCFunction)um_update, METH_O, "From a mapping or (key, value) pairs."},
+    {"clear", (PyCFunction)um_clear, METH_NOARGS, "Remove every entry (frees the table)."},
+    {"__sizeof__", (PyCFunction)um_sizeof, METH_NOARGS, NULL},
+    {"__reduce__", (PyCFunction)um_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods um_as_mapping = {
+    (lenfunc)um_len,
+    (binaryfunc)um_subscript,
+    (objobjargproc)um_ass_subscript,
+};
+
+static PySequenceMethods um_as_sequence = {
+    .sq_contains = (objobjproc)um_contains,
+};
+
+static PyTypeObject U64Map_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvray._speedups.U64Map",
+    .tp_doc = PyDoc_STR(
+        "U64Map([mapping or pairs]): a dict-like table of u64 keys to int values, in C.\n\n"
+        "Supports len, [], in, del, get, pop, keys, values, items (lists), update, clear;\n"
+        "no order. Keys must be ints in [0, 2**64); other keys are never present."),
+    .tp_basicsize = sizeof(U64Map),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = um_new,
+    .tp_dealloc = (destructor)um_dealloc,
+    .tp_repr = (reprfunc)um_repr,
+    .tp_as_mapping = &um_as_mapping,
+    .tp_as_sequence = &um_as_sequence,
+    .tp_iter = (getiterfunc)um_iter,
+    .tp_methods = um_methods,
+};
+
+/* --- the index's maps: a dict or a U64Map ---------------------------------------------------- */
+
+static inline int
+is_map(PyObject *o)
+{
+    return PyDict_CheckExact(o) || IS_U64MAP(o);
+}
+
+/* A borrowed value, or NULL: absent (no error set) or an error. */
+static inline PyObject *
+map_get(PyObject *m, PyObject *k)
+{
+    if (!IS_U64MAP(m))
+        return PyDict_GetItemWithError(m, k);
+    Py_ssize_t at;
+    int rc = um_lookup((U64Map *)m, k, &at);
+    return rc > 0 ? ((U64Map *)m)->slots[at].val : NULL;
+}
+
+static inline int
+map_set(PyObject *m, PyObject *k, PyObject *v)
+{
+    if (!IS_U64MAP(m))
+        return PyDict_SetItem(m, k, v);
+    return um_ass_subscript((U64Map *)m, k, v);
+}
+
+static inline int
+map_del(PyObject *m, PyObject *k)
+{
+    if (!IS_U64MAP(m))
+        return PyDict_DelItem(m, k);
+    return um_ass_subscript((U64Map *)m, k, NULL);
+}
+
+static inline int
+map_contains(PyObject *m, PyObject *k)
+{
+    if (!IS_U64MAP(m))
+        return PyDict_Contains(m, k);
+    return um_contains((U64Map *)m, k);
+}
+
 PyDoc_STRVAR(or_bits_doc,
 "or_bits(d, keys, bit, recency) -> int\n\n"
-"keys: a list or tuple of ints, or an array('Q').\n"
-"d[k] = d.get(k, 0) | bit for every k (with recency, k also moves to the dict's end);\n"
-"returns how many keys were new.");
+"d: a dict or a U64Map; keys: a list or tuple of ints, or an array('Q').\n"
+"d[k] = d.get(k, 0) | bit for every k (with recency, k also moves to a dict's end; a U64Map\n"
+"has no order); returns how many keys were new.");
 
 static int
 dict_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, keys_t *k)
@@ -367,8 +881,8 @@ dict_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *
         PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
         return -1;
     }
-    if (!PyDict_CheckExact(args[0])) {
-        PyErr_Format(PyExc_TypeError, "%s(): expected a dict", name);
+    if (!is_map(args[0])) {
+        PyErr_Format(PyExc_TypeError, "%s(): expected a dict or a U64Map", name);
         return -1;
     }
     return keys_open(args[1], k);
@@ -387,6 +901,31 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t added = 0;
+    if (IS_U64MAP(d)) {
+        U64Map *um = (U64Map *)d;
+        if (um_check_val(bit) < 0)
+            goto fail;
+        for (Py_ssize_t i = 0; i < ks.n; i++) {
+            uint64_t u;
+            if (ks.is_buf)
+                u = ks.u[i];
+            else if (get_u64(ks.items[i], &u) < 0)
+                goto fail;
+            Py_ssize_t at = um_find(um, u);
+            if (at < 0) {
+                if (um_set(um, u, bit) < 0)
+                    goto fail;
+                added++;
+                continue;
+            }
+            PyObject *m = PyNumber_Or(um->slots[at].val, bit);
+            if (m == NULL)
+                goto fail;
+            Py_SETREF(um->slots[at].val, m);
+        }
+        keys_close(&ks);
+        return PyLong_FromSsize_t(added);
+    }
     for (Py_ssize_t i = 0; i < ks.n; i++) {
         PyObject *k = keys_get(&ks, i);
         if (k == NULL)
@@ -430,7 +969,7 @@ clear_bits(PyObject *d, PyObject *k, PyObject *old, PyObject *keep)
     if (m == NULL)
         return -1;
     int nonzero = PyObject_IsTrue(m);
-    int rc = nonzero < 0 ? -1 : nonzero ? PyDict_SetItem(d, k, m) : PyDict_DelItem(d, k);
+    int rc = nonzero < 0 ? -1 : nonzero ? map_set(d, k, m) : map_del(d, k);
     Py_DECREF(m);
     return rc < 0 ? -1 : !nonzero;
 }
@@ -448,11 +987,39 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *d = args[0], *keep = args[2];
     Py_ssize_t deleted = 0;
+    if (IS_U64MAP(d)) {
+        U64Map *um = (U64Map *)d;
+        for (Py_ssize_t i = 0; i < ks.n; i++) {
+            uint64_t u;
+            if (ks.is_buf)
+                u = ks.u[i];
+            else if (get_u64(ks.items[i], &u) < 0)
+                goto fail;
+            Py_ssize_t at = um_find(um, u);
+            if (at < 0)
+                continue;
+            PyObject *m = PyNumber_And(um->slots[at].val, keep);
+            int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
+            if (nonzero < 0 || (nonzero && um_check_val(m) < 0)) {
+                Py_XDECREF(m);
+                goto fail;
+            }
+            if (nonzero) {
+                Py_SETREF(um->slots[at].val, m);
+                continue;
+            }
+            Py_DECREF(m);
+            um_del_at(um, at);
+            deleted++;
+        }
+        keys_close(&ks);
+        return PyLong_FromSsize_t(deleted);
+    }
     for (Py_ssize_t i = 0; i < ks.n; i++) {
         PyObject *k = keys_get(&ks, i);
         if (k == NULL)
             goto fail;
-        PyObject *old = PyDict_GetItemWithError(d, k);
+        PyObject *old = map_get(d, k);
         if (old == NULL) {
             Py_DECREF(k);
             if (PyErr_Occurred())
@@ -485,7 +1052,7 @@ lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = PyList_New(ks.n);
     for (Py_ssize_t i = 0; out != NULL && i < ks.n; i++) {
         PyObject *k = keys_get(&ks, i);
-        PyObject *v = k == NULL ? NULL : PyDict_GetItemWithError(args[0], k);
+        PyObject *v = k == NULL ? NULL : map_get(args[0], k);
         Py_XDECREF(k);
         if (v == NULL && (k == NULL || PyErr_Occurred()))
             Py_CLEAR(out);
@@ -500,12 +1067,12 @@ lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 tiers_open(PyObject *obj, const char *name)
 {
-    PyObject *tiers = PySequence_Fast(obj, "tiers must be a sequence of dicts");
+    PyObject *tiers = PySequence_Fast(obj, "tiers must be a sequence of dicts or U64Maps");
     if (tiers == NULL)
         return NULL;
     for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(tiers); j++) {
-        if (!PyDict_CheckExact(PySequence_Fast_GET_ITEM(tiers, j))) {
-            PyErr_Format(PyExc_TypeError, "%s(): tiers must be dicts", name);
+        if (!is_map(PySequence_Fast_GET_ITEM(tiers, j))) {
+            PyErr_Format(PyExc_TypeError, "%s(): tiers must be dicts or U64Maps", name);
             Py_DECREF(tiers);
             return NULL;
         }
@@ -518,7 +1085,7 @@ static int
 indexed_in(PyObject *tiers, PyObject *r)
 {
     for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(tiers); j++) {
-        int rc = PyDict_Contains(PySequence_Fast_GET_ITEM(tiers, j), r);
+        int rc = map_contains(PySequence_Fast_GET_ITEM(tiers, j), r);
         if (rc != 0)
             return rc;
     }
@@ -545,10 +1112,10 @@ forget_unindexed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *e = keys_get(&ks, i);
         if (e == NULL)
             goto fail;
-        PyObject *r = PyDict_GetItemWithError(emap, e);
+        PyObject *r = map_get(emap, e);
         int indexed = r == NULL ? (PyErr_Occurred() ? -1 : 1) : indexed_in(tiers, r);
         if (indexed == 0) {
-            indexed = PyDict_DelItem(emap, e);
+            indexed = map_del(emap, e);
             deleted++;
         }
         Py_DECREF(e);
@@ -576,8 +1143,8 @@ add_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "add_engine() takes 6 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (!PyDict_CheckExact(args[1]) || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "add_engine(): expected dict, dict, list, list");
+    if (!is_map(args[1]) || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "add_engine(): expected map, map, list, list");
         return NULL;
     }
     if (PyList_GET_SIZE(args[2]) != PyList_GET_SIZE(args[3])) {
@@ -589,7 +1156,7 @@ add_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *emap = args[1], *keys = args[2], *engine = args[3];
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
-        if (PyDict_SetItem(emap, PyList_GET_ITEM(engine, i), PyList_GET_ITEM(keys, i)) < 0) {
+        if (map_set(emap, PyList_GET_ITEM(engine, i), PyList_GET_ITEM(keys, i)) < 0) {
             Py_DECREF(added);
             return NULL;
         }
@@ -611,8 +1178,8 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *d = args[0], *emap = args[1], *keep = args[3];
-    if (!PyDict_CheckExact(d) || !PyDict_CheckExact(emap)) {
-        PyErr_SetString(PyExc_TypeError, "remove_engine(): expected two dicts");
+    if (!is_map(d) || !is_map(emap)) {
+        PyErr_SetString(PyExc_TypeError, "remove_engine(): expected two maps");
         return NULL;
     }
     keys_t ks;
@@ -627,7 +1194,7 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *e = keys_get(&ks, i);
         if (e == NULL)
             goto fail;
-        PyObject *r = PyDict_GetItemWithError(emap, e);
+        PyObject *r = map_get(emap, e);
         if (r == NULL) {
             Py_DECREF(e);
             if (PyErr_Occurred())
@@ -637,7 +1204,7 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(r); /* emap's entry may go below */
         int rc = PyList_Append(keys, r);
-        PyObject *m = rc < 0 ? NULL : PyDict_GetItemWithError(d, r);
+        PyObject *m = rc < 0 ? NULL : map_get(d, r);
         if (m != NULL) {
             int gone = clear_bits(d, r, m, keep);
             rc = gone < 0 ? -1 : 0;
@@ -648,7 +1215,7 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (rc == 0) {
             int indexed = indexed_in(tiers, r);
-            rc = indexed < 0 ? -1 : indexed ? 0 : PyDict_DelItem(emap, e);
+            rc = indexed < 0 ? -1 : indexed ? 0 : map_del(emap, e);
         }
         Py_DECREF(r);
         Py_DECREF(e);
@@ -740,5 +1307,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&U64Map_Type) < 0)
+        return NULL;
+    PyObject *mod = PyModule_Create(&module);
+    if (mod != NULL && PyModule_AddObjectRef(mod, "U64Map", (PyObject *)&U64Map_Type) < 0)
+        Py_CLEAR(mod);
+    return mod;
 }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -194,6 +194,7 @@ PYTHON: dict[str, Any] = {
     "add_engine": py_add_engine,
     "remove_engine": py_remove_engine,
     "xor_u64": py_xor_u64,
+    "U64Map": dict,
 }
 
 _speedups: Any
@@ -220,3 +221,12 @@ forget_unindexed = _impl.forget_unindexed if _impl else py_forget_unindexed
 add_engine = _impl.add_engine if _impl else py_add_engine
 remove_engine = _impl.remove_engine if _impl else py_remove_engine
 xor_u64 = _impl.xor_u64 if _impl else py_xor_u64
+
+U64Map: Callable[[], dict[int, int]] = _impl.U64Map if _impl else dict
+"""A table of u64 keys to int values for the index (engine map, unordered tiers).
+
+Compiled, ``kvray._speedups.U64Map``: open addressing in C, one 16-byte slot per entry and no
+int object per key (a dict keyed by ints holds a ~42-byte entry plus a 32–36-byte key object,
+and its lookups touch both). It has the dict operations the index uses (``len``, ``[]``,
+``in``, ``del``, ``get``, ``pop``, ``update``, ``clear``; ``keys``/``values``/``items`` as lists)
+and no order. Without the extension it is ``dict``. The functions above accept either."""

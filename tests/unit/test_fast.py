@@ -35,8 +35,9 @@ u64 = st.integers(0, 2**64 - 1)
 some_ints = st.integers(-(2**70), 2**70)
 
 
-def same(name: str, *args: Any) -> Any:
-    """Call both implementations; equal results or the same exception type."""
+def same(name: str, *args: Any, table: bool = False) -> Any:
+    """Call both implementations; equal results or the same exception type. ``table``: the C
+    call gets each dict as a ``U64Map`` (the Python twin keeps the dict)."""
     py = fast.PYTHON[name]
     c = getattr(C, name)
 
@@ -46,17 +47,25 @@ def same(name: str, *args: Any) -> Any:
         except (ValueError, TypeError, OverflowError) as exc:
             return type(exc).__name__, None
 
-    def copy(a: Any) -> Any:
-        return dict(a) if isinstance(a, dict) else a
+    def copy(a: Any, to_table: bool = False) -> Any:
+        if isinstance(a, list) and a and all(isinstance(x, dict) for x in a):
+            return [copy(x, to_table) for x in a]  # tiers
+        if not isinstance(a, dict):
+            return a
+        return C.U64Map(a) if to_table else dict(a)
 
     py_args = [copy(a) for a in args]
-    c_args = [copy(a) for a in args]
+    c_args = [copy(a, table) for a in args]
     got_py, got_c = run(py, py_args), run(c, c_args)
     assert got_c == got_py, (name, args)
-    # Mutated dicts must end equal too (and in the same order: dict order is LRU order).
+    # Mutated dicts must end equal too (and in the same order: dict order is LRU order; a
+    # U64Map has none).
     for a, b in zip(py_args, c_args, strict=True):
         if isinstance(a, dict):
-            assert list(a.items()) == list(b.items())
+            if table:
+                assert sorted(a.items()) == sorted(b.items())
+            else:
+                assert list(a.items()) == list(b.items())
     return got_py[1]
 
 
@@ -146,18 +155,19 @@ masks = st.integers(0, 2**80)
     bit=st.integers(0, 70).map(lambda s: 1 << s),
     recency=st.booleans(),
     packed=st.booleans(),
+    table=st.booleans(),
 )
 @needs_c
 def test_bitmask_updates_agree(
-    d: dict[int, int], keys: list[int], bit: int, recency: bool, packed: bool
+    d: dict[int, int], keys: list[int], bit: int, recency: bool, packed: bool, table: bool
 ) -> None:
     seq: Any = array("Q", keys) if packed else keys
-    same("or_bits", d, seq, bit, recency)
-    same("and_bits", d, seq, ~bit)
-    same("lookup", d, keys)
+    same("or_bits", d, seq, bit, recency, table=table)
+    same("and_bits", d, seq, ~bit, table=table)
+    same("lookup", d, keys, table=table)
     tiers = [{k: 1 for k in keys[::2]}, {k: 1 for k in keys[1::3]}]
     emap = {k: v % 45 for k, v in d.items()}
-    same("forget_unindexed", emap, keys, tiers)
+    same("forget_unindexed", emap, keys, tiers, table=table)
 
 
 @settings(max_examples=300, deadline=None)
@@ -194,6 +204,7 @@ def test_bad_containers_raise_not_crash() -> None:
     bit=st.integers(0, 70).map(lambda s: 1 << s),
     recency=st.booleans(),
     packed=st.booleans(),
+    table=st.booleans(),
 )
 @needs_c
 def test_fused_engine_paths_agree(
@@ -205,16 +216,110 @@ def test_fused_engine_paths_agree(
     bit: int,
     recency: bool,
     packed: bool,
+    table: bool,
 ) -> None:
     n = min(len(engine), len(keys))
-    same("add_engine", d, emap, keys[:n], engine[:n], bit, recency)
-    py_d, c_d, py_e, c_e = dict(d), dict(d), dict(emap), dict(emap)
+    same("add_engine", d, emap, keys[:n], engine[:n], bit, recency, table=table)
+    # The shard's layout: tiers are dicts (recency order), the engine map a U64Map (table).
+    py_d, c_d, py_e = dict(d), dict(d), dict(emap)
+    c_e: Any = C.U64Map(emap) if table else dict(emap)
     seq: Any = array("Q", engine) if packed else engine
     got_py = fast.py_remove_engine(py_d, py_e, seq, ~bit, [py_d, other])
     got_c = C.remove_engine(c_d, c_e, seq, ~bit, [c_d, other])
     assert got_c == got_py
-    assert list(c_d.items()) == list(py_d.items()) and list(c_e.items()) == list(py_e.items())
+    assert list(c_d.items()) == list(py_d.items()) and sorted(c_e.items()) == sorted(py_e.items())
     with pytest.raises((TypeError, ValueError)):
         C.add_engine(d, emap, [1], [], 1, True)
     with pytest.raises(TypeError):
         C.remove_engine(d, emap, engine, ~bit, [None])
+
+
+# --- U64Map: the C table behaves as a dict of u64 → int ------------------------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "set", "del", "pop", "get", "in"]),
+        st.one_of(st.integers(0, 300), u64),  # a small range: collisions, long probe runs
+        st.integers(-(2**70), 2**70),
+    ),
+    max_size=400,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=ops)
+@needs_c
+def test_u64map_behaves_as_a_dict(steps: list[tuple[str, int, int]]) -> None:
+    m, d = C.U64Map(), {}
+    for op, k, v in steps:
+        if op == "set":
+            m[k] = v
+            d[k] = v
+        elif op == "del":
+            if k in d:
+                del d[k]
+                del m[k]
+            else:
+                with pytest.raises(KeyError):
+                    del m[k]
+        elif op == "pop":
+            assert m.pop(k, None) == d.pop(k, None)
+        elif op == "get":
+            assert m.get(k) == d.get(k) and m.get(k, -1) == d.get(k, -1)
+        else:
+            assert (k in m) == (k in d)
+        assert len(m) == len(d)
+    assert sorted(m.items()) == sorted(d.items())
+    assert sorted(m) == sorted(m.keys()) == sorted(d)
+    assert sorted(m.values()) == sorted(d.values())
+    assert all(m[k] == v for k, v in d.items())
+
+
+@needs_c
+def test_u64map_grows_shrinks_and_keeps_every_key() -> None:
+    import pickle
+    import random
+    import sys
+
+    rng = random.Random(7)
+    keys = [rng.randrange(2**64) for _ in range(50_000)] + list(range(1000))
+    m, d = C.U64Map(), {}
+    for i, k in enumerate(keys):
+        m[k] = d[k] = i
+    assert len(m) == len(d) and all(m[k] == d[k] for k in keys[::97])
+    assert sys.getsizeof(m) < sys.getsizeof(d)  # 16 B a slot, no key objects besides
+    full = sys.getsizeof(m)
+    for k in keys[: len(keys) - 100]:
+        del m[k]
+        del d[k]
+    assert sys.getsizeof(m) < full / 8  # it shrank as it emptied
+    assert sorted(m.items()) == sorted(d.items())
+    assert dict(pickle.loads(pickle.dumps(m))) == d
+    m.update({1: 2})
+    m.update([(3, 4)])
+    assert m[1] == 2 and m[3] == 4
+    m.clear()
+    assert len(m) == 0 and m.get(1) is None
+
+
+@needs_c
+def test_u64map_rejects_what_it_cannot_hold() -> None:
+    m = C.U64Map()
+    with pytest.raises(OverflowError):
+        m[-1] = 1
+    with pytest.raises(OverflowError):
+        m[2**64] = 1
+    with pytest.raises(TypeError):
+        m["a"] = 1
+    with pytest.raises(TypeError):
+        m[1] = "not an int"
+    with pytest.raises(TypeError):
+        m[1] = True  # exactly int: no subclasses
+    # Keys it cannot hold are simply absent, as in a dict.
+    assert -1 not in m and "a" not in m and m.get(2**64, 5) == 5
+    with pytest.raises(KeyError):
+        m[(1, 2)]
+    with pytest.raises(ValueError):  # as dict([(1, 2, 3)])
+        C.U64Map([(1, 2, 3)])
+    with pytest.raises(TypeError):
+        C.or_bits(m, [1], "x", False)  # the mask must be an int

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from itertools import islice
 
 from kvray.core.index.base import IndexStats
-from kvray.core.index.memory import _DICT_ENTRY_BYTES, _KEY_INT_BYTES, MemoryIndex
+from kvray.core.index.memory import _DICT_ENTRY_BYTES, _KEY_INT_BYTES, MemoryIndex, _map_bytes
 from kvray.errors import ConfigError
 from kvray.types import PodId, Tier
 
@@ -113,7 +113,7 @@ class BudgetIndex(MemoryIndex):
 
     def stats(self) -> IndexStats:
         st = super().stats()
-        st.bytes_estimate = self._bytes + len(self._emap) * _KEY_BYTES
+        st.bytes_estimate = self._bytes + _map_bytes(self._emap)
         return st
 
     def _reset(self) -> None:

@@ -32,6 +32,7 @@ from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
 
 from kvray.core.fast import (
+    U64Map,
     add_engine,
     and_bits,
     forget_unindexed,
@@ -90,7 +91,7 @@ class MemoryIndex:
         self._retired = 0  # slots cleared, bits still present in some masks
         self._sweeping = 0  # the retired bits the current sweep removes
         self._sweep_iter: Iterator[tuple[Tier, int]] | None = None
-        self._emap: dict[int, int] = {}
+        self._emap: dict[int, int] = U64Map()  # engine key → request key
         self._emap_sweep: Iterator[int] | None = None
         self._nkeys = 0
 
@@ -152,7 +153,8 @@ class MemoryIndex:
     def _tier(self, tier: Tier) -> dict[int, int]:
         d = self._tiers.get(tier)
         if d is None:
-            d = self._tiers[tier] = {}
+            # Without recency nothing needs the keys' order: the C table is smaller and faster.
+            d = self._tiers[tier] = {} if self.recency else U64Map()
         return d
 
     def _grew(self, added: int) -> None:
@@ -342,7 +344,8 @@ class MemoryIndex:
             if n >= _EMAP_PRUNE_BATCH:
                 return
         self._emap_sweep = None
-        self._emap = dict(emap)  # deletions leave the table's size: compact it (a C copy)
+        if type(emap) is dict:  # deletions leave a dict's size: compact it (a C copy)
+            self._emap = dict(emap)  # (a U64Map shrinks as it empties)
 
     # --- stats, snapshot -------------------------------------------------------------------
 
@@ -356,10 +359,9 @@ class MemoryIndex:
                 if m > 255:
                     mask_bytes += sys.getsizeof(m)
         # The tables' real size (pop + re-insert leaves dummies until the next resize), plus
-        # the key int objects; the engine map likewise.
-        key_bytes = sum(sys.getsizeof(d) for d in self._tiers.values())
-        key_bytes += self._nkeys * _KEY_INT_BYTES
-        emap_bytes = sys.getsizeof(self._emap) + len(self._emap) * _KEY_INT_BYTES
+        # the key int objects a dict holds (a U64Map holds none); the engine map likewise.
+        key_bytes = sum(_map_bytes(d) for d in self._tiers.values())
+        emap_bytes = _map_bytes(self._emap)
         return IndexStats(
             backend=self.name,
             keys=self._nkeys,
@@ -393,6 +395,12 @@ class MemoryIndex:
     def close(self) -> None:
         self._tiers.clear()
         self._emap.clear()
+
+
+def _map_bytes(d: dict[int, int]) -> int:
+    """A dict's or U64Map's table plus, for a dict, its key int objects."""
+    size = sys.getsizeof(d)
+    return size + len(d) * _KEY_INT_BYTES if type(d) is dict else size
 
 
 def _or_all(*masks: int) -> int:
