@@ -825,18 +825,560 @@ static PyTypeObject U64Map_Type = {
     .tp_methods = um_methods,
 };
 
-/* --- the index's maps: a dict or a U64Map ---------------------------------------------------- */
+/* --- U64Dict: an insertion-ordered u64 -> int table -------------------------------------------- */
+
+/* What a shard's tiers need: dict semantics including order (the index keeps store recency as
+ * insertion order and evicts from the front). CPython's compact-dict layout specialised for u64
+ * keys: entries (key, value) appended in order, deletions leaving holes; an open-addressing index
+ * of entry numbers (linear probing, backward-shift deletion) finds a key with one compare of two
+ * machine words. Holes are squeezed out when the entry array fills or is 7/8 empty. */
+
+typedef struct {
+    PyObject_HEAD
+    u64slot *ent;       /* entries in order; val NULL: a hole */
+    Py_ssize_t ent_cap;
+    Py_ssize_t ent_n;   /* entries appended so far (holes included) */
+    Py_ssize_t head;    /* no live entry before this one */
+    Py_ssize_t used;    /* live entries */
+    Py_ssize_t *idx;    /* entry number or -1 */
+    Py_ssize_t idx_cap; /* 0 or a power of two, > used * 4 / 3 */
+} U64Dict;
+
+static PyTypeObject U64Dict_Type;
+
+#define IS_U64DICT(o) Py_IS_TYPE((o), &U64Dict_Type)
+
+/* The index slot holding k's entry number, or -1. */
+static inline Py_ssize_t
+ud_slot(const U64Dict *m, uint64_t k)
+{
+    if (m->idx_cap == 0)
+        return -1;
+    size_t mask = (size_t)m->idx_cap - 1, i = mix64(k) & mask;
+    for (;;) {
+        Py_ssize_t e = m->idx[i];
+        if (e < 0)
+            return -1;
+        if (m->ent[e].key == k)
+            return (Py_ssize_t)i;
+        i = (i + 1) & mask;
+    }
+}
+
+/* Rebuild the index for the current entries with idx_cap slots. */
+static int
+ud_reindex(U64Dict *m, Py_ssize_t idx_cap)
+{
+    Py_ssize_t *idx = PyMem_Malloc((size_t)idx_cap * sizeof(Py_ssize_t));
+    if (idx == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(idx, 0xff, (size_t)idx_cap * sizeof(Py_ssize_t)); /* all -1 */
+    size_t mask = (size_t)idx_cap - 1;
+    for (Py_ssize_t e = m->head; e < m->ent_n; e++) {
+        if (m->ent[e].val == NULL)
+            continue;
+        size_t i = mix64(m->ent[e].key) & mask;
+        while (idx[i] >= 0)
+            i = (i + 1) & mask;
+        idx[i] = e;
+    }
+    PyMem_Free(m->idx);
+    m->idx = idx;
+    m->idx_cap = idx_cap;
+    return 0;
+}
+
+static Py_ssize_t
+ud_idx_cap_for(Py_ssize_t n)
+{
+    Py_ssize_t cap = 8;
+    while (cap * 3 < n * 4 + 4)
+        cap *= 2;
+    return cap;
+}
+
+/* Squeeze out the holes into an entry array of ent_cap (>= used), then rebuild the index. */
+static int
+ud_compact(U64Dict *m, Py_ssize_t ent_cap)
+{
+    u64slot *ent = PyMem_Malloc((size_t)ent_cap * sizeof(u64slot));
+    if (ent == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t n = 0;
+    for (Py_ssize_t e = m->head; e < m->ent_n; e++)
+        if (m->ent[e].val != NULL)
+            ent[n++] = m->ent[e];
+    PyMem_Free(m->ent);
+    m->ent = ent;
+    m->ent_cap = ent_cap;
+    m->ent_n = n;
+    m->head = 0;
+    return ud_reindex(m, ud_idx_cap_for(n));
+}
+
+/* Room to append one entry (may renumber entries: find slots again afterwards). */
+static int
+ud_reserve(U64Dict *m)
+{
+    if (m->ent_n < m->ent_cap) {
+        if ((m->used + 1) * 4 > m->idx_cap * 3)
+            return ud_reindex(m, m->idx_cap ? m->idx_cap * 2 : 8);
+        return 0;
+    }
+    Py_ssize_t want = m->used + 1;
+    Py_ssize_t cap = m->ent_cap ? m->ent_cap : 8;
+    while (cap < want * 3 / 2 + 1) /* room for holes to come before the next squeeze */
+        cap *= 2;
+    return ud_compact(m, cap);
+}
+
+/* Append (k, v) (a new reference is taken) and point index slot `slot` at it, or find a free
+ * slot when slot < 0. ud_reserve must have run. */
+static void
+ud_append(U64Dict *m, uint64_t k, PyObject *v, Py_ssize_t slot)
+{
+    Py_ssize_t e = m->ent_n++;
+    m->ent[e].key = k;
+    m->ent[e].val = Py_NewRef(v);
+    if (slot < 0) {
+        size_t mask = (size_t)m->idx_cap - 1, i = mix64(k) & mask;
+        while (m->idx[i] >= 0)
+            i = (i + 1) & mask;
+        slot = (Py_ssize_t)i;
+        m->used++;
+    }
+    m->idx[slot] = e;
+}
+
+/* m[k] = v: in place when present (order kept), else appended. 1 new, 0 replaced, -1 error. */
+static int
+ud_set(U64Dict *m, uint64_t k, PyObject *v)
+{
+    Py_ssize_t s = ud_slot(m, k);
+    if (s >= 0) {
+        u64slot *en = &m->ent[m->idx[s]];
+        Py_SETREF(en->val, Py_NewRef(v)); /* an int: its dealloc runs no code */
+        return 0;
+    }
+    if (ud_reserve(m) < 0)
+        return -1;
+    ud_append(m, k, v, -1);
+    return 1;
+}
+
+/* m[k] = v, moving k to the end (``d[k] = d.pop(k) ...``): 1 new, 0 moved, -1 error. */
+static int
+ud_set_last(U64Dict *m, uint64_t k, PyObject *v)
+{
+    Py_ssize_t s = ud_slot(m, k);
+    if (s >= 0 && m->idx[s] == m->ent_n - 1) {
+        Py_SETREF(m->ent[m->idx[s]].val, Py_NewRef(v));
+        return 0;
+    }
+    if (ud_reserve(m) < 0)
+        return -1;
+    if (s < 0) {
+        ud_append(m, k, v, -1);
+        return 1;
+    }
+    s = ud_slot(m, k); /* the reserve may have renumbered the entries */
+    u64slot *old = &m->ent[m->idx[s]];
+    PyObject *prev = old->val;
+    old->val = NULL; /* a hole */
+    ud_append(m, k, v, s);
+    Py_DECREF(prev);
+    return 0;
+}
+
+/* Delete the entry of index slot s. */
+static void
+ud_del_slot(U64Dict *m, Py_ssize_t s)
+{
+    Py_ssize_t e = m->idx[s];
+    PyObject *v = m->ent[e].val;
+    m->ent[e].val = NULL;
+    if (e == m->ent_n - 1)
+        m->ent_n--; /* the last entry: no hole left behind */
+    size_t mask = (size_t)m->idx_cap - 1, hole = (size_t)s, j = (size_t)s;
+    for (;;) {
+        j = (j + 1) & mask;
+        Py_ssize_t ej = m->idx[j];
+        if (ej < 0)
+            break;
+        size_t home = mix64(m->ent[ej].key) & mask;
+        if (((j - home) & mask) >= ((j - hole) & mask)) {
+            m->idx[hole] = ej;
+            hole = j;
+        }
+    }
+    m->idx[hole] = -1;
+    m->used--;
+    Py_DECREF(v);
+    if (m->used == 0) {
+        m->ent_n = m->head = 0;
+    }
+    else if (m->ent_cap > 64 && m->used * 8 < m->ent_cap && ud_compact(m, m->ent_cap / 2) < 0) {
+        PyErr_Clear(); /* could not shrink: stay as large, still correct */
+    }
+}
+
+static int
+ud_lookup(U64Dict *m, PyObject *k, Py_ssize_t *slot)
+{
+    uint64_t u;
+    if (!PyLong_Check(k))
+        return 0;
+    if (get_u64(k, &u) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        return 0;
+    }
+    *slot = ud_slot(m, u);
+    return *slot >= 0;
+}
+
+#define UD_VAL(m, s) ((m)->ent[(m)->idx[(s)]].val)
+
+static int ud_update_from(U64Dict *m, PyObject *src);
+
+static PyObject *
+ud_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    PyObject *src = NULL;
+    if (kw != NULL && PyDict_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "U64Dict() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "U64Dict", 0, 1, &src))
+        return NULL;
+    U64Dict *m = (U64Dict *)type->tp_alloc(type, 0);
+    if (m == NULL)
+        return NULL;
+    m->ent = NULL;
+    m->idx = NULL;
+    m->ent_cap = m->ent_n = m->head = m->used = m->idx_cap = 0;
+    if (src != NULL && ud_update_from(m, src) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return (PyObject *)m;
+}
+
+static void
+ud_clear_all(U64Dict *m)
+{
+    u64slot *ent = m->ent;
+    Py_ssize_t n = m->ent_n;
+    PyMem_Free(m->idx);
+    m->ent = NULL;
+    m->idx = NULL;
+    m->ent_cap = m->ent_n = m->head = m->used = m->idx_cap = 0;
+    for (Py_ssize_t e = 0; e < n; e++)
+        Py_XDECREF(ent[e].val);
+    PyMem_Free(ent);
+}
+
+static void
+ud_dealloc(U64Dict *m)
+{
+    ud_clear_all(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static Py_ssize_t
+ud_len(U64Dict *m)
+{
+    return m->used;
+}
+
+static PyObject *
+ud_subscript(U64Dict *m, PyObject *k)
+{
+    Py_ssize_t s;
+    int rc = ud_lookup(m, k, &s);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        set_key_error(k);
+        return NULL;
+    }
+    return Py_NewRef(UD_VAL(m, s));
+}
+
+static int
+ud_ass_subscript(U64Dict *m, PyObject *k, PyObject *v)
+{
+    if (v == NULL) {
+        Py_ssize_t s;
+        int rc = ud_lookup(m, k, &s);
+        if (rc <= 0) {
+            if (rc == 0)
+                set_key_error(k);
+            return -1;
+        }
+        ud_del_slot(m, s);
+        return 0;
+    }
+    uint64_t u;
+    if (um_key(k, &u) < 0 || um_check_val(v) < 0)
+        return -1;
+    return ud_set(m, u, v) < 0 ? -1 : 0;
+}
+
+static int
+ud_contains(U64Dict *m, PyObject *k)
+{
+    Py_ssize_t s;
+    return ud_lookup(m, k, &s);
+}
+
+static PyObject *
+ud_get(U64Dict *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get() takes 1 or 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t s;
+    int rc = ud_lookup(m, args[0], &s);
+    if (rc < 0)
+        return NULL;
+    if (rc)
+        return Py_NewRef(UD_VAL(m, s));
+    return Py_NewRef(nargs == 2 ? args[1] : Py_None);
+}
+
+static PyObject *
+ud_pop(U64Dict *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "pop() takes 1 or 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t s;
+    int rc = ud_lookup(m, args[0], &s);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        if (nargs == 2)
+            return Py_NewRef(args[1]);
+        set_key_error(args[0]);
+        return NULL;
+    }
+    PyObject *v = Py_NewRef(UD_VAL(m, s));
+    ud_del_slot(m, s);
+    return v;
+}
+
+/* 0: keys, 1: values, 2: items; in order, at most `limit` of them, as a new list. */
+static PyObject *
+ud_list(U64Dict *m, int what, Py_ssize_t limit)
+{
+    Py_ssize_t n = limit < m->used ? limit : m->used;
+    PyObject *out = PyList_New(n);
+    Py_ssize_t got = 0;
+    while (m->head < m->ent_n && m->ent[m->head].val == NULL)
+        m->head++; /* leading holes (evicted from the front) are skipped for good */
+    for (Py_ssize_t e = m->head; out != NULL && got < n && e < m->ent_n; e++) {
+        u64slot *s = &m->ent[e];
+        if (s->val == NULL)
+            continue;
+        PyObject *x;
+        if (what == 1) {
+            x = Py_NewRef(s->val);
+        }
+        else {
+            PyObject *k = PyLong_FromUnsignedLongLong(s->key);
+            x = what == 0 || k == NULL ? k : PyTuple_Pack(2, k, s->val);
+            if (what == 2)
+                Py_XDECREF(k);
+        }
+        if (x == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, got++, x);
+    }
+    return out;
+}
+
+static PyObject *
+ud_keys(U64Dict *m, PyObject *unused)
+{
+    return ud_list(m, 0, PY_SSIZE_T_MAX);
+}
+
+static PyObject *
+ud_values(U64Dict *m, PyObject *unused)
+{
+    return ud_list(m, 1, PY_SSIZE_T_MAX);
+}
+
+static PyObject *
+ud_items(U64Dict *m, PyObject *unused)
+{
+    return ud_list(m, 2, PY_SSIZE_T_MAX);
+}
+
+static PyObject *
+ud_oldest(U64Dict *m, PyObject *arg)
+{
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    return ud_list(m, 2, n < 0 ? 0 : n);
+}
+
+static PyObject *
+ud_iter(U64Dict *m)
+{
+    PyObject *keys = ud_list(m, 0, PY_SSIZE_T_MAX);
+    if (keys == NULL)
+        return NULL;
+    PyObject *it = PyObject_GetIter(keys);
+    Py_DECREF(keys);
+    return it;
+}
+
+static int
+ud_update_from(U64Dict *m, PyObject *src)
+{
+    PyObject *it;
+    if (PyObject_HasAttrString(src, "items")) {
+        PyObject *items = PyObject_CallMethod(src, "items", NULL);
+        if (items == NULL)
+            return -1;
+        it = PyObject_GetIter(items);
+        Py_DECREF(items);
+    }
+    else {
+        it = PyObject_GetIter(src);
+    }
+    if (it == NULL)
+        return -1;
+    PyObject *pair;
+    while ((pair = PyIter_Next(it)) != NULL) {
+        PyObject *fast = PySequence_Fast(pair, "U64Dict.update: expected (key, value) pairs");
+        Py_DECREF(pair);
+        if (fast == NULL)
+            goto fail;
+        uint64_t u;
+        int rc = -1;
+        if (PySequence_Fast_GET_SIZE(fast) != 2)
+            PyErr_SetString(PyExc_ValueError, "U64Dict.update: expected (key, value) pairs");
+        else if (um_key(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
+                 && um_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
+            rc = ud_set(m, u, PySequence_Fast_GET_ITEM(fast, 1));
+        Py_DECREF(fast);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_DECREF(it);
+    return PyErr_Occurred() ? -1 : 0;
+fail:
+    Py_DECREF(it);
+    return -1;
+}
+
+static PyObject *
+ud_update(U64Dict *m, PyObject *src)
+{
+    if (ud_update_from(m, src) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ud_clear(U64Dict *m, PyObject *unused)
+{
+    ud_clear_all(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ud_sizeof(U64Dict *m, PyObject *unused)
+{
+    return PyLong_FromSsize_t((Py_ssize_t)sizeof(U64Dict)
+                              + m->ent_cap * (Py_ssize_t)sizeof(u64slot)
+                              + m->idx_cap * (Py_ssize_t)sizeof(Py_ssize_t));
+}
+
+static PyObject *
+ud_reduce(U64Dict *m, PyObject *unused)
+{
+    PyObject *items = ud_list(m, 2, PY_SSIZE_T_MAX);
+    return items == NULL ? NULL : Py_BuildValue("(O(N))", Py_TYPE(m), items);
+}
+
+static PyObject *
+ud_repr(U64Dict *m)
+{
+    return PyUnicode_FromFormat("U64Dict(<%zd entries>)", m->used);
+}
+
+static PyMethodDef ud_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))ud_get, METH_FASTCALL, "get(k, default=None)"},
+    {"pop", (PyCFunction)(void (*)(void))ud_pop, METH_FASTCALL, "pop(k[, default])"},
+    {"keys", (PyCFunction)ud_keys, METH_NOARGS, "The keys in order, as a list."},
+    {"values", (PyCFunction)ud_values, METH_NOARGS, "The values in order, as a list."},
+    {"items", (PyCFunction)ud_items, METH_NOARGS, "(key, value) pairs in order, as a list."},
+    {"oldest", (PyCFunction)ud_oldest, METH_O, "oldest(n): the first n (key, value) pairs."},
+    {"update", (PyCFunction)ud_update, METH_O, "From a mapping or (key, value) pairs."},
+    {"clear", (PyCFunction)ud_clear, METH_NOARGS, "Remove every entry (frees the tables)."},
+    {"__sizeof__", (PyCFunction)ud_sizeof, METH_NOARGS, NULL},
+    {"__reduce__", (PyCFunction)ud_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods ud_as_mapping = {
+    (lenfunc)ud_len,
+    (binaryfunc)ud_subscript,
+    (objobjargproc)ud_ass_subscript,
+};
+
+static PySequenceMethods ud_as_sequence = {
+    .sq_contains = (objobjproc)ud_contains,
+};
+
+static PyTypeObject U64Dict_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvray._speedups.U64Dict",
+    .tp_doc = PyDoc_STR(
+        "U64Dict([mapping or pairs]): an insertion-ordered table of u64 keys to int values.\n\n"
+        "A dict's order semantics (assignment keeps a key's place, new keys go last); supports\n"
+        "len, [], in, del, get, pop, keys, values, items (lists, in order), oldest(n), update,\n"
+        "clear. Keys must be ints in [0, 2**64); other keys are never present."),
+    .tp_basicsize = sizeof(U64Dict),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = ud_new,
+    .tp_dealloc = (destructor)ud_dealloc,
+    .tp_repr = (reprfunc)ud_repr,
+    .tp_as_mapping = &ud_as_mapping,
+    .tp_as_sequence = &ud_as_sequence,
+    .tp_iter = (getiterfunc)ud_iter,
+    .tp_methods = ud_methods,
+};
+
+/* --- the index's maps: a dict, a U64Map or a U64Dict ------------------------------------------ */
 
 static inline int
 is_map(PyObject *o)
 {
-    return PyDict_CheckExact(o) || IS_U64MAP(o);
+    return PyDict_CheckExact(o) || IS_U64MAP(o) || IS_U64DICT(o);
 }
 
 /* A borrowed value, or NULL: absent (no error set) or an error. */
 static inline PyObject *
 map_get(PyObject *m, PyObject *k)
 {
+    if (IS_U64DICT(m)) {
+        Py_ssize_t s;
+        return ud_lookup((U64Dict *)m, k, &s) > 0 ? UD_VAL((U64Dict *)m, s) : NULL;
+    }
     if (!IS_U64MAP(m))
         return PyDict_GetItemWithError(m, k);
     Py_ssize_t at;
@@ -847,6 +1389,8 @@ map_get(PyObject *m, PyObject *k)
 static inline int
 map_set(PyObject *m, PyObject *k, PyObject *v)
 {
+    if (IS_U64DICT(m))
+        return ud_ass_subscript((U64Dict *)m, k, v);
     if (!IS_U64MAP(m))
         return PyDict_SetItem(m, k, v);
     return um_ass_subscript((U64Map *)m, k, v);
@@ -855,6 +1399,8 @@ map_set(PyObject *m, PyObject *k, PyObject *v)
 static inline int
 map_del(PyObject *m, PyObject *k)
 {
+    if (IS_U64DICT(m))
+        return ud_ass_subscript((U64Dict *)m, k, NULL);
     if (!IS_U64MAP(m))
         return PyDict_DelItem(m, k);
     return um_ass_subscript((U64Map *)m, k, NULL);
@@ -863,6 +1409,8 @@ map_del(PyObject *m, PyObject *k)
 static inline int
 map_contains(PyObject *m, PyObject *k)
 {
+    if (IS_U64DICT(m))
+        return ud_contains((U64Dict *)m, k);
     if (!IS_U64MAP(m))
         return PyDict_Contains(m, k);
     return um_contains((U64Map *)m, k);
@@ -922,6 +1470,40 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (m == NULL)
                 goto fail;
             Py_SETREF(um->slots[at].val, m);
+        }
+        keys_close(&ks);
+        return PyLong_FromSsize_t(added);
+    }
+    if (IS_U64DICT(d)) {
+        U64Dict *ud = (U64Dict *)d;
+        if (um_check_val(bit) < 0)
+            goto fail;
+        for (Py_ssize_t i = 0; i < ks.n; i++) {
+            uint64_t u;
+            if (ks.is_buf)
+                u = ks.u[i];
+            else if (get_u64(ks.items[i], &u) < 0)
+                goto fail;
+            Py_ssize_t s = ud_slot(ud, u);
+            if (s < 0) {
+                if (ud_reserve(ud) < 0)
+                    goto fail;
+                ud_append(ud, u, bit, -1);
+                added++;
+                continue;
+            }
+            PyObject *m = PyNumber_Or(UD_VAL(ud, s), bit);
+            if (m == NULL)
+                goto fail;
+            if (recency) {
+                int rc = ud_set_last(ud, u, m);
+                Py_DECREF(m);
+                if (rc < 0)
+                    goto fail;
+            }
+            else {
+                Py_SETREF(UD_VAL(ud, s), m);
+            }
         }
         keys_close(&ks);
         return PyLong_FromSsize_t(added);
@@ -1010,6 +1592,34 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             Py_DECREF(m);
             um_del_at(um, at);
+            deleted++;
+        }
+        keys_close(&ks);
+        return PyLong_FromSsize_t(deleted);
+    }
+    if (IS_U64DICT(d)) {
+        U64Dict *ud = (U64Dict *)d;
+        for (Py_ssize_t i = 0; i < ks.n; i++) {
+            uint64_t u;
+            if (ks.is_buf)
+                u = ks.u[i];
+            else if (get_u64(ks.items[i], &u) < 0)
+                goto fail;
+            Py_ssize_t s = ud_slot(ud, u);
+            if (s < 0)
+                continue;
+            PyObject *m = PyNumber_And(UD_VAL(ud, s), keep);
+            int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
+            if (nonzero < 0 || (nonzero && um_check_val(m) < 0)) {
+                Py_XDECREF(m);
+                goto fail;
+            }
+            if (nonzero) {
+                Py_SETREF(UD_VAL(ud, s), m);
+                continue;
+            }
+            Py_DECREF(m);
+            ud_del_slot(ud, s);
             deleted++;
         }
         keys_close(&ks);
@@ -1307,10 +1917,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&U64Map_Type) < 0)
+    if (PyType_Ready(&U64Map_Type) < 0 || PyType_Ready(&U64Dict_Type) < 0)
         return NULL;
     PyObject *mod = PyModule_Create(&module);
-    if (mod != NULL && PyModule_AddObjectRef(mod, "U64Map", (PyObject *)&U64Map_Type) < 0)
+    if (mod != NULL && (PyModule_AddObjectRef(mod, "U64Map", (PyObject *)&U64Map_Type) < 0
+                        || PyModule_AddObjectRef(mod, "U64Dict", (PyObject *)&U64Dict_Type) < 0))
         Py_CLEAR(mod);
     return mod;
 }

@@ -195,6 +195,7 @@ PYTHON: dict[str, Any] = {
     "remove_engine": py_remove_engine,
     "xor_u64": py_xor_u64,
     "U64Map": dict,
+    "U64Dict": dict,
 }
 
 _speedups: Any
@@ -230,3 +231,9 @@ int object per key (a dict keyed by ints holds a ~42-byte entry plus a 32–36-b
 and its lookups touch both). It has the dict operations the index uses (``len``, ``[]``,
 ``in``, ``del``, ``get``, ``pop``, ``update``, ``clear``; ``keys``/``values``/``items`` as lists)
 and no order. Without the extension it is ``dict``. The functions above accept either."""
+
+U64Dict: Callable[[], dict[int, int]] = _impl.U64Dict if _impl else dict
+"""The same with a dict's order (new keys last, assignment keeps a key's place, ``or_bits`` with
+recency moves it last), for tiers evicted oldest first: CPython's compact-dict layout for u64
+keys (entries in order, an index of entry numbers), ~32 bytes per key instead of ~78, plus
+``oldest(n)``. Without the extension it is ``dict``."""

@@ -35,9 +35,12 @@ u64 = st.integers(0, 2**64 - 1)
 some_ints = st.integers(-(2**70), 2**70)
 
 
-def same(name: str, *args: Any, table: bool = False) -> Any:
-    """Call both implementations; equal results or the same exception type. ``table``: the C
-    call gets each dict as a ``U64Map`` (the Python twin keeps the dict)."""
+TABLES = st.sampled_from(["dict", "U64Map", "U64Dict"])
+
+
+def same(name: str, *args: Any, table: str = "dict") -> Any:
+    """Call both implementations; equal results or the same exception type. ``table``: what the
+    C call gets each dict as (``U64Map``/``U64Dict``; the Python twin keeps the dict)."""
     py = fast.PYTHON[name]
     c = getattr(C, name)
 
@@ -47,22 +50,22 @@ def same(name: str, *args: Any, table: bool = False) -> Any:
         except (ValueError, TypeError, OverflowError) as exc:
             return type(exc).__name__, None
 
-    def copy(a: Any, to_table: bool = False) -> Any:
+    def copy(a: Any, to: str = "dict") -> Any:
         if isinstance(a, list) and a and all(isinstance(x, dict) for x in a):
-            return [copy(x, to_table) for x in a]  # tiers
+            return [copy(x, to) for x in a]  # tiers
         if not isinstance(a, dict):
             return a
-        return C.U64Map(a) if to_table else dict(a)
+        return dict(a) if to == "dict" else getattr(C, to)(a)
 
     py_args = [copy(a) for a in args]
     c_args = [copy(a, table) for a in args]
     got_py, got_c = run(py, py_args), run(c, c_args)
     assert got_c == got_py, (name, args)
-    # Mutated dicts must end equal too (and in the same order: dict order is LRU order; a
-    # U64Map has none).
+    # Mutated dicts must end equal too, in the same order (dict order is LRU order; a U64Dict
+    # keeps it, a U64Map has none).
     for a, b in zip(py_args, c_args, strict=True):
         if isinstance(a, dict):
-            if table:
+            if table == "U64Map":
                 assert sorted(a.items()) == sorted(b.items())
             else:
                 assert list(a.items()) == list(b.items())
@@ -155,11 +158,11 @@ masks = st.integers(0, 2**80)
     bit=st.integers(0, 70).map(lambda s: 1 << s),
     recency=st.booleans(),
     packed=st.booleans(),
-    table=st.booleans(),
+    table=TABLES,
 )
 @needs_c
 def test_bitmask_updates_agree(
-    d: dict[int, int], keys: list[int], bit: int, recency: bool, packed: bool, table: bool
+    d: dict[int, int], keys: list[int], bit: int, recency: bool, packed: bool, table: str
 ) -> None:
     seq: Any = array("Q", keys) if packed else keys
     same("or_bits", d, seq, bit, recency, table=table)
@@ -204,7 +207,7 @@ def test_bad_containers_raise_not_crash() -> None:
     bit=st.integers(0, 70).map(lambda s: 1 << s),
     recency=st.booleans(),
     packed=st.booleans(),
-    table=st.booleans(),
+    table=TABLES,
 )
 @needs_c
 def test_fused_engine_paths_agree(
@@ -216,13 +219,14 @@ def test_fused_engine_paths_agree(
     bit: int,
     recency: bool,
     packed: bool,
-    table: bool,
+    table: str,
 ) -> None:
     n = min(len(engine), len(keys))
     same("add_engine", d, emap, keys[:n], engine[:n], bit, recency, table=table)
-    # The shard's layout: tiers are dicts (recency order), the engine map a U64Map (table).
-    py_d, c_d, py_e = dict(d), dict(d), dict(emap)
-    c_e: Any = C.U64Map(emap) if table else dict(emap)
+    # The shard's layout: tiers U64Dicts (recency order), the engine map a U64Map.
+    py_d, py_e = dict(d), dict(emap)
+    c_d: Any = dict(d) if table == "dict" else C.U64Dict(d)
+    c_e: Any = dict(emap) if table == "dict" else C.U64Map(emap)
     seq: Any = array("Q", engine) if packed else engine
     got_py = fast.py_remove_engine(py_d, py_e, seq, ~bit, [py_d, other])
     got_c = C.remove_engine(c_d, c_e, seq, ~bit, [c_d, other])
@@ -247,10 +251,10 @@ ops = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps=ops)
+@given(steps=ops, kind=st.sampled_from(["U64Map", "U64Dict"]))
 @needs_c
-def test_u64map_behaves_as_a_dict(steps: list[tuple[str, int, int]]) -> None:
-    m, d = C.U64Map(), {}
+def test_tables_behave_as_a_dict(steps: list[tuple[str, int, int]], kind: str) -> None:
+    m, d = getattr(C, kind)(), {}
     for op, k, v in steps:
         if op == "set":
             m[k] = v
@@ -273,17 +277,50 @@ def test_u64map_behaves_as_a_dict(steps: list[tuple[str, int, int]]) -> None:
     assert sorted(m) == sorted(m.keys()) == sorted(d)
     assert sorted(m.values()) == sorted(d.values())
     assert all(m[k] == v for k, v in d.items())
+    if kind == "U64Dict":  # a dict's order too
+        assert m.items() == list(d.items()) and list(m) == list(d)
+        assert m.oldest(3) == list(d.items())[:3] and m.oldest(0) == []
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    rounds=st.lists(
+        st.tuples(st.lists(st.integers(0, 2000), max_size=60), st.integers(0, 8), st.booleans()),
+        max_size=40,
+    )
+)
 @needs_c
-def test_u64map_grows_shrinks_and_keeps_every_key() -> None:
+def test_u64dict_keeps_lru_order_through_growth_and_squeezes(
+    rounds: list[tuple[list[int], int, bool]],
+) -> None:
+    """The shard's use: re-stores move keys to the end, removals punch holes, eviction reads
+    the front; the order must stay the dict's through every resize and squeeze."""
+    m, d = C.U64Dict(), {}
+    for keys, slot, remove in rounds:
+        bit = 1 << slot
+        if remove:
+            assert C.and_bits(m, keys, ~bit) == fast.py_and_bits(d, keys, ~bit)
+        else:
+            assert C.or_bits(m, keys, bit, True) == fast.py_or_bits(d, keys, bit, True)
+        assert m.items() == list(d.items())
+        victims = m.oldest(5)
+        assert victims == list(d.items())[:5]
+        for k, _ in victims[:2]:
+            del m[k]
+            del d[k]
+    assert m.items() == list(d.items())
+
+
+@pytest.mark.parametrize("kind", ["U64Map", "U64Dict"])
+@needs_c
+def test_tables_grow_shrink_and_keep_every_key(kind: str) -> None:
     import pickle
     import random
     import sys
 
     rng = random.Random(7)
     keys = [rng.randrange(2**64) for _ in range(50_000)] + list(range(1000))
-    m, d = C.U64Map(), {}
+    m, d = getattr(C, kind)(), {}
     for i, k in enumerate(keys):
         m[k] = d[k] = i
     assert len(m) == len(d) and all(m[k] == d[k] for k in keys[::97])
@@ -294,6 +331,8 @@ def test_u64map_grows_shrinks_and_keeps_every_key() -> None:
         del d[k]
     assert sys.getsizeof(m) < full / 8  # it shrank as it emptied
     assert sorted(m.items()) == sorted(d.items())
+    if kind == "U64Dict":
+        assert m.items() == list(d.items())
     assert dict(pickle.loads(pickle.dumps(m))) == d
     m.update({1: 2})
     m.update([(3, 4)])
@@ -323,3 +362,7 @@ def test_u64map_rejects_what_it_cannot_hold() -> None:
         C.U64Map([(1, 2, 3)])
     with pytest.raises(TypeError):
         C.or_bits(m, [1], "x", False)  # the mask must be an int
+    with pytest.raises(TypeError):
+        C.or_bits(C.U64Dict(), [1], "x", True)
+    with pytest.raises(TypeError):
+        C.U64Dict()[1] = 1.5

@@ -32,6 +32,7 @@ from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
 
 from kvray.core.fast import (
+    U64Dict,
     U64Map,
     add_engine,
     and_bits,
@@ -153,8 +154,8 @@ class MemoryIndex:
     def _tier(self, tier: Tier) -> dict[int, int]:
         d = self._tiers.get(tier)
         if d is None:
-            # Without recency nothing needs the keys' order: the C table is smaller and faster.
-            d = self._tiers[tier] = {} if self.recency else U64Map()
+            # C tables (dicts without the extension); without recency nothing needs the order.
+            d = self._tiers[tier] = U64Dict() if self.recency else U64Map()
         return d
 
     def _grew(self, added: int) -> None:
@@ -187,7 +188,7 @@ class MemoryIndex:
         """Drop the oldest keys of the largest tier until under the bound (one batch)."""
         while self._nkeys > self.max_keys:
             tier, d = max(self._tiers.items(), key=lambda td: len(td[1]))
-            victims = list(islice(d.items(), self._evict_n))
+            victims = _oldest(d, self._evict_n)
             for k, _ in victims:
                 del d[k]
             self._nkeys -= len(victims)
@@ -395,6 +396,14 @@ class MemoryIndex:
     def close(self) -> None:
         self._tiers.clear()
         self._emap.clear()
+
+
+def _oldest(d: dict[int, int], n: int) -> list[tuple[int, int]]:
+    """The first ``n`` items of a tier (a U64Dict reads them without listing the rest)."""
+    oldest = getattr(d, "oldest", None)
+    if oldest is not None:
+        return oldest(n)  # type: ignore[no-any-return]
+    return list(islice(d.items(), n))
 
 
 def _map_bytes(d: dict[int, int]) -> int:
