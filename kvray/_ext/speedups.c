@@ -101,6 +101,9 @@ get_buffer(PyObject *obj, Py_buffer *view)
     return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
 }
 
+/* An int in [0, 2**64). PyLong_AsUnsignedLongLong converts ints of more than one 30-bit digit
+ * (every hash) through the generic byte-array routine; the mask conversion reads the digits
+ * directly, so range-check first and use that. */
 static int
 get_u64(PyObject *obj, uint64_t *out)
 {
@@ -108,7 +111,17 @@ get_u64(PyObject *obj, uint64_t *out)
         PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(obj)->tp_name);
         return -1;
     }
-    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (_PyLong_Sign(obj) < 0) {
+        PyErr_SetString(PyExc_OverflowError, "can't convert negative int to unsigned");
+        return -1;
+    }
+    size_t bits = _PyLong_NumBits(obj);
+    if (bits > 64) {
+        if (bits != (size_t)-1 || !PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "int too big to convert");
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLongMask(obj);
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     *out = (uint64_t)v;
