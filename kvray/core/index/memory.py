@@ -1,9 +1,14 @@
-"""The default index: per tier, one dict from block key to a bitset of holder slots, LRU-bounded.
+"""The default index: per tier, one table from block key to a bitset of holder slots, LRU-bounded.
+
+The tables are ``kvray.core.fast.U64Dict`` (tiers, in recency order) and ``U64Map`` (the engine
+map; the tiers of an index without recency, i.e. read replicas): C tables with a dict's
+operations, or plain dicts without the extension. Either way the code below sees a dict.
 
 Cost model (measured in ``benchmarks/bench_core.py``; CPython 3.11, 64-bit):
 
-* per key: one dict entry (~40 B with the table slack) + the u64 key int (32–36 B) + the mask int
-  (0 B for masks < 2^8, which CPython caches; 28 B + 4 B per 30 bits above). At ~4 holders per
+* per key, with the C tables: a 16-byte entry plus 8–16 bytes of index, and the mask int (0 B for
+  masks < 2^8, which CPython caches; 28 B + 4 B per 30 bits above). With dicts: one dict entry
+  (~40 B with the table slack) + the u64 key int (32–36 B) + the mask int; at ~4 holders per
   block that is ~25–30 B per (block, holder) pair, against ~115–250 B for a dict of sets.
 * ``add``/``remove``: O(keys) dict operations; ``add`` re-inserts the key at the dict's end, so
   dict order IS the recency order (least recently stored first).
