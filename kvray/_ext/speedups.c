@@ -367,18 +367,28 @@ keys_close(keys_t *k)
     Py_XDECREF(k->seq);
 }
 
-/* --- U64Map: an open-addressing hash table u64 -> int ---------------------------------------- */
+/* --- C tables for the index: U64Map and U64Dict ------------------------------------------------ */
 
 /* A dict keyed by ints costs, per entry, a 24-byte entry, an index slot and a 32-36-byte int
- * object for the key, and a lookup touches all three (the key object to compare it). A U64Map
- * stores the key as a machine word next to its value in one 16-byte slot: linear probing on a
- * power-of-two table kept at most 3/4 full, deletion by backward shift (no tombstones), halved
- * when under 1/8 full. Values must be ints (they cannot form reference cycles, so the type is
- * not tracked by the garbage collector). No order: iteration is in table order. */
+ * object for the key, and a lookup touches all three (the key object to compare it). These
+ * tables store the key as a machine word next to its value in a 16-byte slot. Values must be
+ * ints (they cannot form reference cycles, so neither type is tracked by the garbage collector).
+ *
+ * U64Map (no order): the slots are the hash table itself; linear probing on a power-of-two
+ * table kept at most 3/4 full, deletion by backward shift (no tombstones), halved when 7/8
+ * empty. The engine map and read replicas' tiers.
+ *
+ * U64Dict (a dict's order): CPython's compact-dict layout specialised for u64 keys. Entries
+ * (key, value) are appended in order, deletions leave holes; an open-addressing index of entry
+ * numbers (linear probing, backward-shift deletion) finds a key with one compare of two machine
+ * words. Holes are squeezed out when the entry array fills or is 7/8 empty. A shard's tiers
+ * (recency order: the index re-inserts a stored key and evicts from the front).
+ *
+ * The Python-facing methods are written once, over the small set of operations below. */
 
 typedef struct {
     uint64_t key;
-    PyObject *val; /* NULL: empty slot */
+    PyObject *val; /* NULL: an empty slot (U64Map) or a hole (U64Dict) */
 } u64slot;
 
 typedef struct {
@@ -388,9 +398,22 @@ typedef struct {
     Py_ssize_t used;
 } U64Map;
 
-static PyTypeObject U64Map_Type;
+typedef struct {
+    PyObject_HEAD
+    u64slot *ent;       /* entries in order */
+    Py_ssize_t ent_cap;
+    Py_ssize_t ent_n;   /* entries appended so far (holes included) */
+    Py_ssize_t head;    /* no live entry before this one */
+    Py_ssize_t used;    /* live entries */
+    Py_ssize_t *idx;    /* entry number or -1 */
+    Py_ssize_t idx_cap; /* 0 or a power of two, > used * 4 / 3 */
+} U64Dict;
+
+static PyTypeObject U64Map_Type, U64Dict_Type;
 
 #define IS_U64MAP(o) Py_IS_TYPE((o), &U64Map_Type)
+#define IS_U64DICT(o) Py_IS_TYPE((o), &U64Dict_Type)
+#define IS_TABLE(o) (IS_U64MAP(o) || IS_U64DICT(o))
 
 static inline size_t
 mix64(uint64_t x)
@@ -403,10 +426,31 @@ mix64(uint64_t x)
     return (size_t)x;
 }
 
-/* The slot holding k, or -1. */
+/* Delete position `hole` of a linear-probing table of `cap` positions by shifting later members
+ * of its probe run back; key_at(i) is the key at a full position, full(i) whether it is full. */
+#define BACKWARD_SHIFT(cap, start, full, key_at, move)                                       \
+    do {                                                                                     \
+        size_t mask_ = (size_t)(cap) - 1, hole_ = (size_t)(start), j_ = hole_;               \
+        for (;;) {                                                                           \
+            j_ = (j_ + 1) & mask_;                                                           \
+            if (!(full(j_)))                                                                 \
+                break;                                                                       \
+            size_t home_ = mix64(key_at(j_)) & mask_;                                        \
+            /* j_ may fill the hole when its home is not within (hole_, j_] (cyclically) */  \
+            if (((j_ - home_) & mask_) >= ((j_ - hole_) & mask_)) {                          \
+                move(hole_, j_);                                                             \
+                hole_ = j_;                                                                  \
+            }                                                                                \
+        }                                                                                    \
+        start = hole_;                                                                       \
+    } while (0)
+
+/* - U64Map internals - */
+
 static inline Py_ssize_t
-um_find(const U64Map *m, uint64_t k)
+um_find(PyObject *o, uint64_t k)
 {
+    U64Map *m = (U64Map *)o;
     if (m->cap == 0)
         return -1;
     size_t mask = (size_t)m->cap - 1, i = mix64(k) & mask;
@@ -444,47 +488,39 @@ um_resize(U64Map *m, Py_ssize_t cap)
     return 0;
 }
 
-/* m[k] = v (a new reference is taken): 1 when k is new, 0 when replaced, -1 on error. */
+/* Insert k (absent) -> v, taking a new reference. */
 static int
-um_set(U64Map *m, uint64_t k, PyObject *v)
+um_add(PyObject *o, uint64_t k, PyObject *v)
 {
+    U64Map *m = (U64Map *)o;
     if ((m->used + 1) * 4 > m->cap * 3 && um_resize(m, m->cap ? m->cap * 2 : 8) < 0)
         return -1;
     size_t mask = (size_t)m->cap - 1, i = mix64(k) & mask;
-    for (;;) {
-        u64slot *s = &m->slots[i];
-        if (s->val == NULL) {
-            s->key = k;
-            s->val = Py_NewRef(v);
-            m->used++;
-            return 1;
-        }
-        if (s->key == k) {
-            Py_SETREF(s->val, Py_NewRef(v)); /* an int: its dealloc runs no code */
-            return 0;
-        }
+    while (m->slots[i].val != NULL)
         i = (i + 1) & mask;
-    }
+    m->slots[i].key = k;
+    m->slots[i].val = Py_NewRef(v);
+    m->used++;
+    return 0;
 }
 
-/* Empty slot i (it must be full), shifting later members of its probe run back. */
-static void
-um_del_at(U64Map *m, Py_ssize_t at)
+static inline PyObject **
+um_val(PyObject *o, Py_ssize_t at)
 {
+    return &((U64Map *)o)->slots[at].val;
+}
+
+#define UM_FULL(i) (m->slots[(i)].val != NULL)
+#define UM_KEY(i) (m->slots[(i)].key)
+#define UM_MOVE(to, from) (m->slots[(to)] = m->slots[(from)])
+
+static void
+um_del_at(PyObject *o, Py_ssize_t at)
+{
+    U64Map *m = (U64Map *)o;
     PyObject *v = m->slots[at].val;
-    size_t mask = (size_t)m->cap - 1, hole = (size_t)at, j = (size_t)at;
-    for (;;) {
-        j = (j + 1) & mask;
-        u64slot *s = &m->slots[j];
-        if (s->val == NULL)
-            break;
-        size_t home = mix64(s->key) & mask;
-        /* s may fill the hole when its home is not within (hole, j] (cyclically). */
-        if (((j - home) & mask) >= ((j - hole) & mask)) {
-            m->slots[hole] = *s;
-            hole = j;
-        }
-    }
+    size_t hole = (size_t)at;
+    BACKWARD_SHIFT(m->cap, hole, UM_FULL, UM_KEY, UM_MOVE);
     m->slots[hole].val = NULL;
     m->slots[hole].key = 0;
     m->used--;
@@ -493,378 +529,12 @@ um_del_at(U64Map *m, Py_ssize_t at)
         PyErr_Clear(); /* could not shrink: stay as large, still correct */
 }
 
-static void
-set_key_error(PyObject *k)
-{
-    PyObject *t = PyTuple_Pack(1, k);
-    if (t != NULL) {
-        PyErr_SetObject(PyExc_KeyError, t);
-        Py_DECREF(t);
-    }
-}
+/* - U64Dict internals - */
 
-static int
-um_key(PyObject *k, uint64_t *out)
-{
-    return get_u64(k, out);
-}
-
-/* A key that is not a u64 is simply absent (as in a dict); 1 found (slot in *at), 0, -1. */
-static int
-um_lookup(U64Map *m, PyObject *k, Py_ssize_t *at)
-{
-    uint64_t u;
-    if (!PyLong_Check(k))
-        return 0;
-    if (get_u64(k, &u) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
-            return -1;
-        PyErr_Clear();
-        return 0;
-    }
-    *at = um_find(m, u);
-    return *at >= 0;
-}
-
-static int
-um_check_val(PyObject *v)
-{
-    if (!PyLong_CheckExact(v)) {
-        PyErr_Format(PyExc_TypeError, "U64Map values must be ints, got %.100s",
-                     Py_TYPE(v)->tp_name);
-        return -1;
-    }
-    return 0;
-}
-
-static int um_update_from(U64Map *m, PyObject *src);
-
-static PyObject *
-um_new(PyTypeObject *type, PyObject *args, PyObject *kw)
-{
-    PyObject *src = NULL;
-    if (kw != NULL && PyDict_GET_SIZE(kw)) {
-        PyErr_SetString(PyExc_TypeError, "U64Map() takes no keyword arguments");
-        return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, "U64Map", 0, 1, &src))
-        return NULL;
-    U64Map *m = (U64Map *)type->tp_alloc(type, 0);
-    if (m == NULL)
-        return NULL;
-    m->slots = NULL;
-    m->cap = m->used = 0;
-    if (src != NULL && um_update_from(m, src) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return (PyObject *)m;
-}
-
-static void
-um_clear_all(U64Map *m)
-{
-    u64slot *slots = m->slots;
-    Py_ssize_t cap = m->cap;
-    m->slots = NULL;
-    m->cap = m->used = 0;
-    for (Py_ssize_t i = 0; i < cap; i++)
-        Py_XDECREF(slots[i].val);
-    PyMem_Free(slots);
-}
-
-static void
-um_dealloc(U64Map *m)
-{
-    um_clear_all(m);
-    Py_TYPE(m)->tp_free((PyObject *)m);
-}
-
-static Py_ssize_t
-um_len(U64Map *m)
-{
-    return m->used;
-}
-
-static PyObject *
-um_subscript(U64Map *m, PyObject *k)
-{
-    Py_ssize_t at;
-    int rc = um_lookup(m, k, &at);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0) {
-        set_key_error(k);
-        return NULL;
-    }
-    return Py_NewRef(m->slots[at].val);
-}
-
-static int
-um_ass_subscript(U64Map *m, PyObject *k, PyObject *v)
-{
-    if (v == NULL) {
-        Py_ssize_t at;
-        int rc = um_lookup(m, k, &at);
-        if (rc <= 0) {
-            if (rc == 0)
-                set_key_error(k);
-            return -1;
-        }
-        um_del_at(m, at);
-        return 0;
-    }
-    uint64_t u;
-    if (um_key(k, &u) < 0 || um_check_val(v) < 0)
-        return -1;
-    return um_set(m, u, v) < 0 ? -1 : 0;
-}
-
-static int
-um_contains(U64Map *m, PyObject *k)
-{
-    Py_ssize_t at;
-    return um_lookup(m, k, &at);
-}
-
-static PyObject *
-um_get(U64Map *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "get() takes 1 or 2 arguments");
-        return NULL;
-    }
-    Py_ssize_t at;
-    int rc = um_lookup(m, args[0], &at);
-    if (rc < 0)
-        return NULL;
-    if (rc)
-        return Py_NewRef(m->slots[at].val);
-    return Py_NewRef(nargs == 2 ? args[1] : Py_None);
-}
-
-static PyObject *
-um_pop(U64Map *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "pop() takes 1 or 2 arguments");
-        return NULL;
-    }
-    Py_ssize_t at;
-    int rc = um_lookup(m, args[0], &at);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0) {
-        if (nargs == 2)
-            return Py_NewRef(args[1]);
-        set_key_error(args[0]);
-        return NULL;
-    }
-    PyObject *v = Py_NewRef(m->slots[at].val);
-    um_del_at(m, at);
-    return v;
-}
-
-/* 0: keys, 1: values, 2: items, as a new list. */
-static PyObject *
-um_list(U64Map *m, int what)
-{
-    PyObject *out = PyList_New(m->used);
-    Py_ssize_t n = 0;
-    for (Py_ssize_t i = 0; out != NULL && i < m->cap; i++) {
-        u64slot *s = &m->slots[i];
-        if (s->val == NULL)
-            continue;
-        PyObject *x;
-        if (what == 1) {
-            x = Py_NewRef(s->val);
-        }
-        else {
-            PyObject *k = PyLong_FromUnsignedLongLong(s->key);
-            x = what == 0 || k == NULL ? k : PyTuple_Pack(2, k, s->val);
-            if (what == 2)
-                Py_XDECREF(k);
-        }
-        if (x == NULL)
-            Py_CLEAR(out);
-        else
-            PyList_SET_ITEM(out, n++, x);
-    }
-    return out;
-}
-
-static PyObject *
-um_keys(U64Map *m, PyObject *unused)
-{
-    return um_list(m, 0);
-}
-
-static PyObject *
-um_values(U64Map *m, PyObject *unused)
-{
-    return um_list(m, 1);
-}
-
-static PyObject *
-um_items(U64Map *m, PyObject *unused)
-{
-    return um_list(m, 2);
-}
-
-static PyObject *
-um_iter(U64Map *m)
-{
-    PyObject *keys = um_list(m, 0);
-    if (keys == NULL)
-        return NULL;
-    PyObject *it = PyObject_GetIter(keys);
-    Py_DECREF(keys);
-    return it;
-}
-
-/* From a mapping (its items()) or an iterable of (key, value) pairs. */
-static int
-um_update_from(U64Map *m, PyObject *src)
-{
-    PyObject *it;
-    if (PyDict_Check(src) || IS_U64MAP(src) || PyObject_HasAttrString(src, "items")) {
-        PyObject *items = PyObject_CallMethod(src, "items", NULL);
-        if (items == NULL)
-            return -1;
-        it = PyObject_GetIter(items);
-        Py_DECREF(items);
-    }
-    else {
-        it = PyObject_GetIter(src);
-    }
-    if (it == NULL)
-        return -1;
-    PyObject *pair;
-    while ((pair = PyIter_Next(it)) != NULL) {
-        PyObject *fast = PySequence_Fast(pair, "U64Map.update: expected (key, value) pairs");
-        Py_DECREF(pair);
-        if (fast == NULL)
-            goto fail;
-        uint64_t u;
-        int rc = -1;
-        if (PySequence_Fast_GET_SIZE(fast) != 2)
-            PyErr_SetString(PyExc_ValueError, "U64Map.update: expected (key, value) pairs");
-        else if (um_key(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
-                 && um_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
-            rc = um_set(m, u, PySequence_Fast_GET_ITEM(fast, 1));
-        Py_DECREF(fast);
-        if (rc < 0)
-            goto fail;
-    }
-    Py_DECREF(it);
-    return PyErr_Occurred() ? -1 : 0;
-fail:
-    Py_DECREF(it);
-    return -1;
-}
-
-static PyObject *
-um_update(U64Map *m, PyObject *src)
-{
-    if (um_update_from(m, src) < 0)
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-um_clear(U64Map *m, PyObject *unused)
-{
-    um_clear_all(m);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-um_sizeof(U64Map *m, PyObject *unused)
-{
-    return PyLong_FromSsize_t((Py_ssize_t)sizeof(U64Map) + m->cap * (Py_ssize_t)sizeof(u64slot));
-}
-
-static PyObject *
-um_reduce(U64Map *m, PyObject *unused)
-{
-    PyObject *items = um_list(m, 2);
-    return items == NULL ? NULL : Py_BuildValue("(O(N))", Py_TYPE(m), items);
-}
-
-static PyObject *
-um_repr(U64Map *m)
-{
-    return PyUnicode_FromFormat("U64Map(<%zd entries>)", m->used);
-}
-
-static PyMethodDef um_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))um_get, METH_FASTCALL, "get(k, default=None)"},
-    {"pop", (PyCFunction)(void (*)(void))um_pop, METH_FASTCALL, "pop(k[, default])"},
-    {"keys", (PyCFunction)um_keys, METH_NOARGS, "The keys, as a list."},
-    {"values", (PyCFunction)um_values, METH_NOARGS, "The values, as a list."},
-    {"items", (PyCFunction)um_items, METH_NOARGS, "(key, value) pairs, as a list."},
-    {"update", (PyCFunction)um_update, METH_O, "From a mapping or (key, value) pairs."},
-    {"clear", (PyCFunction)um_clear, METH_NOARGS, "Remove every entry (frees the table)."},
-    {"__sizeof__", (PyCFunction)um_sizeof, METH_NOARGS, NULL},
-    {"__reduce__", (PyCFunction)um_reduce, METH_NOARGS, NULL},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyMappingMethods um_as_mapping = {
-    (lenfunc)um_len,
-    (binaryfunc)um_subscript,
-    (objobjargproc)um_ass_subscript,
-};
-
-static PySequenceMethods um_as_sequence = {
-    .sq_contains = (objobjproc)um_contains,
-};
-
-static PyTypeObject U64Map_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kvray._speedups.U64Map",
-    .tp_doc = PyDoc_STR(
-        "U64Map([mapping or pairs]): a dict-like table of u64 keys to int values, in C.\n\n"
-        "Supports len, [], in, del, get, pop, keys, values, items (lists), update, clear;\n"
-        "no order. Keys must be ints in [0, 2**64); other keys are never present."),
-    .tp_basicsize = sizeof(U64Map),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = um_new,
-    .tp_dealloc = (destructor)um_dealloc,
-    .tp_repr = (reprfunc)um_repr,
-    .tp_as_mapping = &um_as_mapping,
-    .tp_as_sequence = &um_as_sequence,
-    .tp_iter = (getiterfunc)um_iter,
-    .tp_methods = um_methods,
-};
-
-/* --- U64Dict: an insertion-ordered u64 -> int table -------------------------------------------- */
-
-/* What a shard's tiers need: dict semantics including order (the index keeps store recency as
- * insertion order and evicts from the front). CPython's compact-dict layout specialised for u64
- * keys: entries (key, value) appended in order, deletions leaving holes; an open-addressing index
- * of entry numbers (linear probing, backward-shift deletion) finds a key with one compare of two
- * machine words. Holes are squeezed out when the entry array fills or is 7/8 empty. */
-
-typedef struct {
-    PyObject_HEAD
-    u64slot *ent;       /* entries in order; val NULL: a hole */
-    Py_ssize_t ent_cap;
-    Py_ssize_t ent_n;   /* entries appended so far (holes included) */
-    Py_ssize_t head;    /* no live entry before this one */
-    Py_ssize_t used;    /* live entries */
-    Py_ssize_t *idx;    /* entry number or -1 */
-    Py_ssize_t idx_cap; /* 0 or a power of two, > used * 4 / 3 */
-} U64Dict;
-
-static PyTypeObject U64Dict_Type;
-
-#define IS_U64DICT(o) Py_IS_TYPE((o), &U64Dict_Type)
-
-/* The index slot holding k's entry number, or -1. */
 static inline Py_ssize_t
-ud_slot(const U64Dict *m, uint64_t k)
+ud_slot(PyObject *o, uint64_t k)
 {
+    U64Dict *m = (U64Dict *)o;
     if (m->idx_cap == 0)
         return -1;
     size_t mask = (size_t)m->idx_cap - 1, i = mix64(k) & mask;
@@ -903,16 +573,7 @@ ud_reindex(U64Dict *m, Py_ssize_t idx_cap)
     return 0;
 }
 
-static Py_ssize_t
-ud_idx_cap_for(Py_ssize_t n)
-{
-    Py_ssize_t cap = 8;
-    while (cap * 3 < n * 4 + 4)
-        cap *= 2;
-    return cap;
-}
-
-/* Squeeze out the holes into an entry array of ent_cap (>= used), then rebuild the index. */
+/* Squeeze out the holes into an entry array of ent_cap (> used), then rebuild the index. */
 static int
 ud_compact(U64Dict *m, Py_ssize_t ent_cap)
 {
@@ -930,7 +591,10 @@ ud_compact(U64Dict *m, Py_ssize_t ent_cap)
     m->ent_cap = ent_cap;
     m->ent_n = n;
     m->head = 0;
-    return ud_reindex(m, ud_idx_cap_for(n));
+    Py_ssize_t idx_cap = 8;
+    while (idx_cap * 3 < n * 4 + 4)
+        idx_cap *= 2;
+    return ud_reindex(m, idx_cap);
 }
 
 /* Room to append one entry (may renumber entries: find slots again afterwards). */
@@ -942,15 +606,14 @@ ud_reserve(U64Dict *m)
             return ud_reindex(m, m->idx_cap ? m->idx_cap * 2 : 8);
         return 0;
     }
-    Py_ssize_t want = m->used + 1;
     Py_ssize_t cap = m->ent_cap ? m->ent_cap : 8;
-    while (cap < want * 3 / 2 + 1) /* room for holes to come before the next squeeze */
+    while (cap < (m->used + 1) * 3 / 2 + 1) /* room for holes before the next squeeze */
         cap *= 2;
     return ud_compact(m, cap);
 }
 
-/* Append (k, v) (a new reference is taken) and point index slot `slot` at it, or find a free
- * slot when slot < 0. ud_reserve must have run. */
+/* Append (k, v) (a new reference) and point index slot `slot` at it, or a free slot when
+ * slot < 0 (a new key). ud_reserve must have run. */
 static void
 ud_append(U64Dict *m, uint64_t k, PyObject *v, Py_ssize_t slot)
 {
@@ -967,80 +630,130 @@ ud_append(U64Dict *m, uint64_t k, PyObject *v, Py_ssize_t slot)
     m->idx[slot] = e;
 }
 
-/* m[k] = v: in place when present (order kept), else appended. 1 new, 0 replaced, -1 error. */
 static int
-ud_set(U64Dict *m, uint64_t k, PyObject *v)
+ud_add(PyObject *o, uint64_t k, PyObject *v)
 {
-    Py_ssize_t s = ud_slot(m, k);
-    if (s >= 0) {
-        u64slot *en = &m->ent[m->idx[s]];
-        Py_SETREF(en->val, Py_NewRef(v)); /* an int: its dealloc runs no code */
-        return 0;
-    }
-    if (ud_reserve(m) < 0)
+    if (ud_reserve((U64Dict *)o) < 0)
         return -1;
-    ud_append(m, k, v, -1);
-    return 1;
-}
-
-/* m[k] = v, moving k to the end (``d[k] = d.pop(k) ...``): 1 new, 0 moved, -1 error. */
-static int
-ud_set_last(U64Dict *m, uint64_t k, PyObject *v)
-{
-    Py_ssize_t s = ud_slot(m, k);
-    if (s >= 0 && m->idx[s] == m->ent_n - 1) {
-        Py_SETREF(m->ent[m->idx[s]].val, Py_NewRef(v));
-        return 0;
-    }
-    if (ud_reserve(m) < 0)
-        return -1;
-    if (s < 0) {
-        ud_append(m, k, v, -1);
-        return 1;
-    }
-    s = ud_slot(m, k); /* the reserve may have renumbered the entries */
-    u64slot *old = &m->ent[m->idx[s]];
-    PyObject *prev = old->val;
-    old->val = NULL; /* a hole */
-    ud_append(m, k, v, s);
-    Py_DECREF(prev);
+    ud_append((U64Dict *)o, k, v, -1);
     return 0;
 }
 
-/* Delete the entry of index slot s. */
-static void
-ud_del_slot(U64Dict *m, Py_ssize_t s)
+static inline PyObject **
+ud_val(PyObject *o, Py_ssize_t slot)
 {
-    Py_ssize_t e = m->idx[s];
+    U64Dict *m = (U64Dict *)o;
+    return &m->ent[m->idx[slot]].val;
+}
+
+#define UD_FULL(i) (m->idx[(i)] >= 0)
+#define UD_KEY(i) (m->ent[m->idx[(i)]].key)
+#define UD_MOVE(to, from) (m->idx[(to)] = m->idx[(from)])
+
+static void
+ud_del_at(PyObject *o, Py_ssize_t slot)
+{
+    U64Dict *m = (U64Dict *)o;
+    Py_ssize_t e = m->idx[slot];
     PyObject *v = m->ent[e].val;
     m->ent[e].val = NULL;
     if (e == m->ent_n - 1)
         m->ent_n--; /* the last entry: no hole left behind */
-    size_t mask = (size_t)m->idx_cap - 1, hole = (size_t)s, j = (size_t)s;
-    for (;;) {
-        j = (j + 1) & mask;
-        Py_ssize_t ej = m->idx[j];
-        if (ej < 0)
-            break;
-        size_t home = mix64(m->ent[ej].key) & mask;
-        if (((j - home) & mask) >= ((j - hole) & mask)) {
-            m->idx[hole] = ej;
-            hole = j;
-        }
-    }
+    size_t hole = (size_t)slot;
+    BACKWARD_SHIFT(m->idx_cap, hole, UD_FULL, UD_KEY, UD_MOVE);
     m->idx[hole] = -1;
     m->used--;
     Py_DECREF(v);
-    if (m->used == 0) {
+    if (m->used == 0)
         m->ent_n = m->head = 0;
-    }
-    else if (m->ent_cap > 64 && m->used * 8 < m->ent_cap && ud_compact(m, m->ent_cap / 2) < 0) {
+    else if (m->ent_cap > 64 && m->used * 8 < m->ent_cap && ud_compact(m, m->ent_cap / 2) < 0)
         PyErr_Clear(); /* could not shrink: stay as large, still correct */
+}
+
+/* k (present, at `slot`) = v, moved to the end (``d[k] = d.pop(k) ...``). */
+static int
+ud_move_last(PyObject *o, uint64_t k, Py_ssize_t slot, PyObject *v)
+{
+    U64Dict *m = (U64Dict *)o;
+    if (m->idx[slot] == m->ent_n - 1) {
+        Py_SETREF(m->ent[m->idx[slot]].val, Py_NewRef(v));
+        return 0;
     }
+    if (ud_reserve(m) < 0)
+        return -1;
+    slot = ud_slot(o, k); /* the reserve may have renumbered the entries */
+    u64slot *old = &m->ent[m->idx[slot]];
+    PyObject *prev = old->val;
+    old->val = NULL; /* a hole */
+    ud_append(m, k, v, slot);
+    Py_DECREF(prev);
+    return 0;
+}
+
+/* - the operations the shared code uses - */
+
+typedef struct {
+    Py_ssize_t (*find)(PyObject *m, uint64_t k);      /* a position, or -1 */
+    PyObject **(*val)(PyObject *m, Py_ssize_t at);    /* the value at a position */
+    int (*add)(PyObject *m, uint64_t k, PyObject *v); /* insert an absent key */
+    void (*del_at)(PyObject *m, Py_ssize_t at);
+} table_ops;
+
+static const table_ops um_ops = {um_find, um_val, um_add, um_del_at};
+static const table_ops ud_ops = {ud_slot, ud_val, ud_add, ud_del_at};
+
+static inline const table_ops *
+ops_of(PyObject *m)
+{
+    return IS_U64MAP(m) ? &um_ops : &ud_ops;
+}
+
+static inline Py_ssize_t
+tb_used(PyObject *m)
+{
+    return IS_U64MAP(m) ? ((U64Map *)m)->used : ((U64Dict *)m)->used;
+}
+
+/* The slots holding entries, in order: the whole table (U64Map), or the entries from the first
+ * live one (U64Dict; leading holes, left by evictions from the front, are skipped for good). */
+static u64slot *
+tb_slots(PyObject *o, Py_ssize_t *n)
+{
+    if (IS_U64MAP(o)) {
+        *n = ((U64Map *)o)->cap;
+        return ((U64Map *)o)->slots;
+    }
+    U64Dict *m = (U64Dict *)o;
+    while (m->head < m->ent_n && m->ent[m->head].val == NULL)
+        m->head++;
+    *n = m->ent_n - m->head;
+    return m->ent + m->head;
 }
 
 static int
-ud_lookup(U64Dict *m, PyObject *k, Py_ssize_t *slot)
+tb_check_val(PyObject *v)
+{
+    if (!PyLong_CheckExact(v)) {
+        PyErr_Format(PyExc_TypeError, "table values must be ints, got %.100s",
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+set_key_error(PyObject *k)
+{
+    PyObject *t = PyTuple_Pack(1, k);
+    if (t != NULL) {
+        PyErr_SetObject(PyExc_KeyError, t);
+        Py_DECREF(t);
+    }
+}
+
+/* A key that is not a u64 is simply absent (as in a dict): 1 found (position in *at), 0, -1. */
+static int
+tb_lookup(PyObject *m, PyObject *k, Py_ssize_t *at)
 {
     uint64_t u;
     if (!PyLong_Check(k))
@@ -1051,154 +764,161 @@ ud_lookup(U64Dict *m, PyObject *k, Py_ssize_t *slot)
         PyErr_Clear();
         return 0;
     }
-    *slot = ud_slot(m, u);
-    return *slot >= 0;
+    *at = ops_of(m)->find(m, u);
+    return *at >= 0;
 }
 
-#define UD_VAL(m, s) ((m)->ent[(m)->idx[(s)]].val)
+/* m[k] = v: in place when present (a U64Dict keeps the key's place), else inserted. */
+static int
+tb_set(PyObject *m, uint64_t k, PyObject *v)
+{
+    const table_ops *op = ops_of(m);
+    Py_ssize_t at = op->find(m, k);
+    if (at < 0)
+        return op->add(m, k, v);
+    Py_SETREF(*op->val(m, at), Py_NewRef(v)); /* an int: its dealloc runs no code */
+    return 0;
+}
 
-static int ud_update_from(U64Dict *m, PyObject *src);
+/* - the Python-facing methods, for both types - */
+
+static void tb_clear_all(PyObject *o);
+static int tb_update_from(PyObject *m, PyObject *src);
 
 static PyObject *
-ud_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+tb_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     PyObject *src = NULL;
     if (kw != NULL && PyDict_GET_SIZE(kw)) {
-        PyErr_SetString(PyExc_TypeError, "U64Dict() takes no keyword arguments");
+        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", type->tp_name);
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, "U64Dict", 0, 1, &src))
+    if (!PyArg_UnpackTuple(args, type->tp_name, 0, 1, &src))
         return NULL;
-    U64Dict *m = (U64Dict *)type->tp_alloc(type, 0);
-    if (m == NULL)
-        return NULL;
-    m->ent = NULL;
-    m->idx = NULL;
-    m->ent_cap = m->ent_n = m->head = m->used = m->idx_cap = 0;
-    if (src != NULL && ud_update_from(m, src) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return (PyObject *)m;
+    PyObject *m = type->tp_alloc(type, 0); /* zero-filled: an empty table */
+    if (m != NULL && src != NULL && tb_update_from(m, src) < 0)
+        Py_CLEAR(m);
+    return m;
 }
 
 static void
-ud_clear_all(U64Dict *m)
+tb_clear_all(PyObject *o)
 {
-    u64slot *ent = m->ent;
-    Py_ssize_t n = m->ent_n;
-    PyMem_Free(m->idx);
-    m->ent = NULL;
-    m->idx = NULL;
-    m->ent_cap = m->ent_n = m->head = m->used = m->idx_cap = 0;
-    for (Py_ssize_t e = 0; e < n; e++)
-        Py_XDECREF(ent[e].val);
-    PyMem_Free(ent);
+    Py_ssize_t n;
+    u64slot *s = tb_slots(o, &n);
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_CLEAR(s[i].val);
+    if (IS_U64MAP(o)) {
+        U64Map *m = (U64Map *)o;
+        PyMem_Free(m->slots);
+        m->slots = NULL;
+        m->cap = m->used = 0;
+    }
+    else {
+        U64Dict *m = (U64Dict *)o;
+        PyMem_Free(m->ent);
+        PyMem_Free(m->idx);
+        m->ent = NULL;
+        m->idx = NULL;
+        m->ent_cap = m->ent_n = m->head = m->used = m->idx_cap = 0;
+    }
 }
 
 static void
-ud_dealloc(U64Dict *m)
+tb_dealloc(PyObject *m)
 {
-    ud_clear_all(m);
-    Py_TYPE(m)->tp_free((PyObject *)m);
+    tb_clear_all(m);
+    Py_TYPE(m)->tp_free(m);
 }
 
 static Py_ssize_t
-ud_len(U64Dict *m)
+tb_len(PyObject *m)
 {
-    return m->used;
+    return tb_used(m);
 }
 
 static PyObject *
-ud_subscript(U64Dict *m, PyObject *k)
+tb_subscript(PyObject *m, PyObject *k)
 {
-    Py_ssize_t s;
-    int rc = ud_lookup(m, k, &s);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0) {
+    Py_ssize_t at;
+    int rc = tb_lookup(m, k, &at);
+    if (rc == 0)
         set_key_error(k);
-        return NULL;
-    }
-    return Py_NewRef(UD_VAL(m, s));
+    return rc > 0 ? Py_NewRef(*ops_of(m)->val(m, at)) : NULL;
 }
 
 static int
-ud_ass_subscript(U64Dict *m, PyObject *k, PyObject *v)
+tb_ass_subscript(PyObject *m, PyObject *k, PyObject *v)
 {
     if (v == NULL) {
-        Py_ssize_t s;
-        int rc = ud_lookup(m, k, &s);
-        if (rc <= 0) {
-            if (rc == 0)
-                set_key_error(k);
+        Py_ssize_t at;
+        int rc = tb_lookup(m, k, &at);
+        if (rc == 0)
+            set_key_error(k);
+        if (rc <= 0)
             return -1;
-        }
-        ud_del_slot(m, s);
+        ops_of(m)->del_at(m, at);
         return 0;
     }
     uint64_t u;
-    if (um_key(k, &u) < 0 || um_check_val(v) < 0)
+    if (get_u64(k, &u) < 0 || tb_check_val(v) < 0)
         return -1;
-    return ud_set(m, u, v) < 0 ? -1 : 0;
+    return tb_set(m, u, v);
 }
 
 static int
-ud_contains(U64Dict *m, PyObject *k)
+tb_contains(PyObject *m, PyObject *k)
 {
-    Py_ssize_t s;
-    return ud_lookup(m, k, &s);
+    Py_ssize_t at;
+    return tb_lookup(m, k, &at);
 }
 
+/* get(k[, default]) (pop = 0) or pop(k[, default]) (pop = 1). */
 static PyObject *
-ud_get(U64Dict *m, PyObject *const *args, Py_ssize_t nargs)
+tb_get_or_pop(PyObject *m, PyObject *const *args, Py_ssize_t nargs, int pop)
 {
     if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "get() takes 1 or 2 arguments");
+        PyErr_Format(PyExc_TypeError, "%s() takes 1 or 2 arguments", pop ? "pop" : "get");
         return NULL;
     }
-    Py_ssize_t s;
-    int rc = ud_lookup(m, args[0], &s);
-    if (rc < 0)
-        return NULL;
-    if (rc)
-        return Py_NewRef(UD_VAL(m, s));
-    return Py_NewRef(nargs == 2 ? args[1] : Py_None);
-}
-
-static PyObject *
-ud_pop(U64Dict *m, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "pop() takes 1 or 2 arguments");
-        return NULL;
-    }
-    Py_ssize_t s;
-    int rc = ud_lookup(m, args[0], &s);
+    Py_ssize_t at;
+    int rc = tb_lookup(m, args[0], &at);
     if (rc < 0)
         return NULL;
     if (rc == 0) {
-        if (nargs == 2)
-            return Py_NewRef(args[1]);
+        if (nargs == 2 || !pop)
+            return Py_NewRef(nargs == 2 ? args[1] : Py_None);
         set_key_error(args[0]);
         return NULL;
     }
-    PyObject *v = Py_NewRef(UD_VAL(m, s));
-    ud_del_slot(m, s);
+    PyObject *v = Py_NewRef(*ops_of(m)->val(m, at));
+    if (pop)
+        ops_of(m)->del_at(m, at);
     return v;
 }
 
-/* 0: keys, 1: values, 2: items; in order, at most `limit` of them, as a new list. */
 static PyObject *
-ud_list(U64Dict *m, int what, Py_ssize_t limit)
+tb_get(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t n = limit < m->used ? limit : m->used;
-    PyObject *out = PyList_New(n);
-    Py_ssize_t got = 0;
-    while (m->head < m->ent_n && m->ent[m->head].val == NULL)
-        m->head++; /* leading holes (evicted from the front) are skipped for good */
-    for (Py_ssize_t e = m->head; out != NULL && got < n && e < m->ent_n; e++) {
-        u64slot *s = &m->ent[e];
+    return tb_get_or_pop(m, args, nargs, 0);
+}
+
+static PyObject *
+tb_pop(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    return tb_get_or_pop(m, args, nargs, 1);
+}
+
+/* 0: keys, 1: values, 2: items; in table order, at most `limit`, as a new list. */
+static PyObject *
+tb_list(PyObject *m, int what, Py_ssize_t limit)
+{
+    Py_ssize_t n, used = tb_used(m);
+    u64slot *slots = tb_slots(m, &n);
+    PyObject *out = PyList_New(limit < used ? limit : used);
+    Py_ssize_t got = 0, want = out == NULL ? 0 : PyList_GET_SIZE(out);
+    for (Py_ssize_t i = 0; out != NULL && got < want && i < n; i++) {
+        u64slot *s = &slots[i];
         if (s->val == NULL)
             continue;
         PyObject *x;
@@ -1220,36 +940,36 @@ ud_list(U64Dict *m, int what, Py_ssize_t limit)
 }
 
 static PyObject *
-ud_keys(U64Dict *m, PyObject *unused)
+tb_keys(PyObject *m, PyObject *unused)
 {
-    return ud_list(m, 0, PY_SSIZE_T_MAX);
+    return tb_list(m, 0, PY_SSIZE_T_MAX);
 }
 
 static PyObject *
-ud_values(U64Dict *m, PyObject *unused)
+tb_values(PyObject *m, PyObject *unused)
 {
-    return ud_list(m, 1, PY_SSIZE_T_MAX);
+    return tb_list(m, 1, PY_SSIZE_T_MAX);
 }
 
 static PyObject *
-ud_items(U64Dict *m, PyObject *unused)
+tb_items(PyObject *m, PyObject *unused)
 {
-    return ud_list(m, 2, PY_SSIZE_T_MAX);
+    return tb_list(m, 2, PY_SSIZE_T_MAX);
 }
 
 static PyObject *
-ud_oldest(U64Dict *m, PyObject *arg)
+tb_oldest(PyObject *m, PyObject *arg)
 {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    return ud_list(m, 2, n < 0 ? 0 : n);
+    return tb_list(m, 2, n < 0 ? 0 : n);
 }
 
 static PyObject *
-ud_iter(U64Dict *m)
+tb_iter(PyObject *m)
 {
-    PyObject *keys = ud_list(m, 0, PY_SSIZE_T_MAX);
+    PyObject *keys = tb_list(m, 0, PY_SSIZE_T_MAX);
     if (keys == NULL)
         return NULL;
     PyObject *it = PyObject_GetIter(keys);
@@ -1257,8 +977,9 @@ ud_iter(U64Dict *m)
     return it;
 }
 
+/* From a mapping (its items()) or an iterable of (key, value) pairs. */
 static int
-ud_update_from(U64Dict *m, PyObject *src)
+tb_update_from(PyObject *m, PyObject *src)
 {
     PyObject *it;
     if (PyObject_HasAttrString(src, "items")) {
@@ -1275,17 +996,17 @@ ud_update_from(U64Dict *m, PyObject *src)
         return -1;
     PyObject *pair;
     while ((pair = PyIter_Next(it)) != NULL) {
-        PyObject *fast = PySequence_Fast(pair, "U64Dict.update: expected (key, value) pairs");
+        PyObject *fast = PySequence_Fast(pair, "update: expected (key, value) pairs");
         Py_DECREF(pair);
         if (fast == NULL)
             goto fail;
         uint64_t u;
         int rc = -1;
         if (PySequence_Fast_GET_SIZE(fast) != 2)
-            PyErr_SetString(PyExc_ValueError, "U64Dict.update: expected (key, value) pairs");
-        else if (um_key(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
-                 && um_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
-            rc = ud_set(m, u, PySequence_Fast_GET_ITEM(fast, 1));
+            PyErr_SetString(PyExc_ValueError, "update: expected (key, value) pairs");
+        else if (get_u64(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
+                 && tb_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
+            rc = tb_set(m, u, PySequence_Fast_GET_ITEM(fast, 1));
         Py_DECREF(fast);
         if (rc < 0)
             goto fail;
@@ -1298,135 +1019,123 @@ fail:
 }
 
 static PyObject *
-ud_update(U64Dict *m, PyObject *src)
+tb_update(PyObject *m, PyObject *src)
 {
-    if (ud_update_from(m, src) < 0)
+    if (tb_update_from(m, src) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *
-ud_clear(U64Dict *m, PyObject *unused)
+tb_clear(PyObject *m, PyObject *unused)
 {
-    ud_clear_all(m);
+    tb_clear_all(m);
     Py_RETURN_NONE;
 }
 
 static PyObject *
-ud_sizeof(U64Dict *m, PyObject *unused)
+tb_sizeof(PyObject *o, PyObject *unused)
 {
-    return PyLong_FromSsize_t((Py_ssize_t)sizeof(U64Dict)
-                              + m->ent_cap * (Py_ssize_t)sizeof(u64slot)
-                              + m->idx_cap * (Py_ssize_t)sizeof(Py_ssize_t));
+    Py_ssize_t size;
+    if (IS_U64MAP(o)) {
+        U64Map *m = (U64Map *)o;
+        size = (Py_ssize_t)sizeof(U64Map) + m->cap * (Py_ssize_t)sizeof(u64slot);
+    }
+    else {
+        U64Dict *m = (U64Dict *)o;
+        size = (Py_ssize_t)sizeof(U64Dict) + m->ent_cap * (Py_ssize_t)sizeof(u64slot)
+               + m->idx_cap * (Py_ssize_t)sizeof(Py_ssize_t);
+    }
+    return PyLong_FromSsize_t(size);
 }
 
 static PyObject *
-ud_reduce(U64Dict *m, PyObject *unused)
+tb_reduce(PyObject *m, PyObject *unused)
 {
-    PyObject *items = ud_list(m, 2, PY_SSIZE_T_MAX);
+    PyObject *items = tb_list(m, 2, PY_SSIZE_T_MAX);
     return items == NULL ? NULL : Py_BuildValue("(O(N))", Py_TYPE(m), items);
 }
 
 static PyObject *
-ud_repr(U64Dict *m)
+tb_repr(PyObject *m)
 {
-    return PyUnicode_FromFormat("U64Dict(<%zd entries>)", m->used);
+    return PyUnicode_FromFormat("%s(<%zd entries>)", Py_TYPE(m)->tp_name, tb_used(m));
 }
 
-static PyMethodDef ud_methods[] = {
-    {"get", (PyCFunction)(void (*)(void))ud_get, METH_FASTCALL, "get(k, default=None)"},
-    {"pop", (PyCFunction)(void (*)(void))ud_pop, METH_FASTCALL, "pop(k[, default])"},
-    {"keys", (PyCFunction)ud_keys, METH_NOARGS, "The keys in order, as a list."},
-    {"values", (PyCFunction)ud_values, METH_NOARGS, "The values in order, as a list."},
-    {"items", (PyCFunction)ud_items, METH_NOARGS, "(key, value) pairs in order, as a list."},
-    {"oldest", (PyCFunction)ud_oldest, METH_O, "oldest(n): the first n (key, value) pairs."},
-    {"update", (PyCFunction)ud_update, METH_O, "From a mapping or (key, value) pairs."},
-    {"clear", (PyCFunction)ud_clear, METH_NOARGS, "Remove every entry (frees the tables)."},
-    {"__sizeof__", (PyCFunction)ud_sizeof, METH_NOARGS, NULL},
-    {"__reduce__", (PyCFunction)ud_reduce, METH_NOARGS, NULL},
+static PyMethodDef tb_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))tb_get, METH_FASTCALL, "get(k, default=None)"},
+    {"pop", (PyCFunction)(void (*)(void))tb_pop, METH_FASTCALL, "pop(k[, default])"},
+    {"keys", (PyCFunction)tb_keys, METH_NOARGS, "The keys, in table order, as a list."},
+    {"values", (PyCFunction)tb_values, METH_NOARGS, "The values, in table order, as a list."},
+    {"items", (PyCFunction)tb_items, METH_NOARGS, "(key, value) pairs, in order, as a list."},
+    {"oldest", (PyCFunction)tb_oldest, METH_O, "oldest(n): the first n (key, value) pairs."},
+    {"update", (PyCFunction)tb_update, METH_O, "From a mapping or (key, value) pairs."},
+    {"clear", (PyCFunction)tb_clear, METH_NOARGS, "Remove every entry (frees the tables)."},
+    {"__sizeof__", (PyCFunction)tb_sizeof, METH_NOARGS, NULL},
+    {"__reduce__", (PyCFunction)tb_reduce, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 
-static PyMappingMethods ud_as_mapping = {
-    (lenfunc)ud_len,
-    (binaryfunc)ud_subscript,
-    (objobjargproc)ud_ass_subscript,
-};
+static PyMappingMethods tb_as_mapping = {tb_len, tb_subscript, tb_ass_subscript};
 
-static PySequenceMethods ud_as_sequence = {
-    .sq_contains = (objobjproc)ud_contains,
-};
+static PySequenceMethods tb_as_sequence = {.sq_contains = tb_contains};
 
-static PyTypeObject U64Dict_Type = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "kvray._speedups.U64Dict",
-    .tp_doc = PyDoc_STR(
-        "U64Dict([mapping or pairs]): an insertion-ordered table of u64 keys to int values.\n\n"
-        "A dict's order semantics (assignment keeps a key's place, new keys go last); supports\n"
-        "len, [], in, del, get, pop, keys, values, items (lists, in order), oldest(n), update,\n"
-        "clear. Keys must be ints in [0, 2**64); other keys are never present."),
-    .tp_basicsize = sizeof(U64Dict),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = ud_new,
-    .tp_dealloc = (destructor)ud_dealloc,
-    .tp_repr = (reprfunc)ud_repr,
-    .tp_as_mapping = &ud_as_mapping,
-    .tp_as_sequence = &ud_as_sequence,
-    .tp_iter = (getiterfunc)ud_iter,
-    .tp_methods = ud_methods,
-};
+#define TABLE_TYPE(NAME, STRUCT, DOC)                                                        \
+    {                                                                                        \
+        PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvray._speedups." NAME,                    \
+        .tp_doc = PyDoc_STR(DOC), .tp_basicsize = sizeof(STRUCT),                            \
+        .tp_flags = Py_TPFLAGS_DEFAULT, .tp_new = tb_new, .tp_dealloc = tb_dealloc,          \
+        .tp_repr = tb_repr, .tp_as_mapping = &tb_as_mapping,                                 \
+        .tp_as_sequence = &tb_as_sequence, .tp_iter = tb_iter, .tp_methods = tb_methods,     \
+    }
+
+static PyTypeObject U64Map_Type = TABLE_TYPE(
+    "U64Map", U64Map,
+    "U64Map([mapping or pairs]): a table of u64 keys to int values, in C, without order.\n\n"
+    "Supports len, [], in, del, get, pop, keys, values, items (lists), update, clear.\n"
+    "Keys must be ints in [0, 2**64); other keys are never present.");
+
+static PyTypeObject U64Dict_Type = TABLE_TYPE(
+    "U64Dict", U64Dict,
+    "U64Dict([mapping or pairs]): an insertion-ordered table of u64 keys to int values.\n\n"
+    "A dict's order semantics (assignment keeps a key's place, new keys go last); supports\n"
+    "len, [], in, del, get, pop, keys, values, items (lists, in order), oldest(n), update,\n"
+    "clear. Keys must be ints in [0, 2**64); other keys are never present.");
 
 /* --- the index's maps: a dict, a U64Map or a U64Dict ------------------------------------------ */
 
 static inline int
 is_map(PyObject *o)
 {
-    return PyDict_CheckExact(o) || IS_U64MAP(o) || IS_U64DICT(o);
+    return PyDict_CheckExact(o) || IS_TABLE(o);
 }
 
 /* A borrowed value, or NULL: absent (no error set) or an error. */
 static inline PyObject *
 map_get(PyObject *m, PyObject *k)
 {
-    if (IS_U64DICT(m)) {
-        Py_ssize_t s;
-        return ud_lookup((U64Dict *)m, k, &s) > 0 ? UD_VAL((U64Dict *)m, s) : NULL;
-    }
-    if (!IS_U64MAP(m))
+    if (!IS_TABLE(m))
         return PyDict_GetItemWithError(m, k);
     Py_ssize_t at;
-    int rc = um_lookup((U64Map *)m, k, &at);
-    return rc > 0 ? ((U64Map *)m)->slots[at].val : NULL;
+    return tb_lookup(m, k, &at) > 0 ? *ops_of(m)->val(m, at) : NULL;
 }
 
 static inline int
 map_set(PyObject *m, PyObject *k, PyObject *v)
 {
-    if (IS_U64DICT(m))
-        return ud_ass_subscript((U64Dict *)m, k, v);
-    if (!IS_U64MAP(m))
-        return PyDict_SetItem(m, k, v);
-    return um_ass_subscript((U64Map *)m, k, v);
+    return IS_TABLE(m) ? tb_ass_subscript(m, k, v) : PyDict_SetItem(m, k, v);
 }
 
 static inline int
 map_del(PyObject *m, PyObject *k)
 {
-    if (IS_U64DICT(m))
-        return ud_ass_subscript((U64Dict *)m, k, NULL);
-    if (!IS_U64MAP(m))
-        return PyDict_DelItem(m, k);
-    return um_ass_subscript((U64Map *)m, k, NULL);
+    return IS_TABLE(m) ? tb_ass_subscript(m, k, NULL) : PyDict_DelItem(m, k);
 }
 
 static inline int
 map_contains(PyObject *m, PyObject *k)
 {
-    if (IS_U64DICT(m))
-        return ud_contains((U64Dict *)m, k);
-    if (!IS_U64MAP(m))
-        return PyDict_Contains(m, k);
-    return um_contains((U64Map *)m, k);
+    return IS_TABLE(m) ? tb_contains(m, k) : PyDict_Contains(m, k);
 }
 
 PyDoc_STRVAR(or_bits_doc,
@@ -1462,9 +1171,9 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t added = 0;
-    if (IS_U64MAP(d)) {
-        U64Map *um = (U64Map *)d;
-        if (um_check_val(bit) < 0)
+    if (IS_TABLE(d)) {
+        const table_ops *op = ops_of(d);
+        if (tb_check_val(bit) < 0)
             goto fail;
         for (Py_ssize_t i = 0; i < ks.n; i++) {
             uint64_t u;
@@ -1472,50 +1181,24 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 u = ks.u[i];
             else if (get_u64(ks.items[i], &u) < 0)
                 goto fail;
-            Py_ssize_t at = um_find(um, u);
+            Py_ssize_t at = op->find(d, u);
             if (at < 0) {
-                if (um_set(um, u, bit) < 0)
+                if (op->add(d, u, bit) < 0)
                     goto fail;
                 added++;
                 continue;
             }
-            PyObject *m = PyNumber_Or(um->slots[at].val, bit);
+            PyObject *m = PyNumber_Or(*op->val(d, at), bit);
             if (m == NULL)
                 goto fail;
-            Py_SETREF(um->slots[at].val, m);
-        }
-        keys_close(&ks);
-        return PyLong_FromSsize_t(added);
-    }
-    if (IS_U64DICT(d)) {
-        U64Dict *ud = (U64Dict *)d;
-        if (um_check_val(bit) < 0)
-            goto fail;
-        for (Py_ssize_t i = 0; i < ks.n; i++) {
-            uint64_t u;
-            if (ks.is_buf)
-                u = ks.u[i];
-            else if (get_u64(ks.items[i], &u) < 0)
-                goto fail;
-            Py_ssize_t s = ud_slot(ud, u);
-            if (s < 0) {
-                if (ud_reserve(ud) < 0)
-                    goto fail;
-                ud_append(ud, u, bit, -1);
-                added++;
-                continue;
-            }
-            PyObject *m = PyNumber_Or(UD_VAL(ud, s), bit);
-            if (m == NULL)
-                goto fail;
-            if (recency) {
-                int rc = ud_set_last(ud, u, m);
+            if (recency && IS_U64DICT(d)) { /* a U64Map has no order to keep */
+                int rc = ud_move_last(d, u, at, m);
                 Py_DECREF(m);
                 if (rc < 0)
                     goto fail;
             }
             else {
-                Py_SETREF(UD_VAL(ud, s), m);
+                Py_SETREF(*op->val(d, at), m);
             }
         }
         keys_close(&ks);
@@ -1582,57 +1265,29 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     PyObject *d = args[0], *keep = args[2];
     Py_ssize_t deleted = 0;
-    if (IS_U64MAP(d)) {
-        U64Map *um = (U64Map *)d;
+    if (IS_TABLE(d)) {
+        const table_ops *op = ops_of(d);
         for (Py_ssize_t i = 0; i < ks.n; i++) {
             uint64_t u;
             if (ks.is_buf)
                 u = ks.u[i];
             else if (get_u64(ks.items[i], &u) < 0)
                 goto fail;
-            Py_ssize_t at = um_find(um, u);
+            Py_ssize_t at = op->find(d, u);
             if (at < 0)
                 continue;
-            PyObject *m = PyNumber_And(um->slots[at].val, keep);
+            PyObject *m = PyNumber_And(*op->val(d, at), keep);
             int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
-            if (nonzero < 0 || (nonzero && um_check_val(m) < 0)) {
+            if (nonzero < 0 || (nonzero && tb_check_val(m) < 0)) {
                 Py_XDECREF(m);
                 goto fail;
             }
             if (nonzero) {
-                Py_SETREF(um->slots[at].val, m);
+                Py_SETREF(*op->val(d, at), m);
                 continue;
             }
             Py_DECREF(m);
-            um_del_at(um, at);
-            deleted++;
-        }
-        keys_close(&ks);
-        return PyLong_FromSsize_t(deleted);
-    }
-    if (IS_U64DICT(d)) {
-        U64Dict *ud = (U64Dict *)d;
-        for (Py_ssize_t i = 0; i < ks.n; i++) {
-            uint64_t u;
-            if (ks.is_buf)
-                u = ks.u[i];
-            else if (get_u64(ks.items[i], &u) < 0)
-                goto fail;
-            Py_ssize_t s = ud_slot(ud, u);
-            if (s < 0)
-                continue;
-            PyObject *m = PyNumber_And(UD_VAL(ud, s), keep);
-            int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
-            if (nonzero < 0 || (nonzero && um_check_val(m) < 0)) {
-                Py_XDECREF(m);
-                goto fail;
-            }
-            if (nonzero) {
-                Py_SETREF(UD_VAL(ud, s), m);
-                continue;
-            }
-            Py_DECREF(m);
-            ud_del_slot(ud, s);
+            op->del_at(d, at);
             deleted++;
         }
         keys_close(&ks);
