@@ -4,6 +4,7 @@ topic (pod id from config) and a data-parallel rank ≥ 1 as a distinct holder."
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -75,6 +76,29 @@ def test_unparseable_topic_is_counted_not_fatal(deployment: Client) -> None:
     assert deployment.score_tokens(list(range(32)), "m") == {"10.8.0.9": 2.0}
     pub.close()
     good.close()
+
+
+def test_another_client_learns_a_pin_and_routes_to_the_pinned_shard(deployment: Client) -> None:
+    """A pod pinned through one client is found by a client that connected before: once its
+    cached pins are older than a second, a pod they do not name makes it ask the controller."""
+    other = kvray.connect(deployment.namespace, replica=False)
+    pub = SimPublisher("tcp://127.0.0.1:0", "kv@10.13.0.1@m")
+    try:
+        deployment.add_pod(pub.endpoint, None, "10.13.0.1", "m")
+        pin = ray.get(deployment.controller.pins.remote())["10.13.0.1"]
+        assert deployment.owner("10.13.0.1") == pin
+        time.sleep(1.1)  # past the client's trust in pins it fetched
+        assert not other.placement.is_pinned("10.13.0.1")  # its pins predate the add_pod
+        assert other.owner("10.13.0.1") == other.owner("10.13.0.1#dp2") == pin
+        assert other.placement.is_pinned("10.13.0.1")  # asked the controller
+        assert pub.wait_connected()
+        SimPod("10.13.0.1", "m", publisher=pub).serve(list(range(48)))
+        assert deployment.sync({"10.13.0.1": pub.seq})
+        # Without a replica, a pod-restricted query asks only the owning (pinned) shard.
+        assert other.score_tokens(list(range(48)), "m", pods=["10.13.0.1"]) == {"10.13.0.1": 3.0}
+    finally:
+        pub.close()
+        other.close()
 
 
 def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
