@@ -128,6 +128,15 @@ get_u64(PyObject *obj, uint64_t *out)
     return 0;
 }
 
+static int
+check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+    return -1;
+}
+
 PyDoc_STRVAR(msgpack_u32_count_doc,
 "msgpack_u32_count(raw) -> int\n\n"
 "The length of a msgpack array whose items are all ints in [0, 2**32); ValueError otherwise\n"
@@ -187,10 +196,8 @@ static int
 chain_args(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_buffer *view,
            Py_ssize_t *block_size, uint64_t *parent)
 {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "%s() takes 3 arguments (%zd given)", name, nargs);
+    if (check_nargs(name, nargs, 3) < 0)
         return -1;
-    }
     *block_size = PyLong_AsSsize_t(args[1]);
     if (*block_size == -1 && PyErr_Occurred())
         return -1;
@@ -357,6 +364,17 @@ keys_get(keys_t *k, Py_ssize_t i)
     if (k->is_buf)
         return PyLong_FromUnsignedLongLong(k->u[i]);
     return Py_NewRef(k->items[i]);
+}
+
+/* Key i as a u64 (an int key is range-checked): no int object for an array's keys. */
+static inline int
+keys_u64(keys_t *k, Py_ssize_t i, uint64_t *u)
+{
+    if (k->is_buf) {
+        *u = k->u[i];
+        return 0;
+    }
+    return get_u64(k->items[i], u);
 }
 
 static void
@@ -1147,10 +1165,8 @@ PyDoc_STRVAR(or_bits_doc,
 static int
 dict_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, keys_t *k)
 {
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
+    if (check_nargs(name, nargs, want) < 0)
         return -1;
-    }
     if (!is_map(args[0])) {
         PyErr_Format(PyExc_TypeError, "%s(): expected a dict or a U64Map", name);
         return -1;
@@ -1177,9 +1193,7 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         for (Py_ssize_t i = 0; i < ks.n; i++) {
             uint64_t u;
-            if (ks.is_buf)
-                u = ks.u[i];
-            else if (get_u64(ks.items[i], &u) < 0)
+            if (keys_u64(&ks, i, &u) < 0)
                 goto fail;
             Py_ssize_t at = op->find(d, u);
             if (at < 0) {
@@ -1239,15 +1253,45 @@ fail:
     return NULL;
 }
 
-/* d[k] = old & keep, deleting k when that is 0: 1 when k was deleted, 0 when kept, -1 on error. */
+/* The mask at a table position &= keep, the entry deleted when that is 0: 1 when deleted, 0 when
+ * kept, -1 on error. */
 static int
-clear_bits(PyObject *d, PyObject *k, PyObject *old, PyObject *keep)
+tb_and_at(PyObject *d, Py_ssize_t at, PyObject *keep)
 {
+    const table_ops *op = ops_of(d);
+    PyObject *m = PyNumber_And(*op->val(d, at), keep);
+    int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
+    if (nonzero < 0 || (nonzero && tb_check_val(m) < 0)) {
+        Py_XDECREF(m);
+        return -1;
+    }
+    if (nonzero) {
+        Py_SETREF(*op->val(d, at), m);
+        return 0;
+    }
+    Py_DECREF(m);
+    op->del_at(d, at);
+    return 1;
+}
+
+/* d[k] &= keep when k is present (found once), deleting k when that is 0: 1 when k was deleted,
+ * 0 when kept or absent, -1 on error. */
+static int
+clear_bits(PyObject *d, PyObject *k, PyObject *keep)
+{
+    if (IS_TABLE(d)) {
+        Py_ssize_t at;
+        int rc = tb_lookup(d, k, &at);
+        return rc <= 0 ? rc : tb_and_at(d, at, keep);
+    }
+    PyObject *old = PyDict_GetItemWithError(d, k); /* borrowed: used before d changes */
+    if (old == NULL)
+        return PyErr_Occurred() ? -1 : 0;
     PyObject *m = PyNumber_And(old, keep);
     if (m == NULL)
         return -1;
     int nonzero = PyObject_IsTrue(m);
-    int rc = nonzero < 0 ? -1 : nonzero ? map_set(d, k, m) : map_del(d, k);
+    int rc = nonzero < 0 ? -1 : nonzero ? PyDict_SetItem(d, k, m) : PyDict_DelItem(d, k);
     Py_DECREF(m);
     return rc < 0 ? -1 : !nonzero;
 }
@@ -1269,26 +1313,13 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         const table_ops *op = ops_of(d);
         for (Py_ssize_t i = 0; i < ks.n; i++) {
             uint64_t u;
-            if (ks.is_buf)
-                u = ks.u[i];
-            else if (get_u64(ks.items[i], &u) < 0)
+            if (keys_u64(&ks, i, &u) < 0)
                 goto fail;
             Py_ssize_t at = op->find(d, u);
-            if (at < 0)
-                continue;
-            PyObject *m = PyNumber_And(*op->val(d, at), keep);
-            int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
-            if (nonzero < 0 || (nonzero && tb_check_val(m) < 0)) {
-                Py_XDECREF(m);
+            int gone = at < 0 ? 0 : tb_and_at(d, at, keep);
+            if (gone < 0)
                 goto fail;
-            }
-            if (nonzero) {
-                Py_SETREF(*op->val(d, at), m);
-                continue;
-            }
-            Py_DECREF(m);
-            op->del_at(d, at);
-            deleted++;
+            deleted += gone;
         }
         keys_close(&ks);
         return PyLong_FromSsize_t(deleted);
@@ -1297,14 +1328,7 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *k = keys_get(&ks, i);
         if (k == NULL)
             goto fail;
-        PyObject *old = map_get(d, k);
-        if (old == NULL) {
-            Py_DECREF(k);
-            if (PyErr_Occurred())
-                goto fail;
-            continue;
-        }
-        int gone = clear_bits(d, k, old, keep);
+        int gone = clear_bits(d, k, keep);
         Py_DECREF(k);
         if (gone < 0)
             goto fail;
@@ -1417,10 +1441,8 @@ PyDoc_STRVAR(add_engine_doc,
 static PyObject *
 add_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "add_engine() takes 6 arguments (%zd given)", nargs);
+    if (check_nargs("add_engine", nargs, 6) < 0)
         return NULL;
-    }
     if (!is_map(args[1]) || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3])) {
         PyErr_SetString(PyExc_TypeError, "add_engine(): expected map, map, list, list");
         return NULL;
@@ -1451,10 +1473,8 @@ PyDoc_STRVAR(remove_engine_doc,
 static PyObject *
 remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "remove_engine() takes 5 arguments (%zd given)", nargs);
+    if (check_nargs("remove_engine", nargs, 5) < 0)
         return NULL;
-    }
     PyObject *d = args[0], *emap = args[1], *keep = args[3];
     if (!is_map(d) || !is_map(emap)) {
         PyErr_SetString(PyExc_TypeError, "remove_engine(): expected two maps");
@@ -1482,14 +1502,10 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(r); /* emap's entry may go below */
         int rc = PyList_Append(keys, r);
-        PyObject *m = rc < 0 ? NULL : map_get(d, r);
-        if (m != NULL) {
-            int gone = clear_bits(d, r, m, keep);
+        if (rc == 0) {
+            int gone = clear_bits(d, r, keep); /* a table's key is found once */
             rc = gone < 0 ? -1 : 0;
             deleted += gone > 0;
-        }
-        else if (PyErr_Occurred()) {
-            rc = -1;
         }
         if (rc == 0) {
             int indexed = indexed_in(tiers, r);
@@ -1519,10 +1535,8 @@ PyDoc_STRVAR(xor_u64_doc,
 static PyObject *
 xor_u64(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "xor_u64() takes 2 arguments (%zd given)", nargs);
+    if (check_nargs("xor_u64", nargs, 2) < 0)
         return NULL;
-    }
     uint64_t tag;
     if (get_u64(args[1], &tag) < 0)
         return NULL;

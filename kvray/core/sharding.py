@@ -50,8 +50,7 @@ class Placement:
         self.num_shards = num_shards
         self._pins: dict[str, int] = {}
         self._load = [0] * num_shards
-        for pod, shard in (pins or {}).items():
-            self.pin(pod, shard)
+        self.update(pins or {})
 
     @classmethod
     def balanced(cls, num_shards: int, pods: Iterable[str]) -> Placement:

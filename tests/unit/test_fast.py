@@ -149,13 +149,16 @@ def test_chain_rejects_bad_arguments(args: tuple[Any, ...]) -> None:
 
 
 masks = st.integers(0, 2**80)
+mask_dicts = st.dictionaries(st.integers(0, 40), masks, max_size=30)
+key_lists = st.lists(st.integers(0, 50), max_size=30)
+bits = st.integers(0, 70).map(lambda s: 1 << s)
 
 
 @settings(max_examples=300, deadline=None)
 @given(
-    d=st.dictionaries(st.integers(0, 40), masks, max_size=30),
-    keys=st.lists(st.integers(0, 50), max_size=30),
-    bit=st.integers(0, 70).map(lambda s: 1 << s),
+    d=mask_dicts,
+    keys=key_lists,
+    bit=bits,
     recency=st.booleans(),
     packed=st.booleans(),
     table=TABLES,
@@ -199,12 +202,12 @@ def test_bad_containers_raise_not_crash() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    d=st.dictionaries(st.integers(0, 40), masks, max_size=30),
+    d=mask_dicts,
     emap=st.dictionaries(st.integers(100, 140), st.integers(0, 45), max_size=30),
     other=st.dictionaries(st.integers(0, 40), st.just(1), max_size=10),
     engine=st.lists(st.integers(100, 150), max_size=30),
-    keys=st.lists(st.integers(0, 50), max_size=30),
-    bit=st.integers(0, 70).map(lambda s: 1 << s),
+    keys=key_lists,
+    bit=bits,
     recency=st.booleans(),
     packed=st.booleans(),
     table=TABLES,
