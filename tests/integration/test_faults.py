@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import ray
@@ -63,10 +64,18 @@ def test_killed_ingestor_rebinds_and_recovers_by_replay(deployment: Client) -> N
     assert deployment.wait_until(
         lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
     )
-    assert ray.get(ing.endpoints.remote()) == deployment.endpoints[0]
+    # The restarted ingestor rebound the ports it had (asked once its handle reaches it).
+    assert deployment.wait_until(lambda c: _endpoints(ing) == c.endpoints[0], timeout_s=30)
     for pod in pods:
         pod.publisher.close()  # type: ignore[union-attr]
         deployment.remove_pod(pod.pod_id)
+
+
+def _endpoints(ingestor: Any) -> list[str] | None:
+    try:
+        return list(ray.get(ingestor.endpoints.remote(), timeout=10))
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return None  # still restarting
 
 
 def test_silent_pod_is_dropped(deployment: Client) -> None:

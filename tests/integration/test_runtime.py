@@ -254,9 +254,10 @@ def test_replica_answers_like_the_shards_without_calling_them(
     # Speculative entries reach the replica before record_route returns, and expire there
     # with no event and no score call reaching the shard.
     toks = list(range(5000, 5064))
-    deployment.record_route("10.11.0.3", MODEL, toks, ttl_s=0.3)
+    # (A TTL no stall between the two calls can outlast: the expiry is then waited for.)
+    deployment.record_route("10.11.0.3", MODEL, toks, ttl_s=3.0)
     assert deployment.score_tokens(toks, MODEL) == {"10.11.0.3": 4.0}
-    assert deployment.wait_until(lambda c: c.score_tokens(toks, MODEL) == {}, timeout_s=5)
+    assert deployment.wait_until(lambda c: c.score_tokens(toks, MODEL) == {}, timeout_s=20)
     assert direct.score_tokens(toks, MODEL) == {}
     # Scoring on the replica sent the shards no work (ops counts only event batches).
     assert sum(s["ops"] for s in deployment.stats()["shards"]) == ops_before
