@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -25,12 +25,14 @@ from kvray.config import Config
 from kvray.core.apply import Keyer
 from kvray.core.keys import LoRA
 from kvray.core.prefix_store import first_chunk_route
+from kvray.core.routing import Decider, Decision
 from kvray.core.scoring import merge_scores
 from kvray.core.sharding import Placement
 from kvray.errors import BadRequest, ConfigError
 from kvray.replica import Replica
 
 _ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix store's chunk)
+_POOLS_FRESH_S = 1.0  # pool sizes asked of the shards (no replica) at most this often
 _PINS_FRESH_S = 1.0  # pins this young are trusted for pods they do not name (hash placed)
 
 
@@ -58,6 +60,10 @@ class Client:
         self.placement = Placement(len(self.shards), info.get("pins"))
         self._pins_at = time.monotonic()
         self.keyer = Keyer(self.config.index.hashing_lookup(), self.config.index.keys)
+        self.decider = Decider(self.config.routing.weights())
+        """This client's routing decisions and its own load estimate (``core.routing``)."""
+        self._pools: dict[str, tuple[int, int]] = {}
+        self._pools_at = -1e9
         self.replica: Replica | None = None
         on = self.config.replicas_on()
         if replica and not on:
@@ -234,6 +240,102 @@ class Client:
             self._tokenizer(prompt).encode.remote(model, prompt), timeout=self.timeout_s
         )
         return self.score_tokens(tokens, model, pods, lora)
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def pools(self) -> dict[str, tuple[int, int]]:
+        """Holder → ``(blocks held, learned pool size)``: the replica's view when it has one,
+        else the shards' (asked at most once a second)."""
+        if self.replica is not None and self.replica.ready():
+            return self.replica.pools()
+        now = time.monotonic()
+        if now - self._pools_at >= _POOLS_FRESH_S:
+            parts = ray.get([s.pools.remote() for s in self.shards], timeout=self.timeout_s)
+            self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
+            self._pools_at = now
+        return self._pools
+
+    async def _pools_async(self) -> dict[str, tuple[int, int]]:
+        if self.replica is not None and self.replica.ready():
+            return self.replica.pools()
+        now = time.monotonic()
+        if now - self._pools_at >= _POOLS_FRESH_S:
+            parts = await asyncio.gather(*(s.pools.remote() for s in self.shards))
+            self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
+            self._pools_at = now
+        return self._pools
+
+    def _decide(
+        self,
+        candidates: Sequence[str],
+        keys: Sequence[int],
+        scores: dict[str, float],
+        pools: dict[str, tuple[int, int]],
+        model: str,
+        load: Mapping[str, float] | None,
+        load_weight: float | None,
+    ) -> Decision:
+        block_size = self.config.index.hashing_lookup()(model).block_size
+        return self.decider.choose(
+            candidates, scores, keys, load=load, load_unit=1.0 / block_size, pools=pools,
+            load_weight=load_weight,
+        )  # fmt: skip
+
+    async def route_keys_async(
+        self,
+        candidates: Sequence[str],
+        keys: Sequence[int],
+        model: str,
+        *,
+        load: Mapping[str, float] | None = None,
+        load_weight: float | None = None,
+        record: bool = True,
+    ) -> tuple[Decision, dict[str, float]]:
+        """Choose a pod among ``candidates`` for a prompt's keys (``core.routing``), and
+        record speculative entries for it unless ``record`` is false.
+
+        Args:
+            candidates: the pods to choose from (at least one).
+            keys: the prompt's block keys (``block_keys``).
+            model: served model name (its block size converts ``load``).
+            load: queued work per candidate in tokens; None: kvray's own estimate.
+            load_weight: overrides ``routing.load_weight``.
+            record: record the choice (read-your-writes: the next score sees it).
+
+        Returns:
+            The decision, and the candidates' scores it was based on.
+        """
+        if not candidates:
+            raise BadRequest("no candidate pods")
+        scores = await self.score_keys_async(keys, candidates) if keys else {}
+        d = self._decide(candidates, keys, scores, await self._pools_async(), model, load,
+                         load_weight)  # fmt: skip
+        if record and keys:
+            await self.record_route_async(d.pod, keys)
+        return d, scores
+
+    def route(
+        self,
+        candidates: Sequence[str],
+        model: str,
+        tokens: Sequence[int],
+        *,
+        lora: LoRA | str | None = None,
+        cache_salt: str | None = None,
+        load: Mapping[str, float] | None = None,
+        load_weight: float | None = None,
+        record: bool = True,
+        ttl_s: float | None = None,
+    ) -> tuple[Decision, dict[str, float]]:
+        """Synchronous routing of a prompt's token ids (see ``route_keys_async``)."""
+        if not candidates:
+            raise BadRequest("no candidate pods")
+        keys = self.block_keys(tokens, model, lora, cache_salt)
+        scores = self.score_keys(keys, candidates) if keys else {}
+        d = self._decide(candidates, keys, scores, self.pools(), model, load, load_weight)
+        if record and keys:
+            self.record_route(d.pod, model, keys=keys, ttl_s=ttl_s)
+        return d, scores
 
     # --- routing feedback, status ----------------------------------------------------------
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvray.core.apply import ModelHashing
 from kvray.core.hashing import BlockHasher
+from kvray.core.routing import RoutingWeights
 from kvray.core.sharding import Placement
 from kvray.errors import ConfigError
 
@@ -244,6 +245,40 @@ class ReplicaConfig(_Strict):
     )
 
 
+class RoutingConfig(_Strict):
+    """How ``/route``, ``Client.route`` and the Serve request router pick a pod
+    (``kvray.core.routing``): the lowest estimated cost, in KV blocks, of
+    ``prefill × (1 + fullness × pool fill) + load_weight × queued work``."""
+
+    load_weight: float = Field(
+        1.0,
+        ge=0,
+        description="A block of queued work counts as this many blocks of prefill (1: "
+        "estimated time to first token). Queued work is the caller's 'load' (tokens) or, "
+        "when it gives none, kvray's own recent routing decisions.",
+    )
+    fullness: float = Field(
+        1.0,
+        ge=0,
+        description="Extra cost of a new block on a full KV pool, times the pool's fill "
+        "fraction (pool sizes are learned from each pod's events).",
+    )
+    load_half_life_s: float = Field(
+        2.0, gt=0, description="Half-life of kvray's own load estimate (blocks it routed)."
+    )
+    tie_blocks: float = Field(
+        0.5,
+        ge=0,
+        description="Costs this close to the best tie; ties go by rendezvous hashing of the "
+        "prompt's first block (same prefix, same pod).",
+    )
+
+    def weights(self) -> RoutingWeights:
+        return RoutingWeights(
+            self.load_weight, self.fullness, self.load_half_life_s, self.tie_blocks
+        )
+
+
 class Config(_Strict):
     """Everything kvray needs to run on a Ray cluster."""
 
@@ -256,6 +291,9 @@ class Config(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP endpoint.")
     replica: ReplicaConfig = Field(
         default_factory=ReplicaConfig, description="Local read replicas of the index."
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="How a pod is chosen for a prompt."
     )
 
     def replicas_on(self) -> bool:

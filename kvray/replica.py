@@ -85,6 +85,11 @@ class Replica:
             scores = self.index.score(keys, self._weights, pods)
         return {str(p): s for p, s in scores.items()}
 
+    def pools(self) -> dict[str, tuple[int, int]]:
+        """Holder → ``(blocks held, learned pool size)`` (``core.routing.PoolGauges``)."""
+        with self._cond:
+            return dict(self.index.pools)
+
     def positions(self) -> dict[str, int]:
         """Holder → last event seq reflected here."""
         with self._cond:

@@ -78,6 +78,7 @@ class ShardSnapshot(msgspec.Struct):
     index: bytes
     positions: dict[str, int]
     models: dict[str, str]
+    pools: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
 
 
 class IndexShard:
@@ -444,12 +445,13 @@ class IndexShard:
         if self._pub is None:
             return 0
         advanced, self._advanced = self._advanced, {}
+        pools = self.writer.pools.take_changes()
         with self._pub_lock:
-            if not ops and not advanced:
+            if not ops and not advanced and not pools:
                 return self._pub_seq
             self._pub_seq += 1
             msg = ChangeMsg(
-                self.shard_id, self.incarnation, self._pub_seq, ops, advanced, time.time()
+                self.shard_id, self.incarnation, self._pub_seq, ops, advanced, time.time(), pools
             )
             self._send(msg)
             return self._pub_seq
@@ -483,6 +485,7 @@ class IndexShard:
                 seq,
                 self.backend.snapshot(),
                 dict(self.positions),
+                self.writer.pools.as_dict(),
             )
         )
 
@@ -518,6 +521,11 @@ class IndexShard:
         return self.incarnation, dict(self.positions)
 
     @_locked
+    def pools(self) -> dict[str, tuple[int, int]]:
+        """Holder → ``(blocks held, learned pool size)`` (0: not learned yet)."""
+        return self.writer.pools.as_dict()
+
+    @_locked
     def pods_info(self) -> list[dict[str, Any]]:
         """Per holder: model, last seq, seconds since last event, hash-contract status."""
         now = self.writer.clock()
@@ -532,6 +540,8 @@ class IndexShard:
                     "last_seq": self.positions.get(holder),
                     "idle_s": round(now - self.writer.last_seen.get(PodId(holder), now), 3),
                     "hash_contract": contracts.get(holder, {"status": "unchecked"}),
+                    "blocks": self.writer.pools.get(holder)[0],
+                    "pool_blocks": self.writer.pools.get(holder)[1] or None,
                 }
             )
         return sorted(out, key=lambda d: d["pod"])
@@ -582,6 +592,7 @@ class IndexShard:
                 self.backend.snapshot(),
                 dict(self.positions),
                 {str(k): v for k, v in self.writer.models.items()},
+                self.writer.pools.as_dict(),
             )
         )
 
@@ -590,6 +601,7 @@ class IndexShard:
         snap = msgspec.msgpack.decode(data, type=ShardSnapshot)
         self.journal.restore(snap.index)
         self.positions = dict(snap.positions)
+        self.writer.pools.load(snap.pools)
         now = self.writer.clock()
         for holder, model in snap.models.items():
             self.writer.models[PodId(holder)] = model

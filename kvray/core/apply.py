@@ -32,8 +32,9 @@ from kvray.core.index.base import (
     normalize_tier,
 )
 from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
+from kvray.core.routing import PoolGauges
 from kvray.errors import ConfigError, MalformedFrame
-from kvray.types import PodId
+from kvray.types import GPU, PodId
 
 KeyMode = Literal["request", "engine"]
 
@@ -186,6 +187,8 @@ class IndexWriter:
         self.models: dict[PodId, str] = {}
         self._digests: dict[int, bytes] = {}
         self._spec = SpeculativeEntries()
+        self.pools = PoolGauges()
+        """Each holder's KV pool (blocks held, learned size): the router weighs fullness."""
         # Store/remove with engine keys in one pass where the backend can (memory backends,
         # through the journal); any other backend gets the separate calls.
         self._add_engine, self._remove_engine = engine_ops(backend)
@@ -229,6 +232,8 @@ class IndexWriter:
                 self._stored(holder, model, tag, ev, res)
             elif isinstance(ev, AllBlocksCleared):
                 self.backend.clear_pod(holder)
+                self._spec.forget(holder)
+                self.pools.cleared(holder)
                 res.cleared += 1
         if removed:
             self._removed(holder, tag, removed, removed_medium, res)
@@ -249,8 +254,11 @@ class IndexWriter:
         if self.verify_hashes and ev.has_tokens and h.hasher is not None:
             self._check_contract(holder, model, tag, ev, h)
         tier = normalize_tier(ev.medium)
+        if tier == GPU:
+            self.pools.stored(holder, n)
         if self.key_mode == "engine":
             self.backend.add(holder, tier, engine)
+            self._settle(holder, engine)
             res.stored_blocks += n
             return
         if not ev.has_tokens:
@@ -277,6 +285,7 @@ class IndexWriter:
             res.reject("schema", n)
             return
         self._add_engine(holder, tier, keys, engine)
+        self._settle(holder, keys)
         res.stored_blocks += n
 
     def _removed(
@@ -289,6 +298,8 @@ class IndexWriter:
     ) -> None:
         engine: list[int] = xor_u64(hashes, tag)
         tier = normalize_tier(medium)
+        if tier == GPU:
+            self.pools.removed(holder, len(hashes))
         if self.key_mode == "engine":
             keys = engine
             self.backend.remove(holder, tier, keys)
@@ -296,7 +307,16 @@ class IndexWriter:
             keys, unknown = self._remove_engine(holder, tier, engine)
             if unknown:
                 res.reject("unknown_removed", unknown)
+        self._settle(holder, keys)
         res.removed_blocks += len(keys)
+
+    def _settle(self, holder: PodId, keys: Sequence[int]) -> None:
+        """The holder's own events supersede its speculative entries for these keys: a store
+        confirms them (the real tier holds the block now), a removal refutes them."""
+        if self._spec.holds(holder):
+            gone = self._spec.discard(holder, keys)
+            if gone:
+                self.backend.remove(holder, SPECULATIVE, gone)
 
     # --- hash contract ---------------------------------------------------------------------
 
@@ -367,6 +387,8 @@ class IndexWriter:
     def clear_holder(self, holder: PodId) -> None:
         """Forget a holder entirely (restart, removal, silence)."""
         self.backend.clear_pod(holder)
+        self._spec.forget(holder)
+        self.pools.cleared(holder)
         self.last_seen.pop(holder, None)
 
     def drop_silent(self, max_silence_s: float) -> list[PodId]:
@@ -375,6 +397,7 @@ class IndexWriter:
         gone = [p for p, t in self.last_seen.items() if t < cutoff]
         for p in gone:
             self.clear_holder(p)
+            self.pools.forget(p)
             self.models.pop(p, None)
         return gone
 

@@ -79,6 +79,8 @@ class ChangeMsg(msgspec.Struct, array_like=True):
     """Holder → last applied event seq, for the holders this call advanced."""
     ts: float = 0.0
     """The shard's wall clock when it published (replicas measure their lag with it)."""
+    pools: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    """Holder → ``(blocks held, learned pool size)``, for the holders this call changed."""
 
 
 class ReplicaSnapshot(msgspec.Struct, array_like=True):
@@ -90,6 +92,8 @@ class ReplicaSnapshot(msgspec.Struct, array_like=True):
     index: bytes
     """``core.snapshot`` format; the engine map is left out (replicas do not resolve keys)."""
     positions: dict[str, int]
+    pools: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    """Holder → ``(blocks held, learned pool size)`` (``core.routing.PoolGauges``)."""
 
 
 change_encoder = msgspec.msgpack.Encoder()
@@ -216,6 +220,8 @@ class ReplicaIndex:
         self.shards = [_ShardState() for _ in range(num_shards)]
         self.clock = clock
         self._spec = SpeculativeEntries()
+        self.pools: dict[str, tuple[int, int]] = {}
+        """Holder → ``(blocks held, learned pool size)``, as its shard last said."""
         self.applied_msgs = 0
         self.snapshots_loaded = 0
 
@@ -240,7 +246,7 @@ class ReplicaIndex:
             return False
         if msg.seq <= st.seq:
             return True  # a heartbeat or a message the snapshot already holds
-        if msg.seq != st.seq + 1 or not (msg.ops or msg.positions):
+        if msg.seq != st.seq + 1 or not (msg.ops or msg.positions or msg.pools):
             # A gap; or a heartbeat announcing a seq we never received (heartbeats repeat
             # the last data seq, so one past ours means that data message was lost).
             return False
@@ -255,14 +261,18 @@ class ReplicaIndex:
                     self._spec.push(self.clock() + ttl, pod, keys.tolist())
             elif op == OP_REMOVE:
                 idx.remove(pod, Tier(tier), keys)
+                if tier == SPECULATIVE:  # settled by the pod's events, or expired
+                    self._spec.discard(pod, keys.tolist())
             elif op == OP_CLEAR:
                 idx.clear_pod(pod)
+                self._spec.forget(pod)
                 st.holders.discard(holder)
                 st.positions.pop(holder, None)
             else:  # OP_RESET
                 st.stream = None
                 return False
         st.positions.update(msg.positions)
+        self.pools.update(msg.pools)
         st.seq = msg.seq
         self.applied_msgs += 1
         return True
@@ -282,6 +292,7 @@ class ReplicaIndex:
                     self._spec.push(now + speculative_ttl_s, PodId(holder), keys)
             st.holders.add(holder)
         st.stream, st.seq, st.positions = snap.stream, snap.seq, dict(snap.positions)
+        self.pools.update(snap.pools)
         self.snapshots_loaded += 1
 
     def forget(self, shard: int) -> None:

@@ -124,12 +124,16 @@ class _Ingress:
             tokens = await self.client.tokenize_chat_async(req.messages, req.model)
         else:
             tokens = list(req.token_ids or [])
-        keys = self.client.keyer.block_keys(tokens, req.model, lora=req.lora)
-        scores = await self.client.score_keys_async(keys, req.pods)
-        pod, reason = choose_pod(req.pods, scores, req.load, req.load_weight)
-        if req.record and keys:
-            await self.client.record_route_async(pod, keys)
-        return RouteResponse(pod=pod, scores=scores, blocks=len(keys), reason=reason)
+        keys = self.client.keyer.block_keys(
+            tokens, req.model, lora=req.lora, cache_salt=req.cache_salt
+        )
+        d, scores = await self.client.route_keys_async(
+            req.pods, keys, req.model, load=req.load, load_weight=req.load_weight,
+            record=req.record,
+        )  # fmt: skip
+        return RouteResponse(
+            pod=d.pod, scores=scores, blocks=len(keys), reason=d.reason, hit_blocks=d.hit_blocks
+        )
 
     async def pods(self) -> PodsResponse:
         return PodsResponse.model_validate({"pods": await self.client.pods_async()})
@@ -143,33 +147,6 @@ class _Ingress:
         if self.client.replica is not None:
             serve_stats["replica"] = self.client.replica.stats()
         return render(stats, serve_stats)
-
-
-def choose_pod(
-    candidates: list[str],
-    scores: dict[str, float],
-    load: dict[str, float] | None,
-    load_weight: float,
-) -> tuple[str, str]:
-    """The best candidate: highest normalized score minus ``load_weight`` × normalized load.
-
-    Ties go to the lighter pod, then to the candidate order. With no score at all and no load,
-    the first candidate is returned with reason ``fallback``.
-    """
-    present = [scores.get(c, 0.0) for c in candidates]
-    hi = max(present) if present else 0.0
-    loads = [float((load or {}).get(c, 0.0)) for c in candidates]
-    lmax = max(loads) if loads else 0.0
-    best, best_val = candidates[0], float("-inf")
-    for c, s, ld in zip(candidates, present, loads, strict=True):
-        val = (s / hi if hi > 0 else 0.0) - load_weight * (ld / lmax if lmax > 0 else 0.0)
-        val -= 1e-9 * (ld / lmax if lmax > 0 else 0.0)  # tie-break: lighter first
-        if val > best_val:
-            best, best_val = c, val
-    if hi <= 0:
-        return best, "load" if load else "fallback"
-    top = max(candidates, key=lambda c: scores.get(c, 0.0))
-    return best, "cache" if best == top or scores.get(best) == hi else "load"
 
 
 def _auth(cfg: ServeConfig) -> Any:

@@ -10,10 +10,10 @@ Each replica is a vLLM engine publishing KV events as pod ``<pod>``; the router 
 replica is which pod from the replica's routing stats (``record_routing_stats`` returning
 ``{"kvray_pod": pod}``) or, by default, takes the replica's unique id as the pod id. For each
 request it extracts the prompt (``prompt``/``messages``/``token_ids`` attribute or dict key, or a
-plain string), asks kvray for scores over the candidates, and ranks: best-scored replicas first,
-the rest after. When kvray has nothing (no prefix cached anywhere, kvray unreachable or slow)
-it falls back to Serve's default power-of-two-choices policy (Ray's ``KVAwareRouter`` does the
-same), so routing never fails because of kvray.
+plain string) and lets kvray's one decision function (``Client.route_keys_async``, see
+``kvray.core.routing``) pick the replica: the chosen one first, the rest after. When kvray
+cannot answer (unreachable or slow) it falls back to Serve's default power-of-two-choices
+policy, so routing never fails because of kvray.
 """
 
 from __future__ import annotations
@@ -98,14 +98,13 @@ class KvrayRequestRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
         else:
             tokens = await client.tokenize_async(str(prompt), self._kv_model)
         keys = client.block_keys(tokens, self._kv_model)
-        scores = await client.score_keys_async(keys, list(by_pod))
-        if not scores:
-            return None
-        best = max(scores.values())
-        top = [by_pod[p] for p, s in scores.items() if s == best]
-        rest = [r for r in candidates if r not in top]
-        if self._kv_record and keys and len(top) == 1:
-            await client.record_route_async(self.pod_of(top[0]), keys)
+        # The one decision function (core.routing): cached prefix against kvray's own recent
+        # routing load and pool fullness; cold prompts spread by rendezvous hashing.
+        d, _ = await client.route_keys_async(
+            list(by_pod), keys, self._kv_model, record=self._kv_record
+        )
+        top = [by_pod[d.pod]]
+        rest = [r for r in candidates if r is not top[0]]
         return [top, rest] if rest else [top]
 
     async def choose_replicas(

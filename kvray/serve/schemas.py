@@ -75,11 +75,17 @@ class RouteRequest(_Req):
     token_ids: list[TokenId] | None = Field(None, description="Prompt token ids.")
     messages: list[dict[str, Any]] | None = Field(None, description="Chat messages.")
     lora: str | None = Field(None, max_length=MAX_MODEL, description="LoRA adapter name.")
+    cache_salt: str | None = Field(None, description="vLLM cache_salt of the request.")
     load: dict[str, float] | None = Field(
-        None, description="Current load per candidate (e.g. queued tokens); higher is busier."
+        None,
+        description="Work queued per candidate, in tokens (prefill + decode still to do); "
+        "absent: kvray's own estimate from its recent routing decisions.",
     )
-    load_weight: float = Field(
-        0.0, ge=0.0, description="Blend: normalized score − load_weight × normalized load."
+    load_weight: float | None = Field(
+        None,
+        ge=0.0,
+        description="A queued token counts as this many tokens of prefill; null: the "
+        "deployment's routing.load_weight (1.0: estimated time to first token).",
     )
     record: bool = Field(True, description="Record speculative entries for the chosen pod.")
 
@@ -90,7 +96,12 @@ class RouteResponse(BaseModel):
     pod: str = Field(description="The chosen pod.")
     scores: dict[str, float] = Field(description="Raw scores of the candidates that have any.")
     blocks: int = Field(description="Full blocks in the prompt.")
-    reason: str = Field(description="'cache' (best prefix), 'load' (blend) or 'fallback'.")
+    reason: str = Field(
+        description="'cache' (the longest cached prefix), 'load' (a shorter prefix won on "
+        "queued work or pool fullness) or 'spread' (no candidate has any of it cached: "
+        "the least loaded, ties by rendezvous hashing of the first block)."
+    )
+    hit_blocks: float = Field(0.0, description="The chosen pod's cached prefix (blocks).")
 
 
 class PodInfo(BaseModel):
@@ -102,6 +113,10 @@ class PodInfo(BaseModel):
     last_seq: int | None
     idle_s: float
     hash_contract: dict[str, Any]
+    blocks: int = Field(0, description="GPU blocks the pod holds, per its events.")
+    pool_blocks: int | None = Field(
+        None, description="Its KV pool size learned from its evictions (null: not yet)."
+    )
 
 
 class PodsResponse(BaseModel):
@@ -164,6 +179,7 @@ class RouteBody(_Body):
     token_ids: list[TokenIdM] | None = None
     messages: list[dict[str, Any]] | None = None
     lora: LoraM | None = None
+    cache_salt: str | None = None
     load: dict[str, float] | None = None
-    load_weight: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    load_weight: Annotated[float, msgspec.Meta(ge=0.0)] | None = None
     record: bool = True

@@ -196,6 +196,26 @@ def test_speculative_entries_expire_with_injected_clock() -> None:
     assert ix.score_tokens(toks, "m") == {"p": 2.0}
 
 
+def test_the_pods_events_supersede_speculative_entries() -> None:
+    """A stored block confirms a speculative entry (the real tier holds it); a removed one
+    refutes it at once instead of scoring for the rest of the TTL."""
+    clock = Clock()
+    ix = kvray.Indexer(clock=clock, speculative_ttl_s=60.0)
+    toks = list(range(64))
+    hashes = BlockHasher().event_keys(toks)
+    ix.record_route("p", "m", toks)
+    ix.apply(_msg("p", 0, [_store(toks[:32])]))  # the request ran: 2 blocks stored (new)
+    assert ix.score_tokens(toks, "m") == {"p": 4.0}  # 2 real + 2 still speculative
+    ix.apply(_msg("p", 1, [WireBlockRemoved(hashes[1:2], "GPU")]))  # block 1 evicted
+    assert ix.score_tokens(toks, "m") == {"p": 1.0}
+    ix.record_route("q", "m", toks)
+    ix.apply(_msg("q", 0, [WireBlockRemoved(hashes[:1], "GPU")]))  # q no longer has block 0
+    assert ix.score_tokens(toks, "m") == {"p": 1.0}
+    # Recorded again: a fresh entry, no longer settled.
+    ix.record_route("q", "m", toks)
+    assert ix.score_tokens(toks, "m")["q"] == 4.0
+
+
 def test_silent_pods_are_dropped() -> None:
     clock = Clock()
     ix = kvray.Indexer(clock=clock, pod_ttl_s=30.0)

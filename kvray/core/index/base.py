@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -35,25 +36,65 @@ DEFAULT_TIER_WEIGHTS: Mapping[str, float] = {"GPU": 1.0, "CPU": 0.8}
 
 
 class SpeculativeEntries:
-    """Speculative entries by deadline (a heap): who holds which keys until when."""
+    """Speculative entries: who holds which keys until when.
+
+    A key recorded again for the same holder lives until its latest deadline (an earlier
+    record's expiry does not cut it short). ``discard`` drops keys the holder's own events
+    settled: a stored block confirms the entry (the real tier holds it now), a removed one
+    refutes it; either way the speculative entry must not outlive the truth.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, PodId, list[int]]] = []
+        self._heap: list[tuple[float, int, PodId, Sequence[int]]] = []
+        self._due: dict[PodId, dict[int, float]] = {}  # holder -> key -> latest deadline
         self._n = 0  # tie-breaker: equal deadlines pop in insertion order
 
     def __bool__(self) -> bool:
         return bool(self._heap)
 
-    def push(self, deadline: float, holder: PodId, keys: list[int]) -> None:
+    def holds(self, holder: PodId) -> bool:
+        """Whether ``holder`` has live speculative keys."""
+        return holder in self._due
+
+    def push(self, deadline: float, holder: PodId, keys: Sequence[int]) -> None:
+        due = self._due.setdefault(holder, {})
+        for k in keys:
+            due[k] = deadline
         self._n += 1
         heapq.heappush(self._heap, (deadline, self._n, holder, keys))
 
+    def discard(self, holder: PodId, keys: Sequence[int]) -> list[int]:
+        """Forget ``keys`` of ``holder``; returns those that were speculative (for the caller
+        to remove from the backend's speculative tier)."""
+        due = self._due.get(holder)
+        if not due:
+            return []
+        gone = [k for k in keys if due.pop(k, None) is not None]
+        if not due:
+            del self._due[holder]
+        return gone
+
+    def forget(self, holder: PodId) -> None:
+        """Drop every entry of ``holder`` (its content was cleared)."""
+        self._due.pop(holder, None)
+
     def expire(self, now: float, backend: IndexBackend) -> int:
-        """Remove the entries due at ``now`` from ``backend``'s speculative tier."""
+        """Remove the keys due at ``now`` from ``backend``'s speculative tier; returns how
+        many holders had keys expire."""
         n = 0
         while self._heap and self._heap[0][0] <= now:
             _, _, holder, keys = heapq.heappop(self._heap)
-            backend.remove(holder, SPECULATIVE, keys)
+            due = self._due.get(holder)
+            if not due:
+                continue  # discarded or cleared since
+            gone = [k for k in keys if due.get(k, math.inf) <= now]
+            if not gone:
+                continue  # recorded again later, or settled by events
+            for k in gone:
+                del due[k]
+            if not due:
+                del self._due[holder]
+            backend.remove(holder, SPECULATIVE, gone)
             n += 1
         return n
 
