@@ -1,15 +1,13 @@
-"""A request scheduler that asks kvray over HTTP which pod holds a prompt's prefix, and picks one.
+"""A request scheduler that asks kvray over HTTP where to send a request.
 
-This is what an llm-d-style scheduler does with kvray's scores (spec §5):
-
-1. ``POST /score_completions`` (or ``/score_tokens`` for token ids) with the candidate pods;
-2. normalise over the candidates: a pod without a score gets 0, the others
-   ``(s - min) / (max - min)``, or 1.0 each when all present scores are equal;
-3. pick the candidate with the best ``normalised score - load_weight * normalised load``; ties go
-   to the lighter pod, then to the candidate order;
-4. optionally (``--record``) tell kvray where the request went (``POST /route`` with the chosen pod
-   as the only candidate), so the next request with the same prefix finds it before the pod's own
-   ``BlockStored`` events arrive.
+``POST /route`` with the candidate pods and the prompt (text or token ids). kvray keys the
+prompt, looks up each candidate's cached prefix and picks the pod with the least estimated work
+(``kvray.core.routing``): the blocks it must prefill, made dearer on a full KV pool, plus the
+work queued there (``--load``, in tokens, or kvray's own estimate from its recent decisions).
+Prompts nobody has cached are spread by rendezvous hashing of their first block. ``--record``
+records the choice as a speculative entry, so the next request with the same prefix finds it
+before the pod's own ``BlockStored`` events arrive. The output also shows the candidates'
+scores normalised as an llm-d scheduler would (spec §5).
 
 Example::
 
@@ -38,29 +36,6 @@ def normalize(candidates: Sequence[str], scores: Mapping[str, float]) -> dict[st
     return normalize_scores(scores, candidates)
 
 
-def pick(
-    candidates: Sequence[str],
-    scores: Mapping[str, float],
-    load: Mapping[str, float] | None = None,
-    load_weight: float = 0.0,
-) -> tuple[str, str, dict[str, float]]:
-    """Choose a pod; returns ``(pod, reason, normalised scores)``.
-
-    ``reason`` is ``cache`` when the pod holds the longest prefix, ``load`` when the load term
-    changed the choice, and ``fallback`` when no candidate holds any of the prompt.
-    """
-    norm = normalize(candidates, scores)
-    loads = {c: float((load or {}).get(c, 0.0)) for c in candidates}
-    lmax = max(loads.values(), default=0.0)
-    lnorm = {c: (v / lmax if lmax > 0 else 0.0) for c, v in loads.items()}
-    order = {c: i for i, c in enumerate(candidates)}
-    best = max(candidates, key=lambda c: (norm[c] - load_weight * lnorm[c], -lnorm[c], -order[c]))
-    if not any(c in scores for c in candidates):
-        return best, "fallback", norm
-    top = max(scores.get(c, 0.0) for c in candidates)
-    return best, "cache" if scores.get(best, 0.0) == top else "load", norm
-
-
 def _parse_load(text: str | None) -> dict[str, float]:
     if not text:
         return {}
@@ -81,29 +56,30 @@ def schedule(
     prompt: str | None = None,
     token_ids: list[int] | None = None,
     load: Mapping[str, float] | None = None,
-    load_weight: float = 0.0,
+    load_weight: float | None = None,
     record: bool = False,
 ) -> dict[str, Any]:
-    """Score one request over HTTP and choose a pod for it."""
-    body: dict[str, Any] = {"model": model}
+    """Ask kvray to route one request (``POST /route``): kvray's one decision function weighs
+    each candidate's cached prefix against its queued work (``load``, in tokens, or kvray's own
+    estimate) and its KV pool's fullness, and spreads prompts nobody has cached."""
+    body: dict[str, Any] = {"model": model, "pods": candidates, "record": record}
     if token_ids is not None:
-        path, body["token_ids"] = "/score_tokens", token_ids
+        body["token_ids"] = token_ids
     else:
-        path, body["prompt"] = "/score_completions", prompt
-    r = http.post(path, json={**body, "pods": candidates})
+        body["prompt"] = prompt
+    if load:
+        body["load"] = dict(load)
+    if load_weight is not None:
+        body["load_weight"] = load_weight
+    r = http.post("/route", json=body)
     r.raise_for_status()
-    scored = r.json()
-    pod, reason, norm = pick(candidates, scored["scores"], load, load_weight)
-    if record and scored["blocks"]:
-        route = {k: v for k, v in body.items() if k != "model"}
-        rr = http.post("/route", json={"model": model, "pods": [pod], "record": True, **route})
-        rr.raise_for_status()
+    out = r.json()
     return {
-        "pod": pod,
-        "reason": reason,
-        "scores": scored["scores"],
-        "normalized": norm,
-        "blocks": scored["blocks"],
+        "pod": out["pod"],
+        "reason": out["reason"],
+        "scores": out["scores"],
+        "normalized": normalize(candidates, out["scores"]),
+        "blocks": out["blocks"],
     }
 
 
@@ -119,8 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="completion prompt text (tokenized by kvray)")
     what.add_argument("--token-ids", help="comma-separated prompt token ids")
-    p.add_argument("--load", help="current load per pod, e.g. 10.0.0.7=12,10.0.0.8=3")
-    p.add_argument("--load-weight", type=float, default=0.0, help="weight of the load term")
+    p.add_argument(
+        "--load",
+        help="queued tokens per pod, e.g. 10.0.0.7=1200,10.0.0.8=300 (default: kvray's "
+        "own estimate)",
+    )
+    p.add_argument(
+        "--load-weight", type=float, default=None,
+        help="a queued token counts as this many tokens of prefill (default: the deployment's)",
+    )  # fmt: skip
     p.add_argument("--record", action="store_true", help="record the choice in kvray (/route)")
     p.add_argument(
         "--auth-token",

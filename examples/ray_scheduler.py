@@ -1,10 +1,12 @@
 """A scheduler hosted on Ray that routes requests with ``kvray.connect()`` (no HTTP in the path).
 
 ``Scheduler`` is an async Ray actor. For each request it tokenizes the prompt with kvray's
-tokenizer pool (or takes token ids), computes the prompt's block keys locally, fans the score out
-to kvray's shards, picks the candidate with the best normalised score (minus a load term: the
-requests it routed and that are not completed yet), and records the choice as a speculative entry
-so the next request with the same prefix meets it before the pod's own events arrive.
+tokenizer pool (or takes token ids), computes the prompt's block keys locally and lets kvray's
+one decision function pick the pod (``Client.route_keys_async``, ``kvray.core.routing``: cached
+prefix against queued work and pool fullness, cold prompts spread). With ``--load-weight`` it
+passes its own in-flight prompt tokens per pod as the load; without, kvray's own estimate is
+used. The choice is recorded as a speculative entry so the next request with the same prefix
+meets it before the pod's own events arrive.
 
 Run it against a running kvray (``kvray serve --config kvray.yaml``)::
 
@@ -40,12 +42,13 @@ def normalize(candidates: Sequence[str], scores: dict[str, float]) -> dict[str, 
 
 @ray.remote(num_cpus=0)
 class Scheduler:
-    """Routes requests among ``candidates`` by cached prefix, then by in-flight load.
+    """Routes requests among ``candidates`` with kvray's routing decision.
 
     Args:
         namespace: Ray namespace of the kvray deployment.
         candidates: pod ids this scheduler may route to.
-        load_weight: weight of the normalised in-flight load against the normalised score.
+        load_weight: when set, its in-flight prompt tokens per pod are the load, weighed so
+            (a queued token counts as this many tokens of prefill); None: kvray's estimate.
         record: record each choice in kvray (speculative entries, short TTL).
     """
 
@@ -53,14 +56,14 @@ class Scheduler:
         self,
         namespace: str,
         candidates: list[str],
-        load_weight: float = 0.0,
+        load_weight: float | None = None,
         record: bool = True,
     ) -> None:
         self.client = kvray.connect(namespace)
         self.candidates = list(candidates)
         self.load_weight = load_weight
         self.record = record
-        self.inflight = {c: 0 for c in candidates}
+        self.inflight: dict[str, list[int]] = {c: [] for c in candidates}
 
     async def route(
         self, model: str, prompt: str | None = None, token_ids: list[int] | None = None
@@ -69,34 +72,26 @@ class Scheduler:
         if token_ids is None:
             token_ids = await self.client.tokenize_async(prompt or "", model)
         keys = self.client.block_keys(token_ids, model)
-        scores = await self.client.score_keys_async(keys, self.candidates)
-        norm = normalize(self.candidates, scores)
-        lmax = max(self.inflight.values(), default=0)
-        order = {c: i for i, c in enumerate(self.candidates)}
-
-        def value(c: str) -> tuple[float, float, int]:
-            load = self.inflight[c] / lmax if lmax else 0.0
-            return (norm[c] - self.load_weight * load, -load, -order[c])
-
-        pod = max(self.candidates, key=value)
-        if not scores:
-            reason = "fallback"
-        else:
-            reason = "cache" if scores.get(pod) == max(scores.values()) else "load"
-        if self.record and keys:
-            await self.client.record_route_async(pod, keys)
-        self.inflight[pod] += 1
+        load = None
+        if self.load_weight is not None:
+            load = {c: float(sum(v)) for c, v in self.inflight.items()}
+        d, scores = await self.client.route_keys_async(
+            self.candidates, keys, model, load=load, load_weight=self.load_weight,
+            record=self.record,
+        )  # fmt: skip
+        self.inflight[d.pod].append(len(token_ids))
         return {
-            "pod": pod,
-            "reason": reason,
+            "pod": d.pod,
+            "reason": d.reason,
             "scores": scores,
-            "normalized": norm,
+            "normalized": normalize(self.candidates, scores),
             "blocks": len(keys),
         }
 
     def complete(self, pod: str) -> None:
         """A request routed to ``pod`` finished (lowers its load)."""
-        self.inflight[pod] = max(0, self.inflight.get(pod, 0) - 1)
+        if self.inflight.get(pod):
+            self.inflight[pod].pop(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="comma-separated token ids of a request to route (repeatable)",
     )
-    p.add_argument("--load-weight", type=float, default=0.0, help="weight of the load term")
+    p.add_argument(
+        "--load-weight", type=float, default=None,
+        help="use this scheduler's in-flight prompt tokens as the load, weighed so (default: "
+        "kvray's own load estimate)",
+    )  # fmt: skip
     p.add_argument("--no-record", action="store_true", help="do not record choices in kvray")
     return p
 

@@ -273,9 +273,20 @@ class RoutingConfig(_Strict):
         "prompt's first block (same prefix, same pod).",
     )
 
+    request_blocks: float = Field(
+        8.0,
+        ge=0,
+        description="kvray's own load estimate: work each routed request brings besides its "
+        "prefill (its decode), in blocks.",
+    )
+
     def weights(self) -> RoutingWeights:
         return RoutingWeights(
-            self.load_weight, self.fullness, self.load_half_life_s, self.tie_blocks
+            self.load_weight,
+            self.fullness,
+            self.load_half_life_s,
+            self.tie_blocks,
+            self.request_blocks,
         )
 
 

@@ -6,9 +6,10 @@ idle queues, so the differences in the table come from routing alone.
 What runs: a local Ray cluster (unless one is already initialised: it is then used and left
 running), a kvray deployment (events bound on 127.0.0.1:0, shards, ingestor, tokenizer), and a
 fleet of simulated pods in one Ray actor (``kvray.sim.fleet``) that publish real vLLM event
-frames into it. For each request of a kvray run: score (HTTP ``/score_tokens`` when
-``kvray.serve.app`` is available, else the ``kvray.connect()`` client) -> choose -> serve on the
-pod -> its events flow back over ZMQ.
+frames into it. For each request of a kvray run: kvray's routing decision (HTTP ``/route``
+when ``kvray.serve.app`` is available, else ``Client.route`` of ``kvray.connect()``: the same
+decision function, ``kvray.core.routing``, which also records the choice) -> serve on the pod
+-> its events flow back over ZMQ. The other rows use ``kvray.sim.policies``.
 
 Freshness, i.e. what kvray has seen when the next request is scored:
 
@@ -16,9 +17,9 @@ Freshness, i.e. what kvray has seen when the next request is scored:
   index is exactly current. That is what a real router sees whenever events arrive faster than
   requests: the wait measured here is ~5 ms (p50, reported as "event wait"), the mean gap
   between requests at the default 40 req/s is 25 ms. The wait is not routing latency.
-* the ``no wait`` row does not wait: it records each decision as a speculative entry
-  (``record_route``, counted in its routing latency) and sends the next request at once, ~9 ms
-  later instead of the trace's 25 ms: its index trails further behind than a real router's.
+* the ``no wait`` row does not wait: it relies on the speculative entry ``/route`` records
+  for each decision and sends the next request at once, ~9 ms later instead of the trace's
+  25 ms: its index trails further behind than a real router's.
 
 Policies that do not read kvray run with event publishing off (``Fleet.reset(publish=False)``),
 so the index does no work for them; each kvray run starts by publishing the pods' reset.
@@ -39,7 +40,7 @@ import random
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -65,6 +66,18 @@ class Scorer(Protocol):
         """Predicted cached blocks per pod for a prompt."""
         ...
 
+    def route(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        lora: str | None,
+        pods: Sequence[str],
+        load: Mapping[str, float] | None,
+        load_weight: float | None,
+    ) -> tuple[str, dict[str, float]]:
+        """kvray's routing decision (``/route``): the chosen pod and the candidates' scores."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -81,6 +94,20 @@ class HandleScorer:
     def score(self, tokens: Sequence[int], model: str, lora: str | None) -> dict[str, float]:
         scores: dict[str, float] = self.client.score_tokens(tokens, model, lora=lora)
         return scores
+
+    def route(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        lora: str | None,
+        pods: Sequence[str],
+        load: Mapping[str, float] | None,
+        load_weight: float | None,
+    ) -> tuple[str, dict[str, float]]:
+        d, scores = self.client.route(
+            pods, model, tokens, lora=lora, load=load, load_weight=load_weight
+        )
+        return d.pod, scores
 
     def close(self) -> None:
         pass
@@ -119,6 +146,27 @@ class HttpScorer:
         resp = self._http.post("/score_tokens", json=body)
         resp.raise_for_status()
         return {str(k): float(v) for k, v in resp.json()["scores"].items()}
+
+    def route(
+        self,
+        tokens: Sequence[int],
+        model: str,
+        lora: str | None,
+        pods: Sequence[str],
+        load: Mapping[str, float] | None,
+        load_weight: float | None,
+    ) -> tuple[str, dict[str, float]]:
+        body: dict[str, Any] = {"model": model, "token_ids": list(tokens), "pods": list(pods)}
+        if lora is not None:
+            body["lora"] = lora
+        if load is not None:
+            body["load"] = dict(load)
+        if load_weight is not None:
+            body["load_weight"] = load_weight
+        resp = self._http.post("/route", json=body)
+        resp.raise_for_status()
+        out = resp.json()
+        return str(out["pod"]), {str(k): float(v) for k, v in out["scores"].items()}
 
     def close(self) -> None:
         self._http.close()
@@ -207,10 +255,9 @@ def plan_runs(args: argparse.Namespace) -> list[RunSpec]:
 class _Kvray:
     """The demo's view of a running kvray: scoring transport, feedback, sync, counters."""
 
-    def __init__(self, client: Any, scorer: Scorer, spec_ttl_s: float) -> None:
+    def __init__(self, client: Any, scorer: Scorer) -> None:
         self.client = client
         self.scorer = scorer
-        self.spec_ttl_s = spec_ttl_s
 
     def counters(self) -> dict[str, int]:
         ings = self.client.stats()["ingestors"]
@@ -283,22 +330,28 @@ def drive(
             kv.sync(expect)
             sync_s = clock() - s0
         t0 = clock()
-        scores = None
-        if "scores" in needs and kv is not None:
-            scores = kv.scorer.score(req.tokens, trace.model, req.lora)
-        ctx = RouteContext(
-            req.t, req.tokens, pods, block_size, req.lora,
-            view.loads if view else {}, view.queue_lens if view else {},
-            scores, view.truth if view else None,
-        )  # fmt: skip
-        pod = policy.choose(ctx)
-        route_s = clock() - t0
-        predicted = policy.predicted_blocks(ctx, pod)  # bookkeeping for the report: not timed
-        t1 = clock()
-        policy.routed(ctx, pod)
-        if kv is not None and spec.uses_kvray and spec.freshness == "nowait":
-            kv.client.record_route(pod, trace.model, req.tokens, lora=req.lora, ttl_s=kv.spec_ttl_s)
-        route_s += clock() - t1
+        if kv is not None and spec.uses_kvray:
+            # What a scheduler gets from kvray: its routing decision (POST /route, or
+            # Client.route through the handle), which also records the choice. With a load
+            # weight, the fleet's outstanding prefill tokens go along as the caller's load.
+            load = view.loads if view is not None and spec.load_weight > 0 else None
+            pod, scores = kv.scorer.route(
+                req.tokens, trace.model, req.lora, pods, load, spec.load_weight or None
+            )
+            route_s = clock() - t0
+            predicted: float | None = scores.get(pod, 0.0)
+        else:
+            ctx = RouteContext(
+                req.t, req.tokens, pods, block_size, req.lora,
+                view.loads if view else {}, view.queue_lens if view else {},
+                None, view.truth if view else None,
+            )  # fmt: skip
+            pod = policy.choose(ctx)
+            route_s = clock() - t0
+            predicted = policy.predicted_blocks(ctx, pod)  # bookkeeping: not timed
+            t1 = clock()
+            policy.routed(ctx, pod)
+            route_s += clock() - t1
         if spec.gap_every and (i + 1) % spec.gap_every == 0:
             fleet.drop_next(pod, spec.gap_size)  # this request's own batch is the first lost
         served = fleet.serve(pod, req.tokens, req.lora, req.t)
@@ -386,7 +439,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--approx-routers", type=_ints, default=[1, 2],
         help="one approx-prefix run per router count ('' for --routers only)",
     )  # fmt: skip
-    r.add_argument("--speculative-ttl", type=float, default=0.5, help="no-wait entries' TTL (s)")
     r.add_argument("--approx-match-rate", type=float, default=0.1, help="Ray's threshold")
     r.add_argument("--approx-imbalance", type=float, default=math.inf, help="Ray's threshold")
     r.add_argument(
@@ -518,7 +570,7 @@ def run_demo(argv: list[str] | None = None) -> int:
                     raise RuntimeError(msg + " (another Ray cluster on this machine?)")
                 print(f"kvray demo: {msg}; scoring through the client handle", file=sys.stderr)
                 via, scorer = "handle", HandleScorer(client)
-        kv = _Kvray(client, scorer, args.speculative_ttl)
+        kv = _Kvray(client, scorer)
         endpoints = [eps[0] for eps in client.endpoints]
         fleet = RemoteFleet(fleet_cfg, endpoints, pods_per_actor=args.pods_per_actor)
         if not fleet.wait_connected():

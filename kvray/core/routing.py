@@ -12,9 +12,10 @@ would cost there, in KV blocks, and picks the cheapest::
   size learned from its events). New blocks on a full pool evict other prefixes, which later
   requests then miss; on a pool with room they cost nothing more.
 * ``load(p)``: work queued on ``p``, in blocks: what the caller says (queued tokens / block
-  size), or else kvray's own estimate, ``RecentLoad``: the blocks it recently sent ``p`` to
-  prefill, decaying with a half-life. Without it an idle fleet would send every new prefix
-  to one pod.
+  size), or else kvray's own estimate, ``RecentLoad``: the work it recently sent ``p``
+  (blocks to prefill, plus ``request_blocks`` per request for its decode), decaying with a
+  half-life. Without it an idle fleet would send every new prefix to one pod, and a hot
+  prefix would pin all its traffic on one pod however busy.
 
 Costs within ``tie_blocks`` of the best are a tie, broken by rendezvous hashing of the prompt's
 first block with the pod id: the same prefix keeps going to the same pod while different
@@ -46,6 +47,9 @@ class RoutingWeights:
     """Half-life of ``RecentLoad``, kvray's own load estimate when the caller gives none."""
     tie_blocks: float = 0.5
     """Costs this close to the best are a tie (broken by rendezvous hashing)."""
+    request_blocks: float = 8.0
+    """Work every request brings besides its prefill (its decode), in blocks, for
+    ``RecentLoad``: a cached prompt still keeps its pod busy. 8 blocks = 128 tokens."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -271,11 +275,11 @@ class Decider:
             blocks = {p: float(load.get(p, 0.0)) * load_unit for p in candidates}
         w = self.weights
         if load_weight is not None and load_weight != w.load_weight:
-            w = RoutingWeights(load_weight, w.fullness, w.half_life_s, w.tie_blocks)
+            w = RoutingWeights(
+                load_weight, w.fullness, w.half_life_s, w.tie_blocks, w.request_blocks
+            )
         fill = fill_fractions(pools, candidates) if pools else None
         d = decide(candidates, hits, len(keys), keys[0] if keys else 0, blocks, fill, w)
-        # Every request is some work (its decode at least): one block's worth at the least, so
-        # prompts shorter than a block spread too.
-        self.recent.add(d.pod, max(1.0, d.new_blocks), now)
+        self.recent.add(d.pod, d.new_blocks + self.weights.request_blocks, now)
         self.decisions[d.reason] += 1
         return d

@@ -180,13 +180,14 @@ def test_http_scheduler_picks_the_caching_pod(
         "blocks": blocks,
     }
 
-    # Nobody holds this prompt: the lightest candidate, recorded so the next request finds it.
+    # Nobody holds this prompt: the least loaded candidate (queued tokens), recorded so the
+    # next request finds it.
     fresh = "An unrelated request about tide tables and lunar phases. " * 6
-    load = f"{POD_B}=5,{POD_A}=3,{POD_C}=1"
+    load = f"{POD_B}=5000,{POD_A}=3000,{POD_C}=100"
     argv = ["--url", base, "--model", MODEL, "--candidates", cands, "--prompt", fresh]
     assert sched([*argv, "--load", load, "--record"]) == 0
     (out,) = _json_lines(capsys.readouterr().out)
-    assert (out["pod"], out["reason"], out["scores"]) == (POD_C, "fallback", {})
+    assert (out["pod"], out["reason"], out["scores"]) == (POD_C, "spread", {})
     assert sched(argv) == 0  # speculative entries for POD_C: now it is the cache hit
     (out,) = _json_lines(capsys.readouterr().out)
     assert (out["pod"], out["reason"]) == (POD_C, "cache")
@@ -223,7 +224,8 @@ def test_ray_scheduler_routes_from_an_actor(
     first, second = _json_lines(capsys.readouterr().out)
     assert (first["pod"], first["reason"], first["blocks"]) == (POD_A, "cache", blocks)
     assert first["normalized"] == {POD_A: 1.0, POD_C: 0.0}
-    # The fresh prompt: no holder, so the first candidate (both idle); the choice is recorded.
-    assert (second["pod"], second["reason"]) == (POD_C, "fallback")
+    # The fresh prompt: no holder; POD_A just got the first request (kvray's own load
+    # estimate), so POD_C. The choice is recorded.
+    assert (second["pod"], second["reason"]) == (POD_C, "spread")
     assert client.score_prompt(fresh, MODEL, pods=[POD_C]) == {POD_C: float(second["blocks"])}
     assert _main("ray_scheduler")([*argv, "--token-ids", "1,x"]) == 2

@@ -97,10 +97,10 @@ def test_score_completions_and_chat(base: str, stack: tuple[str, Client, SimPod]
 def test_route_records_a_speculative_entry(base: str) -> None:
     a, b = f"{base}-a", f"{base}-b"  # pods of their own: both paths run this test
     toks = list(range(5000, 5064))
-    body = {"model": MODEL, "token_ids": toks, "pods": [a, b], "load": {a: 5, b: 1}}
+    body = {"model": MODEL, "token_ids": toks, "pods": [a, b], "load": {a: 500, b: 10}}
     r = httpx.post(f"{base}/route", json=body, headers=_h())
     assert r.status_code == 200, r.text
-    assert r.json()["pod"] == b  # nothing cached anywhere: the lighter pod
+    assert (r.json()["pod"], r.json()["reason"]) == (b, "spread")  # cached nowhere: the lighter
     # The entry is visible to the very next request (the replica waited for it).
     r2 = httpx.post(
         f"{base}/score_tokens",
