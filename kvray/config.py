@@ -263,8 +263,14 @@ class RoutingConfig(_Strict):
         description="Extra cost of a new block on a full KV pool, times the pool's fill "
         "fraction (pool sizes are learned from each pod's events).",
     )
+    self_load_weight: float = Field(
+        0.5,
+        ge=0,
+        description="The same for kvray's own load estimate (its recent routing decisions), "
+        "used when the caller gives no load.",
+    )
     load_half_life_s: float = Field(
-        2.0, gt=0, description="Half-life of kvray's own load estimate (blocks it routed)."
+        1.0, gt=0, description="Half-life of kvray's own load estimate (blocks it routed)."
     )
     tie_blocks: float = Field(
         0.5,
@@ -274,7 +280,7 @@ class RoutingConfig(_Strict):
     )
 
     request_blocks: float = Field(
-        8.0,
+        16.0,
         ge=0,
         description="kvray's own load estimate: work each routed request brings besides its "
         "prefill (its decode), in blocks.",
@@ -282,11 +288,12 @@ class RoutingConfig(_Strict):
 
     def weights(self) -> RoutingWeights:
         return RoutingWeights(
-            self.load_weight,
-            self.fullness,
-            self.load_half_life_s,
-            self.tie_blocks,
-            self.request_blocks,
+            load_weight=self.load_weight,
+            self_load_weight=self.self_load_weight,
+            fullness=self.fullness,
+            half_life_s=self.load_half_life_s,
+            tie_blocks=self.tie_blocks,
+            request_blocks=self.request_blocks,
         )
 
 

@@ -4,7 +4,7 @@ One function decides for every door kvray has (``POST /route``, ``Client.route``
 request router, the demo's kvray row). It estimates, per candidate, the work the request
 would cost there, in KV blocks, and picks the cheapest::
 
-    cost(p) = miss(p) · (1 + fullness · fill(p))  +  load_weight · load(p)
+    cost(p) = miss(p) · (1 + fullness · fill(p))  +  w · load(p)
 
 * ``miss(p)``: blocks of the prompt ``p`` must prefill (its blocks minus ``p``'s cached
   prefix from the index, tier-weighted).
@@ -12,10 +12,11 @@ would cost there, in KV blocks, and picks the cheapest::
   size learned from its events). New blocks on a full pool evict other prefixes, which later
   requests then miss; on a pool with room they cost nothing more.
 * ``load(p)``: work queued on ``p``, in blocks: what the caller says (queued tokens / block
-  size), or else kvray's own estimate, ``RecentLoad``: the work it recently sent ``p``
-  (blocks to prefill, plus ``request_blocks`` per request for its decode), decaying with a
-  half-life. Without it an idle fleet would send every new prefix to one pod, and a hot
-  prefix would pin all its traffic on one pod however busy.
+  size, ``w = load_weight``), or else kvray's own estimate, ``RecentLoad``: the work it
+  recently sent ``p`` (blocks to prefill, plus ``request_blocks`` per request for its
+  decode), decaying with a half-life (``w = self_load_weight``). Without it an idle fleet
+  would send every new prefix to one pod, and a hot prefix would pin all its traffic on one
+  pod however busy.
 
 Costs within ``tie_blocks`` of the best are a tie, broken by rendezvous hashing of the prompt's
 first block with the pod id: the same prefix keeps going to the same pod while different
@@ -26,6 +27,7 @@ Invariant: pure and deterministic given its inputs and the clock; no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,17 +41,22 @@ class RoutingWeights:
     """How the cost's terms weigh against a block of prefill."""
 
     load_weight: float = 1.0
-    """A queued block counts as this many blocks of prefill (1.0: estimated time to first
-    token, as Dynamo's KV router weighs it)."""
+    """A block of the caller's queued work counts as this many blocks of prefill (1.0:
+    estimated time to first token, as Dynamo's KV router weighs it)."""
+    self_load_weight: float = 0.5
+    """The same for kvray's own estimate (``RecentLoad``), used when the caller gives no load.
+    Lower than 1: it counts what kvray routed recently, not what is still queued (a pod
+    prefills a routed block in well under its half-life), so at full weight it would move
+    requests off the pod caching them for load that is already gone."""
     fullness: float = 1.0
     """Extra cost of a new block on a full pool (× its fill fraction)."""
-    half_life_s: float = 2.0
+    half_life_s: float = 1.0
     """Half-life of ``RecentLoad``, kvray's own load estimate when the caller gives none."""
     tie_blocks: float = 0.5
     """Costs this close to the best are a tie (broken by rendezvous hashing)."""
-    request_blocks: float = 8.0
+    request_blocks: float = 16.0
     """Work every request brings besides its prefill (its decode), in blocks, for
-    ``RecentLoad``: a cached prompt still keeps its pod busy. 8 blocks = 128 tokens."""
+    ``RecentLoad``: a cached prompt still keeps its pod busy. 16 blocks = 256 tokens."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,7 +89,7 @@ class RecentLoad:
 
     __slots__ = ("_clock", "_load", "_rate")
 
-    def __init__(self, half_life_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, half_life_s: float = 1.0, clock: Callable[[], float] = time.monotonic):
         if half_life_s <= 0:
             raise ValueError("half_life_s must be > 0")
         self._rate = math.log(2) / half_life_s
@@ -266,18 +273,18 @@ class Decider:
             load_unit: ``load`` is in units of this many blocks (``1 / block_size`` when it
                 counts tokens).
             pools: ``(held, capacity)`` per pod (``PoolGauges``), for fullness.
-            load_weight: overrides ``weights.load_weight`` for this call.
+            load_weight: overrides ``weights.load_weight`` for the caller's ``load``.
         """
         now = self._clock()
+        w = self.weights
         if load is None:
+            lw = w.self_load_weight
             blocks = {p: self.recent.get(p, now) for p in candidates}
         else:
+            lw = w.load_weight if load_weight is None else load_weight
             blocks = {p: float(load.get(p, 0.0)) * load_unit for p in candidates}
-        w = self.weights
-        if load_weight is not None and load_weight != w.load_weight:
-            w = RoutingWeights(
-                load_weight, w.fullness, w.half_life_s, w.tie_blocks, w.request_blocks
-            )
+        if lw != w.load_weight:
+            w = dataclasses.replace(w, load_weight=lw)
         fill = fill_fractions(pools, candidates) if pools else None
         d = decide(candidates, hits, len(keys), keys[0] if keys else 0, blocks, fill, w)
         self.recent.add(d.pod, d.new_blocks + self.weights.request_blocks, now)

@@ -100,8 +100,18 @@ class KvrayRequestRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
         keys = client.block_keys(tokens, self._kv_model)
         # The one decision function (core.routing): cached prefix against kvray's own recent
         # routing load and pool fullness; cold prompts spread by rendezvous hashing.
+        # Load: the requests Serve knows are queued at each replica (its queue-length cache),
+        # each counted as a request's worth of work; kvray's own estimate only when Serve has
+        # no figure for any candidate.
+        cache = getattr(self, "_replica_queue_len_cache", None)
+        qlens = {p: cache.get(r.replica_id) if cache else None for p, r in by_pod.items()}
+        load = None
+        if any(q is not None for q in qlens.values()):
+            w = client.config.routing
+            block = client.config.index.hashing_lookup()(self._kv_model).block_size
+            load = {p: float(q or 0) * w.request_blocks * block for p, q in qlens.items()}
         d, _ = await client.route_keys_async(
-            list(by_pod), keys, self._kv_model, record=self._kv_record
+            list(by_pod), keys, self._kv_model, load=load, record=self._kv_record
         )
         top = [by_pod[d.pod]]
         rest = [r for r in candidates if r is not top[0]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ OUTPUTS = (
 
 
 def test_tiny_demo_kvray_matches_oracle_and_heals_gaps(ray_session: None, tmp_path: Path) -> None:
-    start = time.monotonic()
     code = run_demo(
         [
             "--requests", "160", "--pods", "4", "--blocks", "384", "--tenants", "6",
@@ -34,7 +32,6 @@ def test_tiny_demo_kvray_matches_oracle_and_heals_gaps(ray_session: None, tmp_pa
             "--out", str(tmp_path), "--no-progress",
         ]
     )  # fmt: skip
-    elapsed = time.monotonic() - start
     assert code == 0
     assert ray.is_initialized()  # the session's cluster was used and left running
     for name in OUTPUTS:
@@ -54,4 +51,3 @@ def test_tiny_demo_kvray_matches_oracle_and_heals_gaps(ray_session: None, tmp_pa
     assert gap["events"]["seq_gaps"] > 0 and gap["events"]["replayed"] > 0
     assert gap["events"]["seq_lost"] == 0
     assert gap["accuracy"]["fresh"]["accuracy"] >= 0.99
-    assert elapsed < 60, f"tiny demo took {elapsed:.1f} s"

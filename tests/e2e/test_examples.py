@@ -188,7 +188,11 @@ def test_http_scheduler_picks_the_caching_pod(
     assert sched([*argv, "--load", load, "--record"]) == 0
     (out,) = _json_lines(capsys.readouterr().out)
     assert (out["pod"], out["reason"], out["scores"]) == (POD_C, "spread", {})
-    assert sched(argv) == 0  # speculative entries for POD_C: now it is the cache hit
+    # Speculative entries for POD_C: now it is the cache hit (an idle fleet, as the caller
+    # says: without a load kvray would count the request it just sent POD_C as queued work,
+    # which outweighs this short prompt's few blocks).
+    idle = f"{POD_B}=0,{POD_A}=0,{POD_C}=0"
+    assert sched([*argv, "--load", idle]) == 0
     (out,) = _json_lines(capsys.readouterr().out)
     assert (out["pod"], out["reason"]) == (POD_C, "cache")
     assert out["scores"] == {POD_C: float(out["blocks"])}

@@ -66,7 +66,9 @@ def stack(ray_session: None) -> Iterator[tuple[Any, Client]]:
 def test_repeats_follow_the_cache(stack: tuple[Any, Client]) -> None:
     handle, client = stack
     rng = random.Random(7)
-    prompts = [[rng.randrange(50_000) for _ in range(96)] for _ in range(4)]
+    # 40 full blocks and a partial one: a cached prefix worth far more than the load kvray
+    # estimates from its own recent decisions (a few blocks' prefix would not be).
+    prompts = [[rng.randrange(50_000) for _ in range(650)] for _ in range(4)]
     home: dict[int, str] = {}
     for i, p in enumerate(prompts):
         first = handle.remote({"token_ids": p}).result()
@@ -76,11 +78,11 @@ def test_repeats_follow_the_cache(stack: tuple[Any, Client]) -> None:
         for i, p in enumerate(prompts):
             out = handle.remote({"token_ids": p}).result()
             assert out["pod"] == home[i]
-            assert out["cached_tokens"] == 96
-    # A prompt sharing a prompt's first 64 tokens goes to that prompt's replica too.
-    child = prompts[0][:64] + [rng.randrange(50_000) for _ in range(32)]
+            assert out["cached_tokens"] == 640
+    # A prompt sharing a prompt's first 512 tokens goes to that prompt's replica too.
+    child = prompts[0][:512] + [rng.randrange(50_000) for _ in range(100)]
     out = handle.remote({"token_ids": child}).result()
-    assert out["pod"] == home[0] and out["cached_tokens"] == 64
+    assert out["pod"] == home[0] and out["cached_tokens"] == 512
 
 
 def test_unknown_prompt_falls_back_to_default_policy(stack: tuple[Any, Client]) -> None:

@@ -453,7 +453,7 @@ def test_killed_server_raises_backend_unavailable(tmp_path: Path) -> None:
                 with pytest.raises(BackendUnavailable) as exc_info:
                     call()
                 assert isinstance(exc_info.value.__cause__, redis.RedisError | OSError)
-                assert time.monotonic() - started < 5.0
+                assert time.monotonic() - started < 15.0  # fails, does not hang (0.5 s timeout)
             b.close()
 
 
