@@ -7,13 +7,18 @@ for vLLM pods left at their defaults (block size 16, ``sha256``, PYTHONHASHSEED 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from kvray.core.apply import ModelHashing
 from kvray.core.hashing import BlockHasher
@@ -329,19 +334,50 @@ class Config(_Strict):
         return Placement.balanced(self.num_shards, named)
 
 
-def _set_path(doc: dict[str, Any], path: list[str], value: Any) -> None:
-    node = doc
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot override {'.'.join(path)}: {part} is not a section")
-    node[path[-1]] = value
+class _EnvSource(EnvSettingsSource):
+    """``KVRAY_*`` variables from a given mapping (``os.environ`` by default)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str] | None) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        if self._env is None:
+            return super()._load_env_vars()
+        return {k.lower(): v for k, v in self._env.items()}
+
+
+class _Settings(BaseSettings, Config):
+    """``Config`` with environment overrides (pydantic-settings): ``KVRAY_<FIELD>`` and
+    ``KVRAY_<SECTION>__<FIELD>``, declared fields only, over the file's values."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+    _env: ClassVar[Mapping[str, str] | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (_EnvSource(settings_cls, cls._env), init_settings)  # the environment wins
 
 
 def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Load ``kvray.yaml`` (or defaults when ``path`` is None) and apply ``KVRAY_*`` overrides.
 
-    ``KVRAY_A__B=value`` sets ``a.b``; the value is parsed as YAML (``2``, ``true``, ``[..]``).
+    ``KVRAY_A__B=value`` sets ``a.b`` (pydantic-settings: scalars as text, lists and mappings
+    as JSON). Only declared fields are read: ``KVRAY_PURE_PYTHON`` and other variables that
+    name no field are left alone; an unknown field inside a section is an error.
 
     Raises:
         ConfigError: naming the file, the field and what is wrong.
@@ -359,18 +395,9 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {where} must be a mapping at the top level")
         doc = loaded or {}
-    environ = os.environ if env is None else env
-    for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG":
-            continue
-        name = key[len(ENV_PREFIX) :].lower()
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        _set_path(doc, name.split("__"), value)
     try:
-        return Config.model_validate(doc)
+        settings = type("_SettingsFor", (_Settings,), {"_env": env})
+        return Config.model_validate(settings(**doc).model_dump())
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()

@@ -41,6 +41,28 @@ def test_defaults_and_yaml_and_env(tmp_path: Path) -> None:
     assert cfg.index.model("other").block_size == 16
 
 
+def test_env_reads_declared_fields_only(tmp_path: Path) -> None:
+    f = tmp_path / "kvray.yaml"
+    f.write_text("index: {max_keys: 5000}\nevents: {flush_messages: 64}\n")
+    env = {
+        "KVRAY_PURE_PYTHON": "1",  # kvray's own switch, not a config field: left alone
+        "KVRAY_CONFIG": "/elsewhere.yaml",
+        "KVRAY_INDEX__BACKEND": "budget",
+        "KVRAY_EVENTS__BIND": '["tcp://127.0.0.1:5557"]',
+        "KVRAY_ROUTING__LOAD_WEIGHT": "2.5",
+        "OTHER_NUM_SHARDS": "9",
+    }
+    cfg = load_config(f, env=env)
+    # The file's other fields in a section survive an override of one of them.
+    assert (cfg.index.backend, cfg.index.max_keys) == ("budget", 5000)
+    assert cfg.events.bind == ["tcp://127.0.0.1:5557"] and cfg.events.flush_messages == 64
+    assert cfg.routing.load_weight == 2.5 and cfg.num_shards == 2
+    with pytest.raises(ConfigError, match="index.bakend"):
+        load_config(f, env={"KVRAY_INDEX__BAKEND": "budget"})  # a typo inside a section
+    with pytest.raises(ConfigError, match="num_shards"):
+        load_config(f, env={"KVRAY_NUM_SHARDS": "zero"})
+
+
 @pytest.mark.parametrize(
     ("text", "words"),
     [
