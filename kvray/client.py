@@ -501,6 +501,25 @@ class Client:
         return False
 
 
+def connect_when_ready(namespace: str = "kvray", timeout_s: float = 180.0) -> Client:
+    """``Client(namespace)`` once the deployment exists: a Serve replica started next to the
+    deployment that creates kvray's actors (``kvray.serve.app``) waits here for it.
+
+    Raises:
+        ConfigError: no deployment appeared in ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    nap = 0.05
+    while True:
+        try:
+            return Client(namespace)
+        except ConfigError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(nap)
+        nap = min(1.0, nap * 1.5)
+
+
 class _Backoff:
     """Sleeps 1 ms, then 1.5× longer each call, up to 50 ms."""
 

@@ -153,9 +153,13 @@ class _StatsCollector(Collector):
             yield h
 
 
-def render(stats: Mapping[str, Any], serve: Mapping[str, Any] | None = None) -> bytes:
-    """Prometheus text exposition of ``Client.stats()`` (+ ingress latency histogram)."""
+def render(
+    stats: Mapping[str, Any], serve: Mapping[str, Any] | ServeMetrics | None = None
+) -> bytes:
+    """Prometheus text exposition of ``Client.stats()`` (+ the ingress replica's own series)."""
     reg = CollectorRegistry(auto_describe=False)
+    if isinstance(serve, ServeMetrics):
+        serve = serve.as_dict()
     reg.register(_StatsCollector(stats, serve or {}))
     return generate_latest(reg)  # type: ignore[no-any-return]
 
@@ -184,4 +188,31 @@ class LatencyHistogram:
             acc += n
             out.append((str(b), acc))
         out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+class ServeMetrics:
+    """What one Serve ingress replica measures itself: request latency by route and status.
+
+    The ingress calls ``observe`` once per request and passes the object to ``render`` on
+    ``/metrics``; series it produces carry the replica's id (``replica`` label).
+    """
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+        self.latency = LatencyHistogram()
+        self.index: Mapping[str, Any] | None = None
+        """The replica's read-replica stats (``Replica.stats()``), set before rendering."""
+
+    def observe(self, route: str, seconds: float, status: int) -> None:
+        if route.startswith("/score") and status < 400:
+            self.latency.observe(seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "score_buckets": self.latency.buckets(),
+            "score_sum": self.latency.total,
+        }
+        if self.index is not None:
+            out["replica"] = dict(self.index)
         return out
