@@ -36,10 +36,8 @@ def _ray_init(address: str | None) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from kvray import runtime
     from kvray.config import load_config
-    from kvray.errors import ConfigError
-    from kvray.serve.app import find_http, start_http
+    from kvray.serve.app import APP_NAME, deploy
 
     cfg = load_config(args.config)
     if not cfg.events.bind and not cfg.events.connect:
@@ -50,23 +48,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _ray_init(args.address)
     print(
         f"kvray: starting {cfg.num_shards} shards, {cfg.num_ingestors} ingestors, "
-        f"{cfg.num_tokenizers} tokenizers in namespace {cfg.namespace!r} ...",
+        f"{cfg.num_tokenizers} tokenizers in namespace {cfg.namespace!r} as the Serve "
+        f"application {APP_NAME!r} ...",
         flush=True,
     )
-    info = runtime.start(cfg, detached=True)
-    base = start_http(cfg)
-    for i, eps in enumerate(info["endpoints"]):
+    base = deploy(cfg)  # the same application a Serve config deploys (kvray.serve.app)
+    import kvray
+
+    info = kvray.connect(cfg.namespace, replica=False).endpoints
+    for i, eps in enumerate(info):
         for ep in eps:
             print(f"kvray: ingestor {i} listening for KV events on {ep}")
     for pod in cfg.events.connect:
         print(f"kvray: subscribed to pod {pod.pod or ''} at {pod.endpoint}")
-    print(f"kvray: HTTP API at {base}", flush=True)
-    try:
-        served = find_http(cfg, fast=False, timeout_s=5)
-        if served != base:
-            print(f"kvray: Serve's own endpoint (FastAPI, docs at /docs) at {served}", flush=True)
-    except ConfigError:
-        pass
+    print(f"kvray: HTTP API at {base} (OpenAPI docs at {base}/docs)", flush=True)
     if args.detach:
         return 0
     try:
@@ -74,11 +69,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("kvray: stopping", file=sys.stderr)
-        from kvray.serve.app import stop_http
-
-        stop_http()
-        runtime.stop(cfg.namespace)
+        _stop(cfg.namespace)
     return 0
+
+
+def _stop(namespace: str) -> bool:
+    """Delete the Serve application (its KvrayRuntime stops the actors), then make sure no
+    actor of the namespace is left (a runtime started outside Serve, or a crashed owner)."""
+    from ray import serve
+
+    from kvray import runtime
+    from kvray.serve.app import APP_NAME
+
+    found = False
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve is not running on this cluster
+        apps = {}
+    if APP_NAME in apps:
+        serve.delete(APP_NAME)
+        found = True
+    return runtime.stop(namespace) or found
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    _ray_init(args.address or "auto")
+    if _stop(args.namespace):
+        print(f"kvray: stopped kvray in namespace {args.namespace!r}")
+        return 0
+    print(f"kvray: nothing runs in namespace {args.namespace!r}", file=sys.stderr)
+    return 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -149,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="Ray cluster address (default: start a local cluster)")
     s.add_argument("--detach", action="store_true", help="return once deployed")
     s.set_defaults(fn=cmd_serve)
+    sp = sub.add_parser("stop", help="stop kvray: its Serve application and every actor")
+    sp.add_argument("--namespace", default="kvray")
+    sp.add_argument("--address", help="Ray cluster address (default: auto)")
+    sp.set_defaults(fn=cmd_stop)
     st = sub.add_parser("status", help="pods, shards and lag of a running kvray")
     st.add_argument("--namespace", default="kvray")
     st.add_argument("--address", help="Ray cluster address (default: auto)")

@@ -225,6 +225,17 @@ class ServeConfig(_Strict):
     max_prompt_chars: int = Field(2_000_000, gt=0, description="Largest prompt accepted.")
     max_messages: int = Field(4096, gt=0, description="Most chat messages in one request.")
     max_pods_per_request: int = Field(4096, gt=0, description="Most pods in a 'pods' filter.")
+    replicas: int = Field(
+        1, ge=1, le=1024, description="Serve replicas of the HTTP ingress (without autoscaling)."
+    )
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="Serve autoscaling_config of the ingress (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...); replaces 'replicas' when set.",
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one ingress replica takes at once (Serve's limit)."
+    )
 
 
 class ReplicaConfig(_Strict):
@@ -372,8 +383,14 @@ class _Settings(BaseSettings, Config):
         return (_EnvSource(settings_cls, cls._env), init_settings)  # the environment wins
 
 
-def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
-    """Load ``kvray.yaml`` (or defaults when ``path`` is None) and apply ``KVRAY_*`` overrides.
+def load_config(
+    path: str | Path | None = None,
+    *,
+    doc: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load ``kvray.yaml`` (or ``doc``, an inline config such as a Serve application's args, or
+    defaults) and apply ``KVRAY_*`` overrides.
 
     ``KVRAY_A__B=value`` sets ``a.b`` (pydantic-settings: scalars as text, lists and mappings
     as JSON). Only declared fields are read: ``KVRAY_PURE_PYTHON`` and other variables that
@@ -382,8 +399,10 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
     Raises:
         ConfigError: naming the file, the field and what is wrong.
     """
-    doc: dict[str, Any] = {}
-    where = "defaults"
+    if doc is not None and path is not None:
+        raise ConfigError("give a config file or an inline config, not both")
+    where = "defaults" if doc is None else "inline config"
+    doc = dict(doc or {})
     if path is not None:
         where = str(path)
         try:

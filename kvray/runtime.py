@@ -1,11 +1,17 @@
 """Start and stop a kvray deployment on the current Ray cluster.
 
 ``start(config)`` creates the controller (which creates shards, ingestors and tokenizers) and
-waits until every actor answers. ``stop(namespace)`` tears it all down.
+waits until every actor answers. ``stop(namespace)`` tears it all down. ``ensure`` and
+``release`` do the same for an owner (a Serve application's ``KvrayRuntime`` replica):
+start, adopt or replace the deployment so it runs ``config``, and stop it only if that owner
+still holds it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from typing import Any
 
 import ray
@@ -13,6 +19,8 @@ import ray
 from kvray.actors.controller import Controller
 from kvray.actors.naming import CONTROLLER
 from kvray.config import Config
+
+log = logging.getLogger("kvray.runtime")
 
 # Non-detached actors live as long as a handle does: keep the controller's here until stop().
 _controllers: dict[str, Any] = {}
@@ -62,3 +70,57 @@ def stop(namespace: str = "kvray") -> bool:
         ray.kill(ctl, no_restart=True)
         _controllers.pop(namespace, None)
     return True
+
+
+def fingerprint(config: Config | dict[str, Any]) -> str:
+    """A short digest of a configuration (equal configs, equal digests)."""
+    doc = config.model_dump() if isinstance(config, Config) else config
+    raw = json.dumps(doc, sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def running_config(namespace: str, timeout_s: float = 60.0) -> dict[str, Any] | None:
+    """The configuration of the deployment running in ``namespace`` (None: none runs)."""
+    try:
+        ctl = ray.get_actor(CONTROLLER, namespace=namespace)
+    except ValueError:
+        return None
+    info: dict[str, Any] = ray.get(ctl.info.remote(), timeout=timeout_s)
+    return dict(info["config"])
+
+
+def ensure(config: Config, owner: str, *, timeout_s: float = 120.0) -> str:
+    """Make the deployment in ``config.namespace`` run ``config``, owned by ``owner``.
+
+    None running: start one (detached). One running with the same configuration: adopt it
+    (its actors, index and snapshots carry on). One running with another configuration:
+    replace it (the new actors start empty and fill from the pods' next events, and from
+    replay where the pods keep a buffer). Returns what was done: started/adopted/replaced.
+    """
+    ns = config.namespace
+    current = running_config(ns, timeout_s)
+    if current is not None and fingerprint(current) == fingerprint(config):
+        what = "adopted"
+    else:
+        what = "started"
+        if current is not None:
+            log.warning("kvray in namespace %r runs another configuration: replacing it", ns)
+            stop(ns)
+            what = "replaced"
+        start(config, detached=True, timeout_s=timeout_s)
+    ctl = ray.get_actor(CONTROLLER, namespace=ns)
+    ray.get(ctl.claim.remote(owner), timeout=timeout_s)
+    return what
+
+
+def release(namespace: str, owner: str) -> bool:
+    """Stop the deployment in ``namespace`` if ``owner`` still owns it (a newer owner, e.g.
+    the replica that replaced this one in a rolling update, keeps it); returns whether it
+    was stopped."""
+    try:
+        ctl = ray.get_actor(CONTROLLER, namespace=namespace)
+        if ray.get(ctl.owner.remote(), timeout=30) != owner:
+            return False
+    except Exception:  # gone already, or the cluster is shutting down
+        return False
+    return stop(namespace)

@@ -38,6 +38,7 @@ class Controller:
         detached: bool = False,
     ) -> None:
         self.config = Config.model_validate(config)
+        self._owner: str | None = None
         cfg = self.config.model_dump()
         ns = self.config.namespace
         life = {"lifetime": "detached"} if detached else {}
@@ -96,6 +97,15 @@ class Controller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._snapshot_loop, daemon=True)
         self._thread.start()
+
+    def claim(self, owner: str) -> str | None:
+        """Make ``owner`` the one that may tear this deployment down (a Serve application's
+        ``KvrayRuntime`` replica); returns the previous owner."""
+        previous, self._owner = self._owner, owner
+        return previous
+
+    def owner(self) -> str | None:
+        return self._owner
 
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks, fault tests)."""

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from kvray._env import freeze_heap
-from kvray.config import Config, ServeConfig
+from kvray.config import Config, ServeConfig, load_config
 from kvray.errors import BadRequest, ConfigError, KvrayError
 from kvray.metrics import CONTENT_TYPE, LatencyHistogram, render
 from kvray.serve.errors import error_response, oversized
@@ -194,7 +194,15 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
     )
     @serve.ingress(app)
     class KvrayIngress(_Ingress):
-        def __init__(self, namespace: str, serve_config: dict[str, Any]) -> None:
+        def __init__(
+            self,
+            namespace: str,
+            serve_config: dict[str, Any],
+            config_fingerprint: str | None = None,
+            runtime: Any = None,
+        ) -> None:
+            if config_fingerprint is not None:
+                wait_for_runtime(namespace, config_fingerprint)
             super().__init__(namespace, serve_config)
             self.fast_port: int | None = None
             if self.cfg.fast_port is not None:
@@ -283,20 +291,151 @@ def make_app(serve_config: dict[str, Any]) -> tuple[FastAPI, Any]:
     return app, KvrayIngress
 
 
-def build_ingress(namespace: str, serve_config: dict[str, Any]) -> Any:
-    """The Serve application bound to a kvray runtime's namespace and HTTP settings."""
+def build_ingress(
+    namespace: str,
+    serve_config: dict[str, Any],
+    *,
+    config_fingerprint: str | None = None,
+    runtime: Any = None,
+) -> Any:
+    """The ingress deployment bound to a kvray deployment's namespace and HTTP settings
+    (replicas, autoscaling and ``max_ongoing_requests`` from ``serve_config``)."""
+    cfg = ServeConfig.model_validate(serve_config)
     _, deployment = make_app(serve_config)
-    return deployment.bind(namespace, serve_config)
+    scale: dict[str, Any] = (
+        {"autoscaling_config": cfg.autoscaling}
+        if cfg.autoscaling
+        else {"num_replicas": cfg.replicas}
+    )
+    return deployment.options(max_ongoing_requests=cfg.max_ongoing_requests, **scale).bind(
+        namespace, serve_config, config_fingerprint, runtime
+    )
+
+
+@serve.deployment(
+    name="KvrayRuntime",
+    num_replicas=1,
+    max_ongoing_requests=8,
+    ray_actor_options={"num_cpus": 0},
+)
+class KvrayRuntime:
+    """Owns kvray's actors for a Serve application.
+
+    Its ``user_config`` is kvray's configuration: Serve calls ``reconfigure`` when the replica
+    starts and whenever the application is redeployed with another configuration, and the
+    actors are started, adopted or replaced to match (``runtime.ensure``). Deleting the
+    application (``serve delete``, ``kvray stop``) shuts the replica down, and ``__del__``
+    stops the actors, unless a newer replica (a rolling update) took them over.
+    """
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.owner = uuid.uuid4().hex
+        self.namespace: str | None = None
+        self.last = ""
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        from kvray import runtime
+
+        cfg = Config.model_validate(config)
+        if self.namespace is not None and self.namespace != cfg.namespace:
+            runtime.release(self.namespace, self.owner)  # moved to another namespace
+        self.last = runtime.ensure(cfg, self.owner)
+        self.namespace = cfg.namespace
+        logging.getLogger("kvray.serve").warning(
+            "kvray runtime %s in namespace %r", self.last, cfg.namespace
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "last": self.last, "owner": self.owner}
+
+    def __del__(self) -> None:
+        if self.namespace is not None:
+            from kvray import runtime
+
+            runtime.release(self.namespace, self.owner)
+
+
+def wait_for_runtime(namespace: str, config_fingerprint: str, timeout_s: float = 300.0) -> None:
+    """Block until the deployment in ``namespace`` runs the configuration with this
+    fingerprint (a redeploy replaces it: an ingress must not attach to the old one)."""
+    from kvray import runtime
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            current = runtime.running_config(namespace)
+        except Exception:  # the controller is being replaced
+            current = None
+        if current is not None and runtime.fingerprint(current) == config_fingerprint:
+            return
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"no kvray deployment with this configuration came up in namespace "
+                f"{namespace!r} within {timeout_s:.0f} s"
+            )
+        time.sleep(0.2)
+
+
+_ARGS = ("config", "config_path", "namespace", "serve")
+
+
+def config_from_args(args: dict[str, Any]) -> Config | None:
+    """kvray's configuration from a Serve application's ``args`` (``KVRAY_*`` environment
+    overrides applied): ``config`` (inline) or ``config_path`` (a kvray.yaml on the nodes).
+    None for the attach form (``namespace`` + ``serve`` only)."""
+    unknown = sorted(set(args) - set(_ARGS))
+    if unknown:
+        raise ConfigError(f"unknown application args {unknown}; known: {', '.join(_ARGS)}")
+    if "config" in args and "config_path" in args:
+        raise ConfigError("give either args.config or args.config_path, not both")
+    if "config_path" in args:
+        return load_config(str(args["config_path"]))
+    if "config" in args:
+        return load_config(doc=dict(args["config"] or {}))
+    return None
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """Serve application builder for ``serve deploy serve_config.yaml``.
+    """Serve application builder: ``import_path: kvray.serve.app:app_builder``.
 
-    kvray's actors must already run in ``args["namespace"]`` (``kvray serve`` starts both).
+    With ``args.config`` (kvray's configuration inline) or ``args.config_path``, the
+    application brings all of kvray up: ``KvrayRuntime`` starts (or adopts, or reconciles)
+    the controller, shards, ingestors and tokenizers, and the ingress serves HTTP once they
+    run this configuration. ``serve delete`` tears it all down. The attach form
+    (``args.namespace`` + ``args.serve`` only) serves HTTP for actors started elsewhere.
     """
-    namespace = str(args.get("namespace", "kvray"))
-    cfg = ServeConfig.model_validate(args.get("serve") or {})
-    return build_ingress(namespace, cfg.model_dump())
+    cfg = config_from_args(args)
+    if cfg is None:
+        namespace = str(args.get("namespace", "kvray"))
+        serve_cfg = ServeConfig.model_validate(args.get("serve") or {})
+        return build_ingress(namespace, serve_cfg.model_dump())
+    from kvray import runtime
+
+    owner = KvrayRuntime.options(user_config=cfg.model_dump(mode="json")).bind()  # type: ignore[attr-defined]
+    return build_ingress(
+        cfg.namespace,
+        cfg.serve.model_dump(),
+        config_fingerprint=runtime.fingerprint(cfg),
+        runtime=owner,
+    )
+
+
+def deploy(config: Config, *, timeout_s: float = 300.0) -> str:
+    """Run kvray as one Serve application (what ``kvray serve`` does); returns the HTTP URL."""
+    s = config.serve
+    serve.start(
+        http_options={"host": s.host, "port": s.port},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
+    serve.run(
+        app_builder({"config": config.model_dump(mode="json")}),
+        name=APP_NAME,
+        route_prefix="/",
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    )
+    return find_http(config, timeout_s=timeout_s)
 
 
 def direct_ingress_enabled() -> bool:

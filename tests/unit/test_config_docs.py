@@ -89,20 +89,39 @@ def test_ray_cluster_yaml_is_a_valid_launcher_config() -> None:
     load_config(REPO / raw["file_mounts"][mount] / relative, env={})
 
 
-def test_serve_config_yaml_is_a_valid_serve_deploy_config() -> None:
+@pytest.mark.parametrize("where", ["serve_config.yaml", "deploy/rayservice.yaml"])
+def test_serve_configs_are_valid_serve_deploy_configs(where: str) -> None:
+    """serve_config.yaml, and the RayService's serveConfigV2 (the same application), parse as
+    Ray's ServeDeploySchema and carry a kvray configuration the app builder accepts."""
     from ray.serve.schema import ServeDeploySchema
 
-    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    from kvray.serve.app import config_from_args
+
+    raw = yaml.safe_load((REPO / where).read_text())
+    if raw.get("kind") == "RayService":
+        raw = yaml.safe_load(raw["spec"]["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(raw)
     (app,) = schema.applications
     assert (app.name, app.route_prefix) == ("kvray", "/")
-    module, _, attr = app.import_path.partition(":")
-    assert module == "kvray.serve.app"
-    assert set(app.args) <= {"namespace", "serve"}
-    from kvray.config import ServeConfig
+    assert app.import_path == "kvray.serve.app:app_builder"
+    cfg = config_from_args(app.args)
+    assert cfg is not None and cfg.events.bind == ["tcp://0.0.0.0:5557"]
 
-    ServeConfig.model_validate(app.args.get("serve") or {})
-    import kvray.serve.app as serve_app
 
-    if not hasattr(serve_app, attr):
-        pytest.skip(f"serve_config.yaml needs kvray.serve.app.{attr} (a Serve app builder)")
+def test_serve_config_and_rayservice_deploy_the_same_application() -> None:
+    serve_cfg = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    svc = yaml.safe_load((REPO / "deploy" / "rayservice.yaml").read_text())
+    assert yaml.safe_load(svc["spec"]["serveConfigV2"]) == serve_cfg
+
+
+def test_app_args_errors_name_the_problem() -> None:
+    from kvray.errors import ConfigError
+    from kvray.serve.app import config_from_args
+
+    with pytest.raises(ConfigError, match="confg"):
+        config_from_args({"confg": {}})
+    with pytest.raises(ConfigError, match="num_shards"):
+        config_from_args({"config": {"num_shards": 0}})
+    with pytest.raises(ConfigError, match="not both"):
+        config_from_args({"config": {}, "config_path": "x.yaml"})
+    assert config_from_args({"namespace": "kvray", "serve": {}}) is None  # the attach form
