@@ -3,11 +3,31 @@
 kvray's state lives in many actors; rather than have each export its own endpoint, ``/metrics``
 gathers their ``stats()`` dicts at scrape time and renders them here (a custom collector on a
 private registry, so nothing is global). This is the only module importing prometheus_client.
+
+Two kinds of series come out of one scrape:
+
+* cluster-wide series, rendered from the actors' ``stats()`` (shards, ingestors, tokenizers).
+  Every Serve replica renders the same values, so they carry no ``replica`` label; a dashboard
+  aggregates them with ``max`` across scrape targets (or reads one target), never ``sum``.
+* replica-local series: the answering Serve replica's own requests (``ServeMetrics``), its
+  read replica (``ServeMetrics.index``) and ``kvray_build_info``. They carry ``replica=<id>``,
+  so summing over replicas counts each request once.
+
+Latencies and lags are histograms (``_bucket``/``_sum``/``_count``), never gauges labelled
+``quantile``; a ratio is exported as the two counters it is computed from. Producers that
+measure a latency keep a ``Histogram`` and put ``Histogram.state()`` in their stats dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+import os
+import platform
+import socket
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import cache
+from importlib import metadata
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,43 +36,239 @@ from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+REQUEST_BOUNDS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+"""Bucket upper bounds (seconds) for request and tokenization latencies."""
+
+LAG_BOUNDS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+"""Bucket upper bounds (seconds) for event-to-visible and replica lags (ms to a minute)."""
+
+_CLUSTER = " (cluster-wide: the same on every replica's scrape; aggregate with max, not sum)"
+_LOCAL = " (this Serve replica's own, labelled replica)"
+_MAX_ROUTES = 64  # distinct route labels per ServeMetrics; later ones count as "other"
+
+
+# --- histograms ---------------------------------------------------------------------------
+
+
+class Histogram:
+    """A tiny cumulative histogram: no prometheus state, picklable ``state()`` for stats dicts.
+
+    ``observe(v)`` counts ``v`` in the first bucket whose bound is ``>= v`` (Prometheus ``le``
+    semantics), or in ``+Inf``.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float] = REQUEST_BOUNDS) -> None:
+        b = tuple(float(x) for x in bounds)
+        if not b or any(not math.isfinite(x) for x in b) or list(b) != sorted(set(b)):
+            raise ValueError("histogram bounds must be finite, strictly increasing, non-empty")
+        self.bounds = b
+        self.counts = [0] * (len(b) + 1)  # per bucket (not cumulative); the last is +Inf
+        self.total = 0.0  # sum of observations
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def reset(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs ending with ``+Inf``, as Prometheus wants them."""
+        return _cumulative(self.bounds, self.counts)
+
+    def state(self) -> dict[str, Any]:
+        """Plain-data snapshot for a stats dict (``render`` reads it back)."""
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.total}
+
+
+class LatencyHistogram(Histogram):
+    """A request-latency histogram (``REQUEST_BOUNDS``)."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(REQUEST_BOUNDS)
+
+
+def lag_histogram() -> Histogram:
+    """A histogram with bounds suited to seconds-scale lags (``LAG_BOUNDS``)."""
+    return Histogram(LAG_BOUNDS)
+
+
+def histogram_state(h: Histogram) -> dict[str, Any]:
+    """``h.state()``: what a producer's ``stats()`` puts under its ``*_hist`` key."""
+    return h.state()
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    acc = 0
+    for b, n in zip(bounds, counts, strict=False):
+        acc += n
+        out.append((repr(float(b)), acc))
+    out.append(("+Inf", acc + counts[len(bounds)]))
+    return out
+
+
+def _from_state(state: Any) -> tuple[list[tuple[str, float]], float] | None:
+    """Cumulative buckets and sum from a ``Histogram.state()`` dict; None if absent/invalid."""
+    if not isinstance(state, Mapping):
+        return None
+    try:
+        bounds = [float(b) for b in state["bounds"]]
+        counts = [int(n) for n in state["counts"]]
+        total = float(state["sum"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(counts) != len(bounds) + 1 or any(n < 0 for n in counts):
+        return None
+    return _cumulative(bounds, counts), total
+
+
+# --- the Serve replica's own measurements -------------------------------------------------
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+class ServeMetrics:
+    """What one Serve ingress replica measures itself: requests by route and status class.
+
+    The ingress calls ``observe`` once per request, sets ``index`` to its read replica's
+    ``Replica.stats()`` and passes the object to ``render`` on ``/metrics``; every series it
+    produces carries the replica's id (``replica`` label).
+    """
+
+    def __init__(self, replica: str) -> None:
+        self.replica = str(replica)
+        self.requests: dict[tuple[str, str], Histogram] = {}
+        """(route, status class) → latency histogram (its count is the request count)."""
+        self._routes: set[str] = set()
+        self.route_blocks = 0
+        self.route_hit_blocks = 0
+        self.index: Mapping[str, Any] | None = None
+        """The replica's read-replica stats (``Replica.stats()``), set before rendering."""
+        self.legacy_score: tuple[list[tuple[str, float]], float] | None = None
+
+    def observe(self, route: str, seconds: float, status: int) -> None:
+        """One request: its route (path), duration and HTTP status."""
+        if route not in self._routes:
+            if len(self._routes) >= _MAX_ROUTES:  # bound the label's cardinality (path scans)
+                route = "other"
+            self._routes.add(route)
+        key = (route, _status_class(status))
+        h = self.requests.get(key)
+        if h is None:
+            h = self.requests[key] = LatencyHistogram()
+        h.observe(seconds)
+
+    def observe_route(self, blocks: int, hit_blocks: int) -> None:
+        """One routing decision: request blocks and those the chosen pod is expected to hold."""
+        self.route_blocks += blocks
+        self.route_hit_blocks += hit_blocks
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServeMetrics:
+        """The older dict form (``score_buckets``/``score_sum``/``replica``)."""
+        m = cls(str(d.get("replica_id") or f"{socket.gethostname()}:{os.getpid()}"))
+        rep = d.get("replica")
+        m.index = rep if isinstance(rep, Mapping) else None
+        if d.get("score_buckets"):
+            m.legacy_score = (list(d["score_buckets"]), float(d.get("score_sum", 0.0)))
+        return m
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+@cache
+def _build_labels() -> tuple[str, str, str]:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return version("kvray"), platform.python_version(), version("ray")
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) else 0.0
+
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: Mapping[str, Any], serve: Mapping[str, Any]) -> None:
+    def __init__(self, stats: Mapping[str, Any], serve: ServeMetrics | None) -> None:
         self.stats = stats
         self.serve = serve
 
-    def collect(self) -> Iterator[Any]:  # noqa: C901 - one flat list of metric families
+    def collect(self) -> Iterator[Any]:
+        yield from self._build_info()
+        yield from self._ingest()
+        yield from self._shards()
+        yield from self._tokenizers()
+        if self.serve is not None:
+            yield from self._serve(self.serve)
+
+    def _build_info(self) -> Iterable[Any]:
+        from kvray.core import fast
+
+        version, python, ray = _build_labels()
+        labels = ["version", "python", "ray", "write_path"]
+        values = [version, python, ray, "compiled" if fast.COMPILED else "python"]
+        doc = "kvray build of the process answering the scrape"
+        if self.serve is not None:
+            labels.insert(0, "replica")
+            values.insert(0, self.serve.replica)
+            doc += _LOCAL
+        g = GaugeMetricFamily("kvray_build_info", doc, labels=labels)
+        g.add_metric(values, 1)
+        yield g
+
+    def _ingest(self) -> Iterable[Any]:
         ing = self.stats.get("ingestors", [])
         shards = self.stats.get("shards", [])
-        toks = self.stats.get("tokenizers", [])
-
         c = CounterMetricFamily(
-            "kvray_events_received", "ZMQ messages received by ingestors", labels=["ingestor"]
+            "kvray_events_received",
+            "ZMQ messages received by ingestors" + _CLUSTER,
+            labels=["ingestor"],
         )
         for s in ing:
-            c.add_metric([str(s["ingestor"])], s["messages"])
+            c.add_metric([str(s["ingestor"])], _num(s.get("messages")))
         yield c
         c = CounterMetricFamily(
-            "kvray_events_rejected", "Messages or blocks rejected, by reason", labels=["reason"]
+            "kvray_events_rejected",
+            "Messages or blocks rejected or malformed, by reason" + _CLUSTER,
+            labels=["reason"],
         )
         reasons: dict[str, float] = {}
         for s in ing:
-            for r, n in s["malformed"].items():
+            for r, n in s.get("malformed", {}).items():
                 reasons[r] = reasons.get(r, 0) + n
         for s in shards:
-            for part in (s["malformed"], s["rejected"]):
+            for part in (s.get("malformed", {}), s.get("rejected", {})):
                 for r, n in part.items():
                     reasons[r] = reasons.get(r, 0) + n
         for r, n in sorted(reasons.items()):
             c.add_metric([r], n)
         yield c
         c = CounterMetricFamily(
-            "kvray_blocks_applied", "Block events applied to the index", labels=["op"]
+            "kvray_blocks_applied", "Block events applied to the index" + _CLUSTER, labels=["op"]
         )
-        c.add_metric(["stored"], sum(s["stored_blocks"] for s in shards))
-        c.add_metric(["removed"], sum(s["removed_blocks"] for s in shards))
-        c.add_metric(["cleared_pods"], sum(s["cleared"] for s in shards))
+        c.add_metric(["stored"], sum(_num(s.get("stored_blocks")) for s in shards))
+        c.add_metric(["removed"], sum(_num(s.get("removed_blocks")) for s in shards))
+        c.add_metric(["cleared_pods"], sum(_num(s.get("cleared")) for s in shards))
         yield c
         for name, key, doc in (
             ("kvray_seq_gaps", "seq_gaps", "Sequence gaps seen"),
@@ -61,158 +277,198 @@ class _StatsCollector(Collector):
             ("kvray_replay_requests", "replay_requests", "Replay requests sent to pods"),
             ("kvray_pod_restarts", "restarts", "Publisher restarts detected"),
             ("kvray_shard_recoveries", "recoveries", "Shard resynchronisations"),
+            ("kvray_ingest_shard_calls", "shard_calls", "Batches shipped to shards"),
+            ("kvray_ingest_shard_failures", "shard_failures", "Batches a shard failed to take"),
         ):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], sum(s[key] for s in ing))
+            c = CounterMetricFamily(name, doc + _CLUSTER)
+            c.add_metric([], sum(_num(s.get(key)) for s in ing))
             yield c
+        g = GaugeMetricFamily(
+            "kvray_ingest_streams", "Publisher streams followed" + _CLUSTER, labels=["ingestor"]
+        )
+        for s in ing:
+            g.add_metric([str(s["ingestor"])], _num(s.get("streams")))
+        yield g
+
+    def _shards(self) -> Iterable[Any]:
+        shards = self.stats.get("shards", [])
         for name, key, doc in (
             ("kvray_pods", "pods", "Holders with a slot in the index"),
             ("kvray_keys", "keys", "Distinct (key, tier) entries"),
             ("kvray_block_pod_pairs", "pairs", "(block, holder, tier) entries"),
             ("kvray_index_bytes", "bytes_estimate", "Estimated index bytes"),
             ("kvray_hash_mismatch_pods", "hash_mismatched_pods", "Pods failing the hash check"),
+            ("kvray_shard_rss_bytes", "rss_bytes", "Shard process resident memory"),
+            ("kvray_shard_rss_anon_bytes", "rss_anon_bytes", "Shard process anonymous RSS"),
         ):
-            g = GaugeMetricFamily(name, doc, labels=["shard"])
+            g = GaugeMetricFamily(name, doc + _CLUSTER, labels=["shard"])
             for s in shards:
-                g.add_metric([str(s["shard"])], s[key])
+                if key in s:
+                    g.add_metric([str(s["shard"])], _num(s[key]))
             yield g
         g = GaugeMetricFamily(
-            "kvray_event_lag_seconds",
-            "Publisher timestamp to applied, recent batches",
-            labels=["shard", "quantile"],
-        )
+            "kvray_shard_backend_up", "1 when the shard's index backend answers" + _CLUSTER,
+            labels=["shard"],
+        )  # fmt: skip
         for s in shards:
-            g.add_metric([str(s["shard"]), "0.5"], s["lag_p50_s"])
-            g.add_metric([str(s["shard"]), "0.99"], s["lag_p99_s"])
+            g.add_metric([str(s["shard"])], float(bool(s.get("backend_up", True))))
         yield g
         g = GaugeMetricFamily(
             "kvray_write_path_compiled",
-            "1 when the shard's write path runs the C extension (kvray._speedups)",
+            "1 when the shard's write path runs the C extension (kvray._speedups)" + _CLUSTER,
             labels=["shard"],
         )
         for s in shards:
             g.add_metric([str(s["shard"])], float(s.get("write_path") == "compiled"))
         yield g
-        c = CounterMetricFamily(
-            "kvray_shard_apply_seconds", "Time shards spent applying ops", labels=["shard"]
+        for name, key, doc in (
+            ("kvray_shard_apply_seconds", "apply_seconds", "Time shards spent applying ops"),
+            ("kvray_shard_ops", "ops", "Ops applied by shards"),
+            ("kvray_shard_rebuilds", "rebuilds", "Index rebuilds after the backend lost data"),
+            ("kvray_evicted_keys", "evicted_keys", "Keys dropped by the size bound"),
+        ):
+            c = CounterMetricFamily(name, doc + _CLUSTER, labels=["shard"])
+            for s in shards:
+                if key in s:
+                    c.add_metric([str(s["shard"])], _num(s[key]))
+            yield c
+        h = HistogramMetricFamily(
+            "kvray_event_lag_seconds",
+            "Publisher timestamp to visible in the shard, per batch" + _CLUSTER,
+            labels=["shard"],
         )
-        for s in shards:
-            c.add_metric([str(s["shard"])], s["apply_seconds"])
-        yield c
-        g = GaugeMetricFamily(
-            "kvray_prefix_cache_hit_rate",
-            "Tokenizer prefix-cache hit rate (tokens)",
-            labels=["tokenizer", "model"],
+        for s in shards:  # stats with only lag_p50_s/lag_p99_s (no buckets) export nothing
+            got = _from_state(s.get("lag_hist"))
+            if got:
+                h.add_metric([str(s["shard"])], got[0], sum_value=got[1])
+        yield h
+
+    def _tokenizers(self) -> Iterable[Any]:
+        toks = self.stats.get("tokenizers", [])
+        labels = ["tokenizer", "model"]
+        encodes = CounterMetricFamily(
+            "kvray_tokenizer_encodes", "Prompts and chats encoded" + _CLUSTER, labels=labels
         )
-        lat = GaugeMetricFamily(
+        hits = CounterMetricFamily(
+            "kvray_tokenizer_prefix_cache_hit_tokens",
+            "Tokens returned from the tokenizer prefix cache; hit ratio = rate(this) / "
+            "rate(kvray_tokenizer_tokens_total)" + _CLUSTER,
+            labels=labels,
+        )
+        tokens = CounterMetricFamily(
+            "kvray_tokenizer_tokens",
+            "Tokens returned by tokenizers (from the prefix cache or encoded)" + _CLUSTER,
+            labels=labels,
+        )
+        lat = HistogramMetricFamily(
             "kvray_tokenization_latency_seconds",
-            "Tokenization latency quantiles",
-            labels=["tokenizer", "model", "quantile"],
+            "Encode latency in the tokenizer actor" + _CLUSTER,
+            labels=labels,
         )
         for t in toks:
-            for model, m in t["models"].items():
-                g.add_metric([str(t["tokenizer"]), model], m["hit_rate"])
-                lat.add_metric([str(t["tokenizer"]), model, "0.5"], m["latency_p50_s"])
-                lat.add_metric([str(t["tokenizer"]), model, "0.99"], m["latency_p99_s"])
-        yield g
+            for model, m in t.get("models", {}).items():
+                lv = [str(t["tokenizer"]), str(model)]
+                if "encodes" in m:
+                    encodes.add_metric(lv, _num(m["encodes"]))
+                if "reused_tokens" in m and "encoded_tokens" in m:
+                    reused = _num(m["reused_tokens"])
+                    hits.add_metric(lv, reused)
+                    tokens.add_metric(lv, reused + _num(m["encoded_tokens"]))
+                got = _from_state(m.get("latency_hist"))
+                if got:
+                    lat.add_metric(lv, got[0], sum_value=got[1])
+        yield encodes
+        yield hits
+        yield tokens
         yield lat
-        rep = self.serve.get("replica")
-        if rep:  # the answering replica's own read replica
-            for name, key, doc, kind in (
-                ("kvray_replica_live_shards", "live_shards", "Shards the replica follows", "g"),
-                ("kvray_replica_keys", "keys", "Keys in the read replica", "g"),
-                ("kvray_replica_bytes", "bytes_estimate", "Estimated read-replica bytes", "g"),
-                ("kvray_replica_changes", "applied_msgs", "Change messages applied", "c"),
-                ("kvray_replica_snapshots", "snapshots_loaded", "Shard snapshots loaded", "c"),
-                (
-                    "kvray_replica_resyncs",
-                    "resyncs",
-                    "Gaps or restarts that forced a snapshot",
-                    "c",
-                ),
-            ):
-                fam: Any = (
-                    GaugeMetricFamily(name, doc) if kind == "g" else CounterMetricFamily(name, doc)
-                )
-                fam.add_metric([], rep[key])
-                yield fam
-            g = GaugeMetricFamily(
-                "kvray_replica_lag_seconds",
-                "Shard publish to applied in the read replica, recent changes",
-                labels=["quantile"],
-            )
-            g.add_metric(["0.5"], rep.get("lag_p50_s", 0.0))
-            g.add_metric(["0.99"], rep.get("lag_p99_s", 0.0))
-            yield g
-        buckets = self.serve.get("score_buckets")
-        if buckets:
+
+    def _serve(self, m: ServeMetrics) -> Iterable[Any]:
+        rid = m.replica
+        req = CounterMetricFamily(
+            "kvray_http_requests",
+            "HTTP requests by route and status class" + _LOCAL,
+            labels=["replica", "route", "code"],
+        )
+        dur = HistogramMetricFamily(
+            "kvray_http_request_duration_seconds",
+            "HTTP request latency by route and status class" + _LOCAL,
+            labels=["replica", "route", "code"],
+        )
+        for (route, code), hist in sorted(m.requests.items()):
+            req.add_metric([rid, route, code], hist.count)
+            dur.add_metric([rid, route, code], hist.buckets(), sum_value=hist.total)
+        yield req
+        yield dur
+        c = CounterMetricFamily(
+            "kvray_route_blocks", "Request blocks routed" + _LOCAL, labels=["replica"]
+        )
+        c.add_metric([rid], m.route_blocks)
+        yield c
+        c = CounterMetricFamily(
+            "kvray_route_hit_blocks",
+            "Routed blocks the chosen pod was expected to hold; predicted hit ratio = "
+            "rate(this) / rate(kvray_route_blocks_total)" + _LOCAL,
+            labels=["replica"],
+        )
+        c.add_metric([rid], m.route_hit_blocks)
+        yield c
+        if m.legacy_score is not None:
             h = HistogramMetricFamily(
-                "kvray_scoring_latency_seconds", "Scoring latency at the HTTP ingress"
+                "kvray_scoring_latency_seconds",
+                "Scoring latency at the HTTP ingress" + _LOCAL,
+                labels=["replica"],
             )
-            h.add_metric([], buckets, sum_value=self.serve.get("score_sum", 0.0))
+            h.add_metric([rid], m.legacy_score[0], sum_value=m.legacy_score[1])
+            yield h
+        rep = m.index
+        if not rep:
+            return
+        for name, key, doc, kind in (
+            ("kvray_replica_live_shards", "live_shards", "Shards the read replica follows", "g"),
+            ("kvray_replica_shards", "shards", "Shards in the deployment", "g"),
+            ("kvray_replica_keys", "keys", "Keys in the read replica", "g"),
+            (
+                "kvray_replica_pairs",
+                "pairs",
+                "(block, holder, tier) entries in the read replica",
+                "g",
+            ),
+            ("kvray_replica_bytes", "bytes_estimate", "Estimated read-replica bytes", "g"),
+            ("kvray_replica_changes", "applied_msgs", "Change messages applied", "c"),
+            ("kvray_replica_snapshots", "snapshots_loaded", "Shard snapshots loaded", "c"),
+            ("kvray_replica_resyncs", "resyncs", "Gaps or restarts that forced a snapshot", "c"),
+            ("kvray_replica_malformed", "malformed", "Undecodable change messages", "c"),
+            ("kvray_replica_cpu_seconds", "cpu_s", "CPU time of the follower thread", "c"),
+        ):
+            if key not in rep:
+                continue
+            fam: Any = (
+                GaugeMetricFamily(name, doc + _LOCAL, labels=["replica"])
+                if kind == "g"
+                else CounterMetricFamily(name, doc + _LOCAL, labels=["replica"])
+            )
+            fam.add_metric([rid], _num(rep[key]))
+            yield fam
+        got = _from_state(rep.get("lag_hist"))
+        if got:  # stats with only lag_p50_s/lag_p99_s (no buckets) export nothing
+            h = HistogramMetricFamily(
+                "kvray_replica_lag_seconds",
+                "Shard publish to applied in the read replica, per change message" + _LOCAL,
+                labels=["replica"],
+            )
+            h.add_metric([rid], got[0], sum_value=got[1])
             yield h
 
 
 def render(
     stats: Mapping[str, Any], serve: Mapping[str, Any] | ServeMetrics | None = None
 ) -> bytes:
-    """Prometheus text exposition of ``Client.stats()`` (+ the ingress replica's own series)."""
-    reg = CollectorRegistry(auto_describe=False)
-    if isinstance(serve, ServeMetrics):
-        serve = serve.as_dict()
-    reg.register(_StatsCollector(stats, serve or {}))
-    return generate_latest(reg)  # type: ignore[no-any-return]
+    """Prometheus text exposition of ``Client.stats()`` (+ the ingress replica's own series).
 
-
-class LatencyHistogram:
-    """A tiny cumulative histogram for the ingress (no global prometheus state)."""
-
-    BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(self.BOUNDS) + 1)
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.total += seconds
-        for i, b in enumerate(self.BOUNDS):
-            if seconds <= b:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        acc = 0
-        for b, n in zip(self.BOUNDS, self.counts, strict=False):
-            acc += n
-            out.append((str(b), acc))
-        out.append(("+Inf", acc + self.counts[-1]))
-        return out
-
-
-class ServeMetrics:
-    """What one Serve ingress replica measures itself: request latency by route and status.
-
-    The ingress calls ``observe`` once per request and passes the object to ``render`` on
-    ``/metrics``; series it produces carry the replica's id (``replica`` label).
+    ``serve`` is the answering replica's ``ServeMetrics`` (or the older dict form).
     """
-
-    def __init__(self, replica: str) -> None:
-        self.replica = replica
-        self.latency = LatencyHistogram()
-        self.index: Mapping[str, Any] | None = None
-        """The replica's read-replica stats (``Replica.stats()``), set before rendering."""
-
-    def observe(self, route: str, seconds: float, status: int) -> None:
-        if route.startswith("/score") and status < 400:
-            self.latency.observe(seconds)
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "score_buckets": self.latency.buckets(),
-            "score_sum": self.latency.total,
-        }
-        if self.index is not None:
-            out["replica"] = dict(self.index)
-        return out
+    if serve is not None and not isinstance(serve, ServeMetrics):
+        serve = ServeMetrics.from_dict(serve) if serve else None
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_StatsCollector(stats, serve))
+    return generate_latest(reg)  # type: ignore[no-any-return]
