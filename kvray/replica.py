@@ -30,7 +30,7 @@ from kvray.core.journal import (
     change_decoder,
     snapshot_decoder,
 )
-from kvray.core.stats import quantile
+from kvray.core.stats import lag_histogram, quantile
 
 log = logging.getLogger("kvray.replica")
 
@@ -60,6 +60,7 @@ class Replica:
         # Shard publish → applied here, last 4096 change messages (same-host clocks: exact on
         # one node, NTP-accurate across nodes).
         self.lags: deque[float] = deque(maxlen=4096)
+        self.lag_hist = lag_histogram()  # cumulative, for /metrics
         self._thread = threading.Thread(target=self._run, name="kvray-replica", daemon=True)
         self._thread.start()
 
@@ -131,6 +132,7 @@ class Replica:
                 "cpu_s": self.cpu_s,
                 "lag_p50_s": quantile(self.lags, 0.50),
                 "lag_p99_s": quantile(self.lags, 0.99),
+                "lag_hist": self.lag_hist.state(),
             }
 
     def close(self) -> None:
@@ -240,7 +242,9 @@ class Replica:
                     pending[i][1].append(msg)
                 elif self.index.apply(msg):
                     if msg.ops and msg.ts > 0:
-                        self.lags.append(time.time() - msg.ts)
+                        lag = time.time() - msg.ts
+                        self.lags.append(lag)
+                        self.lag_hist.observe(lag)
                 else:
                     # First contact (the subscription is live: a snapshot now misses nothing),
                     # a gap, a new stream or a reset.

@@ -40,7 +40,7 @@ from kvray.core.index.base import IndexStats
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.index.registry import create_backend
 from kvray.core.journal import ChangeMsg, Journal, ReplicaSnapshot, change_encoder
-from kvray.core.stats import quantile
+from kvray.core.stats import lag_histogram, quantile
 from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.types import PodId, holder_id
 
@@ -119,6 +119,7 @@ class IndexShard:
         # Event-to-visible lag (publisher ts → applied here), last 8192 batches; same-host
         # wall clocks, so it is exact in the demo and benchmarks, NTP-accurate across hosts.
         self.lags: deque[float] = deque(maxlen=8192)
+        self.lag_hist = lag_histogram()  # cumulative, for /metrics
         self.incarnation = uuid.uuid4().hex  # changes on every (re)start: ingestors resync
         self._last_silence_check = time.monotonic()
         self._pub: Any = None  # zmq PUB socket of the change stream (None: not publishing)
@@ -246,7 +247,9 @@ class IndexShard:
             self.positions[holder] = seq
             self._advanced[holder] = seq
             if batch.ts > 0:  # a zero ts is a publisher that does not stamp batches
-                self.lags.append(time.time() - batch.ts)
+                lag = time.time() - batch.ts
+                self.lags.append(lag)
+                self.lag_hist.observe(lag)
         self.applied.merge(res)
         self.ops += len(ops)
         self.apply_seconds += time.perf_counter() - t0
@@ -576,6 +579,7 @@ class IndexShard:
             "rss_anon_bytes": _rss_anon_bytes(),
             "lag_p50_s": quantile(self.lags, 0.50),
             "lag_p99_s": quantile(self.lags, 0.99),
+            "lag_hist": self.lag_hist.state(),
             "hash_mismatched_pods": sum(
                 1 for c in self.writer.contracts.values() if c.status == "mismatch"
             ),

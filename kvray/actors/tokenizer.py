@@ -70,5 +70,6 @@ class TokenizerActor:
                 "hit_rate": st.hit_rate,
                 "latency_p50_s": st.latency_p50_s,
                 "latency_p99_s": st.latency_p99_s,
+                "latency_hist": st.latency_hist,
             }
         return out

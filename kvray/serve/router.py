@@ -1,4 +1,4 @@
-"""A Ray Serve request router that ranks an LLM deployment's replicas by kvray's scores.
+"""``KvrayRequestRouter``: a Ray Serve request router (public API) that routes by kvray.
 
 Plug it into a Serve (LLM) deployment::
 
@@ -6,35 +6,67 @@ Plug it into a Serve (LLM) deployment::
         request_router_class="kvray.serve.router:KvrayRequestRouter",
         request_router_kwargs={"namespace": "kvray", "model": "Qwen/Qwen3-8B"}))
 
-Each replica is a vLLM engine publishing KV events as pod ``<pod>``; the router learns which
-replica is which pod from the replica's routing stats (``record_routing_stats`` returning
-``{"kvray_pod": pod}``) or, by default, takes the replica's unique id as the pod id. For each
-request it extracts the prompt (``prompt``/``messages``/``token_ids`` attribute or dict key, or a
-plain string) and lets kvray's one decision function (``Client.route_keys_async``, see
-``kvray.core.routing``) pick the replica: the chosen one first, the rest after. When kvray
-cannot answer (unreachable or slow) it falls back to Serve's default power-of-two-choices
-policy, so routing never fails because of kvray.
+Built on ``ray.serve.request_router`` only (``RequestRouter`` with ``FIFOMixin`` and
+``MultiplexMixin``). For each request:
+
+* **Prompt:** the token ids Serve LLM's OpenAI ingress forwards (``request_token_ids``), else
+  the prompt it finds (``prompt``/``messages``/``token_ids``, as an attribute or a dict key,
+  or a plain string), tokenized by kvray's tokenizer pool.
+* **LoRA:** the request's multiplexed model id names the adapter whose key space the prompt's
+  blocks live in.
+* **Decision:** kvray's one decision function (``Client.route_keys_async``,
+  ``kvray.core.routing``): cached prefix against the work this router has in flight on each
+  replica (prompt blocks to prefill plus a decode allowance, from ``on_request_routed`` /
+  ``on_request_completed``) and each pod's pool fullness; cold prompts spread. The choice is
+  recorded as speculative entries (``record_routes``).
+* **Fallback:** power of two choices (Serve probes the two replicas' queues) whenever kvray
+  cannot decide in ``timeout_s`` or is down, counted by reason in ``fallbacks``: routing never
+  fails because of kvray.
+
+**Which replica is which pod:** a replica's routing stats name it: ``kvray_pod`` (any engine),
+or Serve LLM's ``kv_event_metadata`` (its KV-events endpoint, which a kvray-routed LLMServer
+reports when its engine publishes events, see ``docs/serve-llm.md``). With ``register_pods``
+(the default) the router registers each replica's endpoint with kvray as it appears
+(``Client.add_pod``: kvray subscribes to the engine's PUB socket) and removes the pod when the
+replica goes away. Without either stat the replica's unique id is the pod id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import weakref
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
-from ray.serve._private.request_router.common import PendingRequest
-from ray.serve._private.request_router.replica_wrapper import RunningReplica
+from ray.serve.request_router import (
+    FIFOMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 log = logging.getLogger("kvray.router")
 
 POD_STAT = "kvray_pod"
+KV_EVENTS_STAT = "kv_event_metadata"
+TOKEN_IDS_KWARG = "request_token_ids"
+
+ROUTERS: weakref.WeakSet[KvrayRequestRouter] = weakref.WeakSet()
+"""Every router instance in this process (its counters are read from here)."""
 
 
-def extract_prompt(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def extract_prompt(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """The prompt of a request: token ids, chat messages or text (None when absent)."""
+    ids = kwargs.get(TOKEN_IDS_KWARG)
+    if ids:
+        return list(ids)
     for arg in (*args, *kwargs.values()):
-        for name in ("token_ids", "messages", "prompt"):
+        for name in ("token_ids", "prompt_token_ids", "messages", "prompt"):
             value = arg.get(name) if isinstance(arg, dict) else getattr(arg, name, None)
             if value is not None:
                 return value
@@ -43,8 +75,22 @@ def extract_prompt(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return None
 
 
-class KvrayRequestRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
-    """Rank replicas by kvray's longest-cached-prefix score; fall back to power of two."""
+def pod_of(replica: RunningReplica) -> str:
+    """The pod id of a replica: its ``kvray_pod`` stat, else its unique id."""
+    stats = replica.routing_stats or {}
+    return str(stats.get(POD_STAT) or replica.replica_id.unique_id)
+
+
+def events_endpoint(replica: RunningReplica) -> tuple[str, str | None] | None:
+    """``(endpoint, replay endpoint)`` of the replica's KV-event publisher, if it reports one."""
+    meta = (replica.routing_stats or {}).get(KV_EVENTS_STAT)
+    if not isinstance(meta, dict) or not meta.get("endpoint"):
+        return None
+    return str(meta["endpoint"]), meta.get("replay_endpoint")
+
+
+class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ignore[misc]
+    """Route each request to the replica kvray's decision function picks."""
 
     def initialize_state(  # type: ignore[override]
         self,
@@ -52,6 +98,7 @@ class KvrayRequestRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
         model: str | None = None,
         timeout_s: float = 0.25,
         record_routes: bool = True,
+        register_pods: bool = True,
         **_: Any,
     ) -> None:
         """Args come from ``request_router_kwargs``.
@@ -59,15 +106,33 @@ class KvrayRequestRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
         Args:
             namespace: Ray namespace of the kvray deployment.
             model: served model name used for tokenization and keys (required).
-            timeout_s: budget for one kvray lookup before falling back.
+            timeout_s: budget for one kvray decision before falling back.
             record_routes: record speculative entries for the chosen replica.
+            register_pods: register replicas' KV-event endpoints with kvray (and remove
+                them when the replica goes away).
         """
         self._kv_namespace = namespace
         self._kv_model = model
         self._kv_timeout_s = timeout_s
         self._kv_record = record_routes
+        self._kv_register = register_pods
         self._kv_client: Any = None
-        self.kv_decisions = {"kvray": 0, "fallback": 0}
+        self.decisions: Counter[str] = Counter()
+        """kvray's decisions by reason (cache/load/spread)."""
+        self.fallbacks: Counter[str] = Counter()
+        """Power-of-two fallbacks by reason (no_model, no_prompt, timeout, error, ...)."""
+        self._work: dict[str, float] = {}  # internal request id -> tokens of work estimated
+        self._inflight: dict[ReplicaID, dict[str, float]] = {}  # replica -> request -> tokens
+        self._registered: dict[ReplicaID, str] = {}  # replica -> pod registered with kvray
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._kv_loop: asyncio.AbstractEventLoop | None = None
+        self._kv_unsynced = False
+        self._kv_syncing = False
+        # Serve may ship this class by value (its own copy of this module's globals): register
+        # with the importable module's registry, the one callers read.
+        import importlib
+
+        importlib.import_module("kvray.serve.router").ROUTERS.add(self)
 
     def _client(self) -> Any:
         if self._kv_client is None:
@@ -76,61 +141,154 @@ class KvrayRequestRouter(PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
             self._kv_client = connect(self._kv_namespace)
         return self._kv_client
 
-    @staticmethod
-    def pod_of(replica: RunningReplica) -> str:
-        stats = getattr(replica, "routing_stats", None) or {}
-        return str(stats.get(POD_STAT) or replica.replica_id.unique_id)
+    # --- replicas come and go --------------------------------------------------------------
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        if self._kv_register:
+            self._spawn(self._sync_pods(list(replicas)))
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._inflight.pop(replica_id, None)
+        pod = self._registered.pop(replica_id, None)
+        if pod is not None:
+            self._spawn(self._forget(pod))
+
+    def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` on the router's event loop (the caller may be on another thread)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = loop.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self._kv_loop is not None and not self._kv_loop.is_closed():
+            asyncio.run_coroutine_threadsafe(coro, self._kv_loop)
+        else:  # no loop seen yet: the first request's routing picks the replicas up
+            coro.close()
+            self._kv_unsynced = True
+
+    async def _sync_pods(self, replicas: list[RunningReplica]) -> None:
+        """Register the replicas that report a KV-events endpoint; forget those gone."""
+        if self._kv_syncing:
+            self._kv_unsynced = True  # once more after this one
+            return
+        self._kv_syncing = True
+        try:
+            await self._sync_pods_now(replicas)
+        finally:
+            self._kv_syncing = False
+
+    async def _sync_pods_now(self, replicas: list[RunningReplica]) -> None:
+        live = {r.replica_id for r in replicas}
+        for replica_id in [r for r in self._registered if r not in live]:
+            await self._forget(self._registered.pop(replica_id))
+        for r in replicas:
+            ep = events_endpoint(r)
+            if ep is None or r.replica_id in self._registered:
+                continue
+            pod = pod_of(r)
+            try:
+                await asyncio.to_thread(self._client().add_pod, ep[0], ep[1], pod, self._kv_model)
+                self._registered[r.replica_id] = pod
+                log.info("kvray: replica %s is pod %s (events at %s)", r.replica_id, pod, ep[0])
+            except Exception as exc:  # kvray down: retried on the next replica update
+                log.warning("kvray: could not register replica %s: %r", r.replica_id, exc)
+
+    async def _forget(self, pod: str) -> None:
+        try:
+            await asyncio.to_thread(self._client().remove_pod, pod)
+        except Exception as exc:
+            log.warning("kvray: could not remove pod %s: %r", pod, exc)
+
+    # --- load: the work this router has in flight per replica ------------------------------
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
+        rid = pending_request.metadata.internal_request_id
+        work = self._work.pop(rid, None)
+        if work is not None:
+            self._inflight.setdefault(replica_id, {})[rid] = work
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._inflight.get(replica_id, {}).pop(internal_request_id, None)
+
+    def _load(self, replicas: dict[str, RunningReplica]) -> dict[str, float]:
+        return {p: sum(self._inflight.get(r.replica_id, {}).values()) for p, r in replicas.items()}
+
+    # --- the decision ----------------------------------------------------------------------
 
     async def _kv_rank(
-        self, candidates: list[RunningReplica], pending: PendingRequest | None
-    ) -> list[list[RunningReplica]] | None:
-        if pending is None or not self._kv_model:
-            return None
+        self, candidates: list[RunningReplica], pending: PendingRequest
+    ) -> list[list[RunningReplica]] | str:
+        """The ranking, or the reason there is none."""
+        if not self._kv_model:
+            return "no_model"
         prompt = extract_prompt(tuple(pending.args or ()), dict(pending.kwargs or {}))
         if prompt is None:
-            return None
+            return "no_prompt"
         client = self._client()
-        by_pod = {self.pod_of(r): r for r in candidates}
+        lora = pending.metadata.multiplexed_model_id or None
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             tokens = prompt
         elif isinstance(prompt, list):
             tokens = await client.tokenize_chat_async(prompt, self._kv_model)
         else:
             tokens = await client.tokenize_async(str(prompt), self._kv_model)
-        keys = client.block_keys(tokens, self._kv_model)
-        # The one decision function (core.routing): cached prefix against kvray's own recent
-        # routing load and pool fullness; cold prompts spread by rendezvous hashing.
-        # Load: the requests Serve knows are queued at each replica (its queue-length cache),
-        # each counted as a request's worth of work; kvray's own estimate only when Serve has
-        # no figure for any candidate.
-        cache = getattr(self, "_replica_queue_len_cache", None)
-        qlens = {p: cache.get(r.replica_id) if cache else None for p, r in by_pod.items()}
-        load = None
-        if any(q is not None for q in qlens.values()):
-            w = client.config.routing
-            block = client.config.index.hashing_lookup()(self._kv_model).block_size
-            load = {p: float(q or 0) * w.request_blocks * block for p, q in qlens.items()}
+        keys = client.block_keys(tokens, self._kv_model, lora)
+        if not keys:
+            return "no_blocks"  # shorter than a block: nothing kvray knows helps
+        by_pod = {pod_of(r): r for r in candidates}
+        block = client.config.index.hashing_lookup()(self._kv_model).block_size
         d, _ = await client.route_keys_async(
-            list(by_pod), keys, self._kv_model, load=load, record=self._kv_record
+            list(by_pod), keys, self._kv_model, load=self._load(by_pod), record=self._kv_record
         )
-        top = [by_pod[d.pod]]
-        rest = [r for r in candidates if r is not top[0]]
-        return [top, rest] if rest else [top]
+        self.decisions[d.reason] += 1
+        decode = client.config.routing.request_blocks * block
+        self._work[pending.metadata.internal_request_id] = d.new_blocks * block + decode
+        top = by_pod[d.pod]
+        rest = [r for r in candidates if r is not top]
+        return [[top], rest] if rest else [[top]]
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        try:
-            ranked = await asyncio.wait_for(
-                self._kv_rank(candidate_replicas, pending_request), self._kv_timeout_s
+        if not candidate_replicas:
+            return []
+        if self._kv_loop is None:
+            self._kv_loop = asyncio.get_running_loop()
+        if self._kv_register and (
+            self._kv_unsynced
+            or any(
+                r.replica_id not in self._registered and events_endpoint(r) is not None
+                for r in candidate_replicas
             )
-        except Exception as exc:  # kvray down, slow or the request odd: never fail routing
-            log.warning("kvray router falling back to power of two: %r", exc)
-            ranked = None
-        if ranked:
-            self.kv_decisions["kvray"] += 1
-            return ranked
-        self.kv_decisions["fallback"] += 1
-        return await super().choose_replicas(candidate_replicas, pending_request)  # type: ignore[no-any-return]
+        ):
+            # Replicas report their endpoints in routing stats some time after they start:
+            # pick up what changed since (Serve refreshes the candidates' stats in place).
+            self._kv_unsynced = False
+            self._spawn(self._sync_pods(list(self.curr_replicas.values())))
+        reason = "no_request"
+        if pending_request is not None:
+            try:
+                got = await asyncio.wait_for(
+                    self._kv_rank(candidate_replicas, pending_request), self._kv_timeout_s
+                )
+            except TimeoutError:
+                got = "timeout"
+            except Exception as exc:  # kvray down or the request odd: never fail routing
+                log.warning("kvray router falling back to power of two: %r", exc)
+                got = "error"
+            if not isinstance(got, str):
+                return got
+            reason = got
+        self.fallbacks[reason] += 1
+        # Power of two choices: Serve probes both replicas' queues and takes the shorter.
+        k = min(2, len(candidate_replicas))
+        return [random.sample(candidate_replicas, k)]

@@ -58,6 +58,7 @@ from kvray.core.prefix_store import (
     PrefixStore,
     PrefixStoreStats,
 )
+from kvray.core.stats import LatencyHistogram
 from kvray.errors import BadRequest, ConfigError
 
 if TYPE_CHECKING:
@@ -192,6 +193,8 @@ class TokenizationStats:
     """Encodes in the latency window (at most 4096)."""
     cache: PrefixStoreStats
     """The prefix store's own counters."""
+    latency_hist: dict[str, Any]
+    """Every encode's latency, cumulative (``core.stats.Histogram.state``)."""
 
     @property
     def hit_rate(self) -> float:
@@ -246,6 +249,7 @@ class Tokenization:
         self._encoded = 0
         self._rejects = 0
         self._latency: deque[float] = deque(maxlen=_LATENCY_WINDOW)
+        self._latency_hist = LatencyHistogram()
 
     def encode(self, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a completion prompt, as vLLM encodes it.
@@ -365,6 +369,7 @@ class Tokenization:
         """Return cache effectiveness and latency figures."""
         with self._lock:
             samples = sorted(self._latency)
+            latency_hist = self._latency_hist.state()
             cache_stats = self._store.stats()
             encodes, reused, encoded = self._encodes, self._reused, self._encoded
             rejects = self._rejects
@@ -383,6 +388,7 @@ class Tokenization:
             latency_p99_s=pct(0.99),
             latency_samples=len(samples),
             cache=cache_stats,
+            latency_hist=latency_hist,
         )
 
     def _encode_cached(self, text: str) -> list[int]:
@@ -406,6 +412,7 @@ class Tokenization:
             self._encoded += len(out) - reused
             self._rejects += rejects
             self._latency.append(elapsed)
+            self._latency_hist.observe(elapsed)
         return out
 
     def _splice(

@@ -4,10 +4,12 @@ simulated vLLM engine publishing real KV events to kvray."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -89,3 +91,116 @@ def test_unknown_prompt_falls_back_to_default_policy(stack: tuple[Any, Client]) 
     handle, _ = stack
     seen = {handle.remote({"token_ids": [9, 9, 9]}).result()["pod"] for _ in range(12)}
     assert len(seen) >= 2  # power of two choices spreads requests kvray knows nothing about
+
+
+# --- zero manual wiring: engines that bind their own event sockets, as vLLM does -------------
+
+
+@serve.deployment(
+    num_replicas=2,
+    max_ongoing_requests=8,
+    ray_actor_options={"num_cpus": 0},
+    request_router_config=RequestRouterConfig(
+        request_router_class="kvray.serve.router:KvrayRequestRouter",
+        request_router_kwargs={"namespace": NS, "model": MODEL, "timeout_s": 2.0},
+        request_routing_stats_period_s=0.2,
+    ),
+)
+class BindingEngine:
+    """Binds its PUB and replay sockets itself and only reports them in its routing stats
+    (Serve LLM's ``kv_event_metadata``): kvray has to find it."""
+
+    def __init__(self) -> None:
+        from kvray.sim import SimPod, SimPublisher
+
+        self.pod_id = serve.get_replica_context().replica_id.unique_id
+        self.pub = SimPublisher(
+            "tcp://127.0.0.1:0", f"kv@{self.pod_id}@{MODEL}", replay_endpoint="tcp://127.0.0.1:0"
+        )
+        self.pod = SimPod(self.pod_id, MODEL, num_blocks=1024, publisher=self.pub)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        meta = {"endpoint": self.pub.endpoint, "replay_endpoint": self.pub.replay_endpoint}
+        return {"kvray_pod": self.pod_id, "kv_event_metadata": {**meta, "block_size": 16}}
+
+    def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
+        res = self.pod.serve(body["token_ids"])
+        return {"pod": self.pod_id, "cached_tokens": res.cached_tokens, "seq": self.pub.seq}
+
+
+def _wait(done: Any, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.2)
+    return bool(done())
+
+
+def _router() -> Any:
+    from kvray.serve.router import ROUTERS
+
+    mine = [r for r in ROUTERS if r._deployment_id.name == "BindingEngine"]
+    return mine[-1] if mine else None
+
+
+def _replica_actor(pod: str) -> Any:
+    (name,) = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].endswith(pod)
+    ]
+    return ray.get_actor(name, namespace="serve")
+
+
+def test_replicas_are_found_routed_to_and_forgotten(stack: tuple[Any, Client]) -> None:
+    _, client = stack
+    handle = serve.run(BindingEngine.bind(), name="binding-llm", route_prefix=None)
+    try:
+        rng = random.Random(11)
+        prompts = [[rng.randrange(50_000) for _ in range(650)] for _ in range(4)]
+        home = {}
+        for i, p in enumerate(prompts):
+            out = handle.remote({"token_ids": p}).result()
+            home[i] = out["pod"]
+        # The router registered both replicas' endpoints with kvray; their events arrive.
+        assert _wait(lambda: _router() is not None and len(_router()._registered) == 2), [
+            (r.replica_id, r.routing_stats) for r in _router().curr_replicas.values()
+        ]
+        pods = set(_router()._registered.values())
+        assert _wait(lambda: {p["pod"] for p in client.pods()} >= pods)
+        # Once kvray sees the events (replay fills what came before the subscription),
+        # repeats go where their prefix is cached.
+        for i, p in enumerate(prompts):
+            if i % 2:  # half of them again: kvray must know where they are
+                assert _wait(lambda p=p, i=i: client.score_tokens(p, MODEL).get(home[i]) == 40.0)
+                out = handle.remote({"token_ids": p}).result()
+                assert out["pod"] == home[i] and out["cached_tokens"] == 640
+        # A replica killed mid-run: its pod is dropped, routing goes on.
+        victim = home[1]
+        ray.kill(_replica_actor(victim), no_restart=True)
+        assert _wait(lambda: victim not in set(_router()._registered.values()))
+        assert _wait(lambda: victim not in client.score_tokens(prompts[1], MODEL))
+        for p in prompts:
+            assert handle.remote({"token_ids": p}).result()["pod"] != victim
+        # Serve replaces it; the newcomer is registered too.
+        assert _wait(lambda: len(_router()._registered) == 2)
+    finally:
+        serve.delete("binding-llm")
+
+
+def test_kvray_down_falls_back_and_counts_it(stack: tuple[Any, Client]) -> None:
+    handle, _ = stack
+    from kvray.serve.router import ROUTERS
+
+    routers = [r for r in ROUTERS if r._deployment_id.name == "SimEngine"]
+    assert routers
+    before = sum(sum(r.fallbacks.values()) for r in routers)
+    runtime.stop(NS)  # every kvray actor gone
+    rng = random.Random(5)
+    for _ in range(6):
+        p = [rng.randrange(50_000) for _ in range(64)]
+        assert handle.remote({"token_ids": p}).result()["pod"]  # routing never fails
+    after = sum(sum(r.fallbacks.values()) for r in routers)
+    assert after - before == 6
+    assert sum(r.fallbacks["error"] + r.fallbacks["timeout"] for r in routers) >= 6
