@@ -131,6 +131,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pods(args: argparse.Namespace) -> int:
+    import kvray
+
+    _ray_init(args.address or "auto")
+    client = kvray.connect(args.namespace, replica=False)
+    if args.action == "add":
+        client.add_pod(args.endpoint, args.replay, args.pod, args.model)
+        print(f"kvray: reading pod {args.pod or args.endpoint} at {args.endpoint}")
+    elif args.action == "remove":
+        client.remove_pod(args.pod)
+        print(f"kvray: removed pod {args.pod}")
+    else:
+        print(json.dumps(client.pods(), indent=2, default=str))
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import kvray
 
@@ -178,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--address", help="Ray cluster address (default: auto)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=cmd_status)
+    pd = sub.add_parser("pods", help="register, remove or list pods (no config edit, no restart)")
+    pd_sub = pd.add_subparsers(dest="action", required=True)
+    pa = pd_sub.add_parser("add", help="read a pod that binds its KV-event PUB socket")
+    pa.add_argument("endpoint", help="the pod's PUB endpoint, e.g. tcp://10.0.0.7:5557")
+    pa.add_argument("--pod", required=True, help="the pod's id (its topic's <pod>)")
+    pa.add_argument("--model", help="served model (when the topic is empty)")
+    pa.add_argument("--replay", help="the pod's replay ROUTER endpoint")
+    pr = pd_sub.add_parser("remove", help="forget a pod: its streams and its blocks")
+    pr.add_argument("pod")
+    pl = pd_sub.add_parser("list", help="every pod kvray holds blocks of")
+    for sp_ in (pa, pr, pl):
+        sp_.add_argument("--namespace", default="kvray")
+        sp_.add_argument("--address", help="Ray cluster address (default: auto)")
+    pd.set_defaults(fn=cmd_pods)
     sc = sub.add_parser("score", help="score one prompt against a running kvray")
     sc.add_argument("prompt", help="prompt text, or - to read stdin")
     sc.add_argument("--model", required=True)
