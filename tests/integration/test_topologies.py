@@ -207,3 +207,26 @@ def test_named_pods_in_the_config_are_read_by_their_shards(ray_session: None) ->
         for p in pubs:
             p.close()
         runtime.stop(cfg.namespace)
+
+
+def test_pods_are_added_and_removed_from_the_command_line(
+    deployment: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``kvray pods add/remove``: a pod registered and forgotten without a config edit."""
+    from kvray.cli import main
+
+    pub = SimPublisher("tcp://127.0.0.1:0", "kv@10.14.0.1@m")
+    ns = ["--namespace", deployment.namespace]
+    try:
+        assert main(["pods", "add", pub.endpoint, "--pod", "10.14.0.1", "--model", "m", *ns]) == 0
+        assert pub.wait_connected()
+        toks = list(range(7000, 7048))
+        SimPod("10.14.0.1", "m", publisher=pub).serve(toks)
+        assert deployment.sync({"10.14.0.1": pub.seq})
+        assert deployment.score_tokens(toks, "m") == {"10.14.0.1": 3.0}
+        assert main(["pods", "list", *ns]) == 0
+        assert '"10.14.0.1"' in capsys.readouterr().out
+        assert main(["pods", "remove", "10.14.0.1", *ns]) == 0
+        assert deployment.wait_until(lambda c: c.score_tokens(toks, "m") == {}, timeout_s=10)
+    finally:
+        pub.close()
