@@ -11,7 +11,7 @@ scores normalised as an llm-d scheduler would (spec §5).
 
 Example::
 
-    python examples/http_scheduler.py --url http://127.0.0.1:31000 --model Qwen/Qwen3-8B \\
+    python examples/http_scheduler.py --url http://127.0.0.1:30000 --model Qwen/Qwen3-8B \\
         --candidates 10.0.0.7,10.0.0.8 --prompt "You are a helpful assistant. ..." --record
 
 Prints one JSON object: ``{"pod", "reason", "scores", "normalized", "blocks"}``.

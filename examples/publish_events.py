@@ -16,7 +16,7 @@ or lingers ``--linger-s`` seconds.
 Example::
 
     python examples/publish_events.py --endpoint tcp://10.0.0.2:5557 --pod 10.0.0.7 \\
-        --model Qwen/Qwen3-8B --prompt "You are a helpful assistant." --url http://10.0.0.2:31000
+        --model Qwen/Qwen3-8B --prompt "You are a helpful assistant." --url http://10.0.0.2:30000
 
 Prints one JSON object: ``{"pod", "model", "endpoint", "batches", "confirmed", "requests"}``.
 """

@@ -210,14 +210,6 @@ class ServeConfig(_Strict):
         le=65535,
         description="Serve's HTTP port (its proxy; unused with direct ingress).",
     )
-    fast_port: int | None = Field(
-        31000,
-        ge=0,
-        le=65535 - 64,
-        description="Each Serve replica also serves kvray's routes itself, on the first free "
-        "port from this one (the fast path: no Serve request handling, msgspec bodies); "
-        "0: any free port; null: off.",
-    )
     auth_token: str | None = Field(
         None, description="Bearer token required on every route but /healthz; null: none."
     )

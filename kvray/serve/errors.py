@@ -1,4 +1,5 @@
-"""How both HTTP paths (Serve's FastAPI app and each replica's fast path) answer errors."""
+"""How the HTTP ingress answers errors: a status and a ``detail`` message, never a 5xx for bad
+input."""
 
 from __future__ import annotations
 
@@ -17,6 +18,27 @@ def error_response(exc: KvrayError) -> tuple[int, str]:
         status = 500
     cause = getattr(exc, "cause", None)
     return status, str(cause) if isinstance(cause, KvrayError) else str(exc)
+
+
+def exception_response(exc: BaseException) -> tuple[int, str] | None:
+    """The status and ``detail`` for an exception raised while answering a request, or None
+    when it is a bug (the caller logs it and answers 500).
+
+    kvray's own errors map by ``error_response``; an actor that died, restarts or timed out
+    (any Ray error but a task's own exception) is a 503; a client that went away mid-body, 400.
+    """
+    if isinstance(exc, KvrayError):
+        return error_response(exc)
+    from ray.exceptions import RayError, RayTaskError
+    from starlette.requests import ClientDisconnect
+
+    if isinstance(exc, RayTaskError):  # an actor raised something kvray does not raise: a bug
+        return None
+    if isinstance(exc, RayError):
+        return 503, f"kvray's backend is unavailable ({type(exc).__name__}); retry"
+    if isinstance(exc, ClientDisconnect):
+        return 400, "client disconnected"
+    return None
 
 
 def oversized(content_length: str | None, limit: int) -> str | None:
