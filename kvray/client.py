@@ -133,11 +133,14 @@ class Client:
     def _tokenizer(self, text: str) -> Any:
         return self.tokenizers[first_chunk_route(text, len(self.tokenizers), _ROUTE_CHUNK_CHARS)]
 
-    async def tokenize_async(self, prompt: str, model: str) -> list[int]:
-        """Token ids of a completion prompt."""
+    async def tokenize_async(
+        self, prompt: str, model: str, *, add_special_tokens: bool = True
+    ) -> list[int]:
+        """Token ids of a completion prompt (``add_special_tokens`` as vLLM's request field)."""
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string")
-        return await self._tokenizer(prompt).encode.remote(model, prompt)  # type: ignore[no-any-return]
+        actor = self._tokenizer(prompt)
+        return await actor.encode.remote(model, prompt, add_special_tokens)  # type: ignore[no-any-return]
 
     async def tokenize_chat_async(
         self,

@@ -322,11 +322,9 @@ class Ingress:
         return s.ScoreResponse(model=model, scores=scores, blocks=len(keys), tokens=len(tokens))
 
     async def _tokenize(self, prompt: str, model: str, add_special_tokens: bool) -> list[int]:
-        if add_special_tokens:
-            return await self.client.tokenize_async(prompt, model)
-        # TODO(lead): Client.tokenize_async(..., add_special_tokens=False) would replace this.
-        actor = self.client._tokenizer(prompt)
-        out: list[int] = await actor.encode.remote(model, prompt, False)
+        out: list[int] = await self.client.tokenize_async(
+            prompt, model, add_special_tokens=add_special_tokens
+        )
         return out
 
     def _check_pods(self, pods: list[str] | None) -> None:

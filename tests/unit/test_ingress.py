@@ -51,16 +51,12 @@ class FakeClient:
         if model != M:
             raise BadRequest(f"no tokenizer for model {model!r}")
 
-    async def tokenize_async(self, prompt: str, model: str) -> list[int]:
+    async def tokenize_async(
+        self, prompt: str, model: str, *, add_special_tokens: bool = True
+    ) -> list[int]:
         self._check(model)
-        return [1, *map(ord, prompt)]  # 1: a BOS
-
-    def _tokenizer(self, prompt: str) -> Any:
-        async def encode(model: str, text: str, add_special_tokens: bool) -> list[int]:
-            self._check(model)
-            return [1, *map(ord, text)] if add_special_tokens else list(map(ord, text))
-
-        return SimpleNamespace(encode=SimpleNamespace(remote=encode))
+        body = list(map(ord, prompt))
+        return [1, *body] if add_special_tokens else body  # 1: a BOS
 
     async def tokenize_chat_async(
         self, messages: list[dict[str, Any]], model: str, **kw: Any
