@@ -376,6 +376,11 @@ class Ingestor:
                     contiguous = self._replay(stream, known + 1, seq, origin) is not None
                 else:
                     contiguous = True
+            elif seq > 0 and origin is not None and origin.replay_endpoint:
+                # A pod kvray subscribed to while it was already publishing (added at runtime,
+                # e.g. a Serve replica the router registered): what it published before is in
+                # its replay buffer.
+                contiguous = self._catch_up_first(stream, seq, origin, shard)
         op: tuple[Any, ...] = ("batch", topic.pod, topic.model, seq, payload, contiguous)
         if batch is not None and self.local is not None and shard == self.local.shard_id:
             op += (batch,)  # decoded already (IndexShard._apply uses it)
@@ -445,6 +450,35 @@ class Ingestor:
                 self.counters["seq_lost"] += stop - expected
             return None
         return expected - 1
+
+    def _catch_up_first(
+        self, stream: tuple[str, int], seq: int, origin: PodEndpoint, shard: int
+    ) -> bool:
+        """Queue the pod's buffered batches before ``seq`` (from the oldest it still holds);
+        returns whether they reach ``seq - 1`` (the message at ``seq`` then follows in order)."""
+        pod, rank = stream
+        assert origin.replay_endpoint is not None
+        self.counters["replay_requests"] += 1
+        got, _ = request_replay(
+            origin.replay_endpoint, 0, timeout_s=self.config.events.replay_timeout_s
+        )
+        model = self.streams_model.get(stream, "")
+        expected: int | None = None
+        for r in got:
+            if r.seq >= seq:
+                break
+            try:
+                if (peek_rank(r.payload) or 0) != rank:
+                    continue
+            except MalformedFrame as exc:
+                self._malformed(pod, exc)
+                continue
+            if expected is not None and r.seq != expected:
+                break  # a hole in the buffer: keep what is contiguous
+            self._queue(shard, ("batch", pod, model, r.seq, r.payload, expected is not None))
+            self.counters["replayed"] += 1
+            expected = r.seq + 1
+        return expected == seq
 
     # --- shipping --------------------------------------------------------------------------
 

@@ -163,11 +163,30 @@ def test_replicas_are_found_routed_to_and_forgotten(stack: tuple[Any, Client]) -
         for i, p in enumerate(prompts):
             out = handle.remote({"token_ids": p}).result()
             home[i] = out["pod"]
-        # The router registered both replicas' endpoints with kvray; their events arrive.
-        assert _wait(lambda: _router() is not None and len(_router()._registered) == 2), [
+
+        # The router registers both replicas' endpoints with kvray once they report them
+        # (each routing call looks; prompts shorter than a block fall back, unrecorded).
+        def registered() -> bool:
+            handle.remote({"token_ids": [1, 2, 3]}).result()
+            return _router() is not None and len(_router()._registered) == 2
+
+        assert _wait(registered), [
             (r.replica_id, r.routing_stats) for r in _router().curr_replicas.values()
         ]
         pods = set(_router()._registered.values())
+        # kvray subscribed after the pods had published: the first event it sees from each
+        # makes it fetch what came before from the pod's replay buffer.
+        seen: set[str] = set()
+
+        def heard_from_all() -> bool:
+            seen.add(
+                handle.remote({"token_ids": [rng.randrange(50_000) for _ in range(32)]}).result()[
+                    "pod"
+                ]
+            )  # noqa: E501
+            return seen >= pods
+
+        assert _wait(heard_from_all)
         assert _wait(lambda: {p["pod"] for p in client.pods()} >= pods)
         # Once kvray sees the events (replay fills what came before the subscription),
         # repeats go where their prefix is cached.

@@ -230,3 +230,26 @@ def test_pods_are_added_and_removed_from_the_command_line(
         assert deployment.wait_until(lambda c: c.score_tokens(toks, "m") == {}, timeout_s=10)
     finally:
         pub.close()
+
+
+def test_a_pod_added_while_publishing_is_caught_up_from_its_replay_buffer(
+    deployment: Client,
+) -> None:
+    """Subscribed after its first batches (a replica registered at runtime): the first batch
+    kvray sees makes it fetch the earlier ones from the pod's replay socket."""
+    pub = SimPublisher("tcp://127.0.0.1:0", "kv@10.15.0.1@m", replay_endpoint="tcp://127.0.0.1:0")
+    try:
+        pod = SimPod("10.15.0.1", "m", publisher=pub)
+        early = [list(range(8000 + 64 * i, 8064 + 64 * i)) for i in range(3)]
+        for p in early:
+            pod.serve(p)  # nobody listens yet
+        deployment.add_pod(pub.endpoint, pub.replay_endpoint, "10.15.0.1", "m")
+        assert pub.wait_connected()
+        late = list(range(9000, 9032))
+        pod.serve(late)
+        assert deployment.sync({"10.15.0.1": pub.seq})
+        for p in [*early, late]:
+            assert deployment.score_tokens(p, "m") == {"10.15.0.1": float(len(p) // 16)}
+    finally:
+        pub.close()
+        deployment.remove_pod("10.15.0.1")
