@@ -191,12 +191,13 @@ def build_stream(pods: int, block_events: int, queries: int, seed: int = 7) -> S
             out.append(p)
         qs[size] = out
         per_query = []
+        cached = {pod.pod_id: pod.cached_keys() for pod in sims}
         for p in out:
             keys = hasher.event_keys(p)
             row = {}
             for pod in sims:
-                # Ground truth from the simulated cache itself (SimPod has no bulk accessor).
-                cache = pod._cache
+                # Ground truth from the simulated cache itself.
+                cache = cached[pod.pod_id]
                 n = 0
                 for key in keys:
                     if key not in cache:
