@@ -840,7 +840,8 @@ def noop_door(stream: Stream, rounds: int) -> dict[int, list[float]]:
         base = None
         deadline = time.monotonic() + 60
         while base is None and time.monotonic() < deadline:
-            for port in range(30000, 30016):
+            low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+            for port in range(low, low + 16):
                 try:
                     h = Http(f"http://127.0.0.1:{port}")
                     if '"noop-door-up"' in h.get("/noop-door"):

@@ -210,6 +210,15 @@ class ServeConfig(_Strict):
         le=65535,
         description="Serve's HTTP port (its proxy; unused with direct ingress).",
     )
+    side_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535 - 64,
+        description="Opt-in: each ingress replica also serves the same routes on its own "
+        "listener, first free port from this one (0: any), skipping Serve's per-request work "
+        "(and so Serve's max_ongoing_requests, autoscaling signal and request metrics); "
+        "null: off.",
+    )
     auth_token: str | None = Field(
         None, description="Bearer token required on every route but /healthz; null: none."
     )

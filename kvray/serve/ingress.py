@@ -118,8 +118,27 @@ class Ingress:
         self._health_body = self._encode(health)
         self._openapi_body = self._encode(self.openapi())
         self._docs_body = _docs_html(self.openapi()).encode()
+        self.side_port: int | None = None
+        if self.cfg.side_port is not None:  # opt-in: kvray.serve.side
+            from kvray.serve.side import start_side_listener
+
+            try:
+                self.side_port = start_side_listener(self, self.cfg.host, self.cfg.side_port)
+            except OSError as exc:  # no free port: Serve's door only
+                log.warning("side listener off: %s", exc)
         if connect:
             freeze_heap()  # the replica's change-stream thread allocates fast (see freeze_heap)
+
+    def side_url(self) -> str | None:
+        """This replica's opt-in side listener (``serve.side_port``), None when off."""
+        if self.side_port is None:
+            return None
+        host = self.cfg.host
+        if host in ("0.0.0.0", "::"):
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        return f"http://{host}:{self.side_port}"
 
     # --- HTTP ---------------------------------------------------------------------------------
 

@@ -3,9 +3,7 @@ real Ray cluster, real ZMQ pods, the real Qwen3 tokenizer."""
 
 from __future__ import annotations
 
-import os
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +16,8 @@ from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig, ServeConfig
 from kvray.errors import BadRequest
-from kvray.serve.ingress import APP_NAME, Ingress
+from kvray.serve.app import start_http
+from kvray.serve.ingress import APP_NAME
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3, load_tokenizer
 
@@ -36,48 +35,21 @@ def _cfg() -> Config:
         num_shards=2,
         index=IndexConfig(models={MODEL: ModelConfig(tokenizer=str(find_bundled_qwen3()))}),
         events=EventsConfig(bind=["tcp://127.0.0.1:0"]),
-        serve=ServeConfig(auth_token=TOKEN, max_body_bytes=4 * 2**20, max_pods_per_request=8),
+        serve=ServeConfig(
+            auth_token=TOKEN, max_body_bytes=4 * 2**20, max_pods_per_request=8, side_port=0
+        ),
     )
-
-
-def _deploy(cfg: Config, timeout_s: float = 120.0) -> str:
-    """Serve the ingress for ``cfg`` and return the URL of the replica's own HTTP listener."""
-    from ray import serve
-
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=QUIET)
-    deployment = serve.deployment(
-        name="KvrayIngress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0}
-    )(Ingress)
-    serve.run(
-        deployment.bind(cfg.namespace, cfg.serve.model_dump()),
-        name=APP_NAME,
-        route_prefix="/",
-        logging_config=QUIET,
-    )
-    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for port in range(low, low + 16):
-            base = f"http://127.0.0.1:{port}"
-            try:
-                body = httpx.get(f"{base}/healthz", timeout=0.5).json()
-            except (httpx.HTTPError, ValueError):
-                continue
-            if body == {"status": "ok", "app": APP_NAME, "namespace": cfg.namespace}:
-                return base
-        time.sleep(0.1)
-    raise AssertionError("kvray's HTTP endpoint did not come up")
 
 
 @pytest.fixture(scope="module")
 def stack(ray_session: None) -> Iterator[tuple[str, Client, SimPod]]:
-    """kvray's actors + the Serve ingress; ``stack[0]`` is the replica's URL."""
+    """kvray's actors + the Serve ingress; ``stack[0]`` is the replica's URL (Serve's door)."""
     from ray import serve
 
     cfg = _cfg()
     runtime.start(cfg)
     client = kvray.connect(NS)
-    base = _deploy(cfg)
+    base = start_http(cfg)
     pub = SimPublisher(client.endpoints[0][0], f"kv@10.9.0.1@{MODEL}")
     assert pub.wait_connected()
     pod = SimPod("10.9.0.1", MODEL, publisher=pub)
@@ -87,9 +59,17 @@ def stack(ray_session: None) -> Iterator[tuple[str, Client, SimPod]]:
     runtime.stop(NS)
 
 
-@pytest.fixture
-def base(stack: tuple[str, Client, SimPod]) -> str:
-    return stack[0]
+@pytest.fixture(params=["serve", "side"])
+def base(request: pytest.FixtureRequest, stack: tuple[str, Client, SimPod]) -> str:
+    """Both doors of one replica: Serve's own, and the opt-in side listener (the same
+    handler on its own port: ``serve.side_port``)."""
+    if request.param == "serve":
+        return stack[0]
+    from ray import serve
+
+    url = serve.get_app_handle(APP_NAME).side_url.remote().result(timeout_s=30)
+    assert url is not None
+    return str(url)
 
 
 def _h() -> dict[str, str]:
