@@ -251,22 +251,23 @@ class Client:
         else the shards' (asked at most once a second)."""
         if self.replica is not None and self.replica.ready():
             return self.replica.pools()
-        now = time.monotonic()
-        if now - self._pools_at >= _POOLS_FRESH_S:
-            parts = ray.get([s.pools.remote() for s in self.shards], timeout=self.timeout_s)
-            self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
-            self._pools_at = now
+        if time.monotonic() - self._pools_at >= _POOLS_FRESH_S:
+            self._set_pools(
+                ray.get([s.pools.remote() for s in self.shards], timeout=self.timeout_s)
+            )
         return self._pools
 
     async def _pools_async(self) -> dict[str, tuple[int, int]]:
         if self.replica is not None and self.replica.ready():
             return self.replica.pools()
-        now = time.monotonic()
-        if now - self._pools_at >= _POOLS_FRESH_S:
-            parts = await asyncio.gather(*(s.pools.remote() for s in self.shards))
-            self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
-            self._pools_at = now
+        if time.monotonic() - self._pools_at >= _POOLS_FRESH_S:
+            self._set_pools(await asyncio.gather(*(s.pools.remote() for s in self.shards)))
         return self._pools
+
+    def _set_pools(self, parts: Sequence[dict[str, Any]]) -> None:
+        """Cache the shards' ``pools()`` answers (disjoint holders)."""
+        self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
+        self._pools_at = time.monotonic()
 
     def _decide(
         self,

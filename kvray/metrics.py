@@ -37,7 +37,6 @@ from kvray.core.stats import (  # noqa: F401  (re-exported: producers and tests 
     REQUEST_BOUNDS,
     Histogram,
     LatencyHistogram,
-    histogram_state,
     lag_histogram,
 )
 from kvray.core.stats import (

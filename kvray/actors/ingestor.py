@@ -380,7 +380,8 @@ class Ingestor:
                 # A pod kvray subscribed to while it was already publishing (added at runtime,
                 # e.g. a Serve replica the router registered): what it published before is in
                 # its replay buffer.
-                contiguous = self._catch_up_first(stream, seq, origin, shard)
+                got = self._replay(stream, None, seq, origin, count_missing=False)
+                contiguous = got is not None
         op: tuple[Any, ...] = ("batch", topic.pod, topic.model, seq, payload, contiguous)
         if batch is not None and self.local is not None and shard == self.local.shard_id:
             op += (batch,)  # decoded already (IndexShard._apply uses it)
@@ -405,31 +406,34 @@ class Ingestor:
     def _replay(
         self,
         stream: tuple[str, int],
-        start: int,
+        start: int | None,
         stop: int,
         origin: PodEndpoint | None,
         *,
         count_missing: bool = True,
     ) -> int | None:
-        """Fetch ``[start, stop)`` of a stream from its pod and queue it.
+        """Fetch ``[start, stop)`` of a stream from its pod and queue it; ``start`` None: from
+        the oldest batch the pod still buffers (a stream kvray joined late, whose earlier
+        batches the shard never had: the first one queued is not contiguous).
 
         Returns the last seq queued when the range is complete (``start - 1`` if the pod had
         nothing), None when something is missing (counted lost unless ``count_missing`` is
         False, for open-ended catch-up requests).
         """
         pod, rank = stream
+        first = 0 if start is None else start
         ep = self._replay_endpoint(pod, origin, rank)
         if ep is None:
             if count_missing:
-                self.counters["seq_lost"] += stop - start
+                self.counters["seq_lost"] += stop - first
             return None
         self.counters["replay_requests"] += 1
-        got, complete = request_replay(ep, start, timeout_s=self.config.events.replay_timeout_s)
+        got, complete = request_replay(ep, first, timeout_s=self.config.events.replay_timeout_s)
         model = self.streams_model.get(stream, "")
         shard = self.placement.owner(holder_id(pod, rank))
         expected = start
         for r in got:
-            if r.seq < expected or r.seq >= stop:
+            if (expected is not None and r.seq < expected) or r.seq >= stop:
                 continue
             try:
                 r_rank = peek_rank(r.payload)
@@ -438,11 +442,16 @@ class Ingestor:
                 continue
             if (r_rank or 0) != rank:
                 continue
+            contiguous = expected is not None
+            if expected is None:
+                expected = r.seq  # the oldest batch the pod still holds
             if r.seq != expected:
                 break  # the pod's buffer no longer holds [expected, r.seq)
-            self._queue(shard, ("batch", pod, model, r.seq, r.payload, True))
+            self._queue(shard, ("batch", pod, model, r.seq, r.payload, contiguous))
             self.counters["replayed"] += 1
             expected = r.seq + 1
+        if expected is None:  # nothing before ``stop``
+            expected = first
         if stop == _OPEN:  # catch-up: complete only if the pod's end marker arrived
             return expected - 1 if complete else None
         if expected < stop:
@@ -450,35 +459,6 @@ class Ingestor:
                 self.counters["seq_lost"] += stop - expected
             return None
         return expected - 1
-
-    def _catch_up_first(
-        self, stream: tuple[str, int], seq: int, origin: PodEndpoint, shard: int
-    ) -> bool:
-        """Queue the pod's buffered batches before ``seq`` (from the oldest it still holds);
-        returns whether they reach ``seq - 1`` (the message at ``seq`` then follows in order)."""
-        pod, rank = stream
-        assert origin.replay_endpoint is not None
-        self.counters["replay_requests"] += 1
-        got, _ = request_replay(
-            origin.replay_endpoint, 0, timeout_s=self.config.events.replay_timeout_s
-        )
-        model = self.streams_model.get(stream, "")
-        expected: int | None = None
-        for r in got:
-            if r.seq >= seq:
-                break
-            try:
-                if (peek_rank(r.payload) or 0) != rank:
-                    continue
-            except MalformedFrame as exc:
-                self._malformed(pod, exc)
-                continue
-            if expected is not None and r.seq != expected:
-                break  # a hole in the buffer: keep what is contiguous
-            self._queue(shard, ("batch", pod, model, r.seq, r.payload, expected is not None))
-            self.counters["replayed"] += 1
-            expected = r.seq + 1
-        return expected == seq
 
     # --- shipping --------------------------------------------------------------------------
 

@@ -535,6 +535,7 @@ class IndexShard:
         contracts = self.writer.contract()
         out = []
         for holder in set(self.writer.last_seen) | set(self.positions):
+            held, pool_size = self.writer.pools.get(holder)
             out.append(
                 {
                     "pod": holder,
@@ -543,8 +544,8 @@ class IndexShard:
                     "last_seq": self.positions.get(holder),
                     "idle_s": round(now - self.writer.last_seen.get(PodId(holder), now), 3),
                     "hash_contract": contracts.get(holder, {"status": "unchecked"}),
-                    "blocks": self.writer.pools.get(holder)[0],
-                    "pool_blocks": self.writer.pools.get(holder)[1] or None,
+                    "blocks": held,
+                    "pool_blocks": pool_size or None,
                 }
             )
         return sorted(out, key=lambda d: d["pod"])

@@ -110,10 +110,6 @@ class RecentLoad:
         if len(self._load) > 4096:  # forget pods whose load decayed away
             self._load = {p: v for p, v in self._load.items() if self.get(p, t) > 1e-3}
 
-    def snapshot(self) -> dict[str, float]:
-        now = self._clock()
-        return {p: self.get(p, now) for p in self._load}
-
 
 class PoolGauges:
     """Each holder's KV pool, learned from its events: blocks held, and the pool's size.

@@ -79,11 +79,6 @@ def lag_histogram() -> Histogram:
     return Histogram(LAG_BOUNDS)
 
 
-def histogram_state(h: Histogram) -> dict[str, Any]:
-    """``h.state()``: what a producer's ``stats()`` puts under its ``*_hist`` key."""
-    return h.state()
-
-
 def cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
     """Cumulative ``(le, count)`` pairs of per-bucket counts, ending with ``+Inf``."""
     out: list[tuple[str, float]] = []
