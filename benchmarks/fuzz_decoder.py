@@ -7,17 +7,27 @@ either decode or raise ``MalformedFrame``; anything else is a crash, printed wit
 Every batch that decodes is then applied through a shard's write path (``IndexWriter`` over a
 ``Journal`` over a ``MemoryIndex``, request keys: the C extension's loops when it is built),
 which must never raise.
+
+``--native`` fuzzes something else instead: every entry point of the C extension
+(``kvray._speedups``) against its pure-Python twin in ``kvray.core.fast``, ``--n`` inputs
+(random and mutated msgpack token arrays, random bytes, ints of every size and sign, bools,
+dicts and the C tables), each required to give the same result or the same exception type. It
+prints one line and exits 1 on any mismatch; ``scripts/sanitize.sh`` runs it under
+AddressSanitizer + UBSan.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import sys
 import time
+from array import array
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -124,12 +134,240 @@ def random_doc(rng: random.Random, depth: int = 0) -> object:
     }
 
 
+# --- --native: the C entry points against their Python twins --------------------------------
+
+_ERRORS = (ValueError, TypeError, OverflowError, KeyError)
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    try:
+        return "ok", fn(*args)
+    except _ERRORS as exc:
+        return type(exc).__name__, None
+
+
+def _any_int(rng: random.Random) -> Any:
+    """Ints of every size and sign around the u64 boundaries, and bools."""
+    return rng.choice(
+        [
+            lambda: rng.randrange(64),
+            lambda: rng.getrandbits(64),
+            lambda: (1 << rng.choice([31, 32, 62, 63, 64, 65])) + rng.randint(-2, 2),
+            lambda: -rng.getrandbits(rng.randint(1, 70)) - 1,
+            lambda: rng.getrandbits(rng.randint(65, 200)),
+            lambda: rng.random() < 0.5,
+        ]
+    )()
+
+
+def _token_array(rng: random.Random) -> bytes:
+    """A msgpack array of tokens in varied int encodings (mostly valid)."""
+    n = rng.choice([0, 1, 15, 16, 17, 32, 48, rng.randrange(100)])
+    parts = []
+    for _ in range(n):
+        v = rng.randrange(2**32) if rng.random() < 0.97 else rng.choice([-1, 2**32, 2**40])
+        form = rng.randrange(6)
+        if form == 0 or not 0 <= v < 2**32:
+            parts.append(msgspec.msgpack.encode(v))
+        else:
+            code, size = [(0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8), (0xD3, 8)][form - 1]
+            if v < 1 << (8 * size - (code == 0xD3)):
+                parts.append(bytes([code]) + v.to_bytes(size, "big"))
+            else:
+                parts.append(msgspec.msgpack.encode(v))
+    head = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    return head + b"".join(parts)
+
+
+def _c_table(kind: str, d: dict[int, int], C: Any) -> Any:
+    return dict(d) if kind == "dict" else getattr(C, kind)(d)
+
+
+def _same_map(kind: str, a: Any, b: dict[int, int]) -> bool:
+    """A C table (or the C call's dict) equals the twin's dict, order included where kept."""
+    if kind == "U64Map":
+        return sorted(a.items()) == sorted(b.items())
+    return list(a.items()) == list(b.items())
+
+
+def _native_case(rng: random.Random, C: Any, pool: list[bytes]) -> str | None:
+    """One random input through one group of C entry points; a description on mismatch."""
+    py = fast.PYTHON
+    group = rng.randrange(6)
+    if group <= 1:  # msgpack token arrays: valid, mutated, or random bytes
+        r = rng.random()
+        raw = (
+            _token_array(rng)
+            if r < 0.4
+            else mutate(rng, rng.choice(pool), pool)
+            if r < 0.9
+            else rng.randbytes(rng.randrange(40))
+        )
+        if rng.random() < 0.3:
+            pool[rng.randrange(len(pool))] = raw  # mutations of mutations
+        bs = rng.choice([1, 2, 3, 16, 16, 17, rng.randint(-1, 64), 2**24, 2**24 + 1])
+        parent = _any_int(rng) if rng.random() < 0.2 else rng.getrandbits(64)
+        for name, args in (("msgpack_u32_count", (raw,)), ("chain_msgpack", (raw, bs, parent))):
+            a, b = _outcome(getattr(C, name), *args), _outcome(py[name], *args)
+            if a != b:
+                return f"{name}{args!r}: C {a} != Python {b}"
+        return None
+    if group == 2:  # chain_u32 over raw bytes; xor_u64 over ints, bools, bytes, junk
+        data = rng.randbytes(rng.randrange(200))
+        parent = _any_int(rng) if rng.random() < 0.2 else rng.getrandbits(64)
+        args: tuple[Any, ...] = (data, rng.choice([1, 2, 16, rng.randint(-1, 40)]), parent)
+        hashes = [
+            rng.choice([_any_int(rng), None, 1.5])
+            if rng.random() < 0.04
+            else rng.choice([rng.getrandbits(64), rng.randbytes(rng.randrange(12))])
+            for _ in range(rng.randrange(12))
+        ]
+        tag = _any_int(rng) if rng.random() < 0.2 else rng.getrandbits(64)
+        for name, a_ in (("chain_u32", args), ("xor_u64", (hashes, tag))):
+            a, b = _outcome(getattr(C, name), *a_), _outcome(py[name], *a_)
+            if a != b:
+                return f"{name}{a_!r}: C {a} != Python {b}"
+        return None
+    kind = rng.choice(["dict", "U64Map", "U64Dict"])
+    if group <= 4:  # the bitmask and engine-map loops on a dict or a C table
+        # Keys: a small range (collisions, long probe runs) and u64s; a dict also gets
+        # negative and huge ints and bools (the C dict branch must match dict semantics).
+        def key() -> int:
+            if kind == "dict" and rng.random() < 0.2:
+                return int(_any_int(rng))
+            return rng.randrange(60) if rng.random() < 0.7 else rng.getrandbits(64)
+
+        d = {key(): rng.getrandbits(rng.choice([1, 8, 70])) | 1 for _ in range(rng.randrange(40))}
+        keys = [key() for _ in range(rng.randrange(40))]
+        if rng.random() < 0.3 and all(type(k) is int and 0 <= k < 2**64 for k in keys):
+            seq: Any = array("Q", keys)
+        else:
+            seq = keys
+        bit = 1 << rng.randrange(70)
+        recency = rng.random() < 0.5
+        emap = {key(): rng.choice(keys) if keys else 0 for _ in range(rng.randrange(30))}
+        other = {k: 1 for k in keys[:: rng.randint(1, 4)]}
+        py_d, py_e, py_o = dict(d), dict(emap), dict(other)
+        c_d, c_e, c_o = _c_table(kind, d, C), _c_table(kind, emap, C), _c_table(kind, other, C)
+        engine = [key() for _ in range(len(keys))]
+        calls = [
+            ("or_bits", (c_d, seq, bit, recency), (py_d, seq, bit, recency)),
+            ("lookup", (c_d, seq), (py_d, seq)),
+            ("and_bits", (c_d, seq, ~bit), (py_d, seq, ~bit)),
+            (
+                "add_engine",
+                (c_d, c_e, keys, engine, bit, recency),
+                (py_d, py_e, keys, engine, bit, recency),
+            ),
+            ("forget_unindexed", (c_e, seq, [c_d, c_o]), (py_e, seq, [py_d, py_o])),
+            (
+                "remove_engine",
+                (c_d, c_e, engine, ~bit, [c_d, c_o]),
+                (py_d, py_e, engine, ~bit, [py_d, py_o]),
+            ),
+        ]
+        rng.shuffle(calls)
+        for name, c_args, py_args in calls:
+            a, b = _outcome(getattr(C, name), *c_args), _outcome(py[name], *py_args)
+            if a != b:
+                return f"{name} on {kind}: C {a} != Python {b}"
+            if not (_same_map(kind, c_d, py_d) and _same_map(kind, c_e, py_e)):
+                return f"{name} on {kind}: the maps differ after the call"
+        return None
+    # The tables' own operations against a dict model, with keys they cannot hold.
+    kind = rng.choice(["U64Map", "U64Dict"])
+    m: Any = getattr(C, kind)()
+    model: dict[int, int] = {}
+
+    def holds(k: Any) -> bool:
+        return isinstance(k, int) and 0 <= k < 2**64
+
+    for _ in range(rng.randrange(60)):
+        op = rng.choice(["set", "set", "set", "del", "pop", "get", "in", "oldest", "update"])
+        k: Any = rng.randrange(16) if rng.random() < 0.7 else _any_int(rng)
+        if rng.random() < 0.05:
+            k = rng.choice(["a", 1.0, None, (1,)])
+        v: Any = _any_int(rng) if rng.random() < 0.95 else rng.choice([True, "x", 1.5])
+        if op == "set":
+            want = (
+                ("TypeError" if not isinstance(k, int) else "OverflowError")
+                if not holds(k)
+                else ("TypeError" if type(v) is not int else "ok")
+            )
+            got = _outcome(m.__setitem__, k, v)[0]
+            if want == "ok":
+                model[k] = v
+        elif op in ("del", "pop"):
+            want = "ok" if holds(k) and k in model else "KeyError"
+            got = _outcome(m.__delitem__ if op == "del" else m.pop, k)[0]
+            if want == "ok":
+                del model[k]
+        elif op == "get":
+            want = "ok"
+            got = "ok" if m.get(k, -7) == (model.get(k, -7) if holds(k) else -7) else "differs"
+        elif op == "in":
+            want, got = "ok", "ok" if (k in m) == (holds(k) and k in model) else "differs"
+        elif op == "oldest":
+            n = rng.randrange(6)
+            want = "ok"
+            got = "ok" if kind == "U64Map" or m.oldest(n) == list(model.items())[:n] else "differs"
+        else:  # grow past a resize, sometimes, then empty most of it (shrink, squeeze)
+            big = rng.random() < 0.1
+            pairs = [
+                (rng.randrange(400) if big else rng.getrandbits(64), rng.randrange(9))
+                for _ in range(rng.randrange(300 if big else 4))
+            ]
+            m.update(pairs)
+            model.update(pairs)
+            if big:
+                for k in [k for k in model if rng.random() < 0.9]:
+                    del m[k], model[k]
+            want = got = "ok"
+        if got != want or len(m) != len(model) or not _same_map(kind, m, model):
+            return f"{kind}.{op}({k!r}, {v!r}): {got}, expected {want}"
+    if not _same_map(kind, pickle.loads(pickle.dumps(m)), model):
+        return f"{kind}: pickle round trip differs"
+    return None
+
+
+def fuzz_native(n: int, seed: int) -> int:
+    """The C extension against its twins on ``n`` random inputs; one summary line."""
+    C = fast._speedups
+    if C is None:
+        print("native fuzz: kvray._speedups is not built (or KVRAY_PURE_PYTHON is set)")
+        return 2
+    rng = random.Random(seed)
+    pool = [_token_array(rng) for _ in range(64)] + [b"\xdd\xff\xff\xff\xff\x01"] + seeds()
+    mismatches = 0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        bad = _native_case(rng, C, pool)
+        if bad is not None:
+            mismatches += 1
+            if mismatches <= 10:
+                print(f"MISMATCH {bad}", file=sys.stderr)
+    dt = time.perf_counter() - t0
+    print(
+        f"native fuzz: {n:,} inputs, {mismatches} mismatches, {dt:.1f} s "
+        f"(C extension {getattr(C, '__file__', '?')} against kvray.core.fast)"
+    )
+    return 1 if mismatches else 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/fuzz.md")
+    ap.add_argument(
+        "--native",
+        action="store_true",
+        help="instead: the C extension's entry points against their Python twins (--n inputs); "
+        "one summary line, exit 1 on a mismatch, no report file",
+    )
     args = ap.parse_args()
+    if args.native:
+        return fuzz_native(args.n, args.seed)
     rng = random.Random(args.seed)
     pool = seeds()
     dec = EventDecoder()

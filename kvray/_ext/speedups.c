@@ -5,11 +5,15 @@
  * tests compare the two on random inputs. Nothing here trusts its input: malformed msgpack or
  * out-of-range values raise ValueError / OverflowError / TypeError, never read out of bounds.
  *
- * Hashing is xxHash's XXH3-64 with a seed (vendored xxhash.h, BSD-2-Clause, the same code the
- * `xxhash` PyPI package wraps), so keys equal `xxhash.xxh3_64_intdigest(data, seed)`.
+ * Hashing is xxHash's XXH3-64 with a seed (vendored xxhash.h 0.8.4, BSD-2-Clause, the same code
+ * the `xxhash` PyPI package wraps), so keys equal `xxhash.xxh3_64_intdigest(data, seed)`.
+ *
+ * Only CPython's public C API is used (no _Py* calls). scripts/sanitize.sh builds this file with
+ * AddressSanitizer + UBSan and runs tests/unit/test_fast.py and a differential fuzz under it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -43,6 +47,10 @@ mp_array_head(const unsigned char **pp, const unsigned char *end, Py_ssize_t *n)
     else {
         return -1;
     }
+    /* Every item takes at least a byte: a longer count cannot be complete, and must not size
+     * an allocation (a 5-byte header could otherwise ask for 32 GB of keys). */
+    if (*n > end - p)
+        return -1;
     *pp = p;
     return 0;
 }
@@ -101,9 +109,11 @@ get_buffer(PyObject *obj, Py_buffer *view)
     return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE);
 }
 
-/* An int in [0, 2**64). PyLong_AsUnsignedLongLong converts ints of more than one 30-bit digit
- * (every hash) through the generic byte-array routine; the mask conversion reads the digits
- * directly, so range-check first and use that. */
+/* An int (bool and other subclasses included, no __index__) in [0, 2**64), through the public
+ * API only. PyLong_AsUnsignedLongLong converts ints of more than one 30-bit digit (every hash)
+ * through the generic byte-array routine; PyLong_AsUnsignedLong reads the digits directly and
+ * raises OverflowError for negative and too-large ints, so use it where a long has 64 bits
+ * (LP64: Linux, macOS). */
 static int
 get_u64(PyObject *obj, uint64_t *out)
 {
@@ -111,19 +121,15 @@ get_u64(PyObject *obj, uint64_t *out)
         PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(obj)->tp_name);
         return -1;
     }
-    if (_PyLong_Sign(obj) < 0) {
-        PyErr_SetString(PyExc_OverflowError, "can't convert negative int to unsigned");
+#if ULONG_MAX >= UINT64_MAX
+    unsigned long v = PyLong_AsUnsignedLong(obj);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
         return -1;
-    }
-    size_t bits = _PyLong_NumBits(obj);
-    if (bits > 64) {
-        if (bits != (size_t)-1 || !PyErr_Occurred())
-            PyErr_SetString(PyExc_OverflowError, "int too big to convert");
-        return -1;
-    }
-    unsigned long long v = PyLong_AsUnsignedLongLongMask(obj);
+#else
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
+#endif
     *out = (uint64_t)v;
     return 0;
 }

@@ -148,6 +148,68 @@ def test_chain_rejects_bad_arguments(args: tuple[Any, ...]) -> None:
     assert same("chain_msgpack", *args) is None
 
 
+class _Int(int):
+    """An int subclass: the C side reads its value (as ``isinstance(v, int)`` does)."""
+
+
+# The edges of get_u64 (public-API conversion): sizes and signs around 2**63 / 2**64, bools,
+# subclasses, and things that are not ints.
+EDGE_INTS: list[Any] = [
+    0,
+    1,
+    True,
+    False,
+    2**30,
+    2**32,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    2**64 + 1,
+    2**200,
+    -1,
+    -(2**63),
+    -(2**64),
+    -(2**200),
+    _Int(7),
+    _Int(2**64 - 1),
+    _Int(2**64),
+    _Int(-3),
+    1.0,
+    "1",
+    None,
+]
+
+
+@needs_c
+@pytest.mark.parametrize("v", EDGE_INTS, ids=repr)
+def test_u64_conversion_edges_agree(v: Any) -> None:
+    same("xor_u64", [v], 5)
+    same("xor_u64", [2**64 - 1, 3], v)
+    same("chain_u32", b"\x01\x00\x00\x00" * 4, 2, v)
+    same("chain_msgpack", msgspec.msgpack.encode([1, 2, 3, 4]), 2, v)
+    # A C table holds exactly the u64 keys (a bool is its int), raises as dict cannot for others.
+    m, holds = C.U64Map(), isinstance(v, int) and 0 <= v < 2**64
+    if holds:
+        m[v] = 1
+        assert m[int(v)] == 1 and v in m and list(m) == [int(v)]
+    else:
+        with pytest.raises(TypeError if not isinstance(v, int) else OverflowError):
+            m[v] = 1
+        assert v not in m and m.get(v) is None and len(m) == 0
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "head", [b"\xdd\xff\xff\xff\xff", b"\xdd\x7f\xff\xff\xff", b"\xdc\xff\xff"]
+)
+def test_array_count_longer_than_the_bytes_is_rejected_before_allocating(head: bytes) -> None:
+    """A 5-byte header may claim 2^32 tokens: that must be a ValueError, not a 32 GB malloc."""
+    for raw in (head, head + b"\x01" * 40):
+        assert same("msgpack_u32_count", raw) is None
+        assert same("chain_msgpack", raw, 1, 0) is None
+
+
 masks = st.integers(0, 2**80)
 mask_dicts = st.dictionaries(st.integers(0, 40), masks, max_size=30)
 key_lists = st.lists(st.integers(0, 50), max_size=30)
