@@ -108,9 +108,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = kvray.connect(args.namespace)
     stats = client.stats()
     pods = client.pods()
+    ctl = client.controller_status()
     if args.json:
-        print(json.dumps({"stats": stats, "pods": pods}, indent=2, default=str))
+        print(json.dumps({"stats": stats, "pods": pods, "controller": ctl}, indent=2, default=str))
         return 0
+    ages = ctl["snapshot_ages_s"]
+    print(
+        f"controller: {'restarted' if ctl['restarted'] else 'up'}, {ctl['pods']} pods added, "
+        f"{ctl['replay_sockets']} replay sockets, snapshot age "
+        + (f"{max(ages.values()):.1f} s" if ages else "- (none yet)")
+    )
     print(f"{'shard':>5} {'pods':>5} {'keys':>10} {'pairs':>10} {'stored':>10} {'removed':>10}")
     for s in stats["shards"]:
         print(

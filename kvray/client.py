@@ -13,6 +13,7 @@ actors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from kvray.replica import Replica
 _ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix store's chunk)
 _POOLS_FRESH_S = 1.0  # pool sizes asked of the shards (no replica) at most this often
 _PINS_FRESH_S = 1.0  # pins this young are trusted for pods they do not name (hash placed)
+_CTL_RETRY_S = 0.2  # pause before asking a dead or restarting controller again
 
 
 class Client:
@@ -44,14 +46,8 @@ class Client:
     ) -> None:
         self.namespace = namespace
         self.timeout_s = timeout_s
-        try:
-            self.controller = ray.get_actor(CONTROLLER, namespace=namespace)
-        except ValueError as exc:
-            raise ConfigError(
-                f"no kvray deployment in Ray namespace {namespace!r} (start one with "
-                "`kvray serve` or kvray.runtime.start)"
-            ) from exc
-        info = ray.get(self.controller.info.remote(), timeout=timeout_s)
+        self.controller = self._resolve_controller()
+        info = self._ctl("info")
         self.config = Config.model_validate(info["config"])
         self.shards = [ray.get_actor(n, namespace=namespace) for n in info["shards"]]
         self.ingestors = [ray.get_actor(n, namespace=namespace) for n in info["ingestors"]]
@@ -76,6 +72,48 @@ class Client:
             # A dropped client stops its follower thread (the thread keeps the replica alive).
             weakref.finalize(self, self.replica.stop_soon)
             self.replica.wait_ready(self.config.replica.ready_timeout_s)
+
+    # --- the controller (restarts by itself; looked up again by name when a call fails) ---
+
+    def _resolve_controller(self) -> Any:
+        try:
+            return ray.get_actor(CONTROLLER, namespace=self.namespace)
+        except ValueError as exc:
+            raise ConfigError(
+                f"no kvray deployment in Ray namespace {self.namespace!r} (start one with "
+                "`kvray serve` or kvray.runtime.start)"
+            ) from exc
+
+    def _ctl(self, method: str, *args: Any) -> Any:
+        """Call a controller method; while the controller is dead or restarting (or was
+        replaced under the same name), look it up again and retry until ``timeout_s``."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ref = getattr(self.controller, method).remote(*args)
+                return ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            except ray.exceptions.RayActorError:
+                if time.monotonic() + _CTL_RETRY_S > deadline:
+                    raise
+                time.sleep(_CTL_RETRY_S)
+                with contextlib.suppress(ConfigError):
+                    self.controller = self._resolve_controller()
+
+    async def _ctl_async(self, method: str, *args: Any) -> Any:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return await getattr(self.controller, method).remote(*args)
+            except ray.exceptions.RayActorError:
+                if time.monotonic() + _CTL_RETRY_S > deadline:
+                    raise
+                await asyncio.sleep(_CTL_RETRY_S)
+                with contextlib.suppress(ConfigError):
+                    self.controller = self._resolve_controller()
+
+    def controller_status(self) -> dict[str, Any]:
+        """The controller's ``status()``: restarted or not, snapshot ages, what it remembers."""
+        return dict(self._ctl("status"))
 
     def close(self) -> None:
         """Stop the replica's follower thread (the client still scores through the shards)."""
@@ -108,11 +146,11 @@ class Client:
 
     def _refresh_pins(self, holders: Sequence[str]) -> None:
         if not self._sure(holders):
-            self._set_pins(ray.get(self.controller.pins.remote(), timeout=self.timeout_s))
+            self._set_pins(self._ctl("pins"))
 
     async def _refresh_pins_async(self, holders: Sequence[str]) -> None:
         if not self._sure(holders):
-            self._set_pins(await self.controller.pins.remote())
+            self._set_pins(await self._ctl_async("pins"))
 
     def _set_pins(self, pins: dict[str, int]) -> None:
         self.placement.update(pins)
@@ -374,9 +412,7 @@ class Client:
 
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
         """Tell kvray where a (connecting) pod's replay ROUTER is; survives restarts."""
-        ray.get(
-            self.controller.register_replay.remote(pod, replay_endpoint), timeout=self.timeout_s
-        )
+        self._ctl("register_replay", pod, replay_endpoint)
 
     def add_pod(
         self,
@@ -389,10 +425,7 @@ class Client:
 
         ``pod``/``model`` name the pod when it publishes with an empty topic.
         """
-        shard = ray.get(
-            self.controller.add_pod.remote(endpoint, replay_endpoint, pod, model),
-            timeout=self.timeout_s,
-        )
+        shard = self._ctl("add_pod", endpoint, replay_endpoint, pod, model)
         if shard is not None and pod:  # pinned: this client routes to it from now on
             self.placement.pin(pod, shard)
 

@@ -1,14 +1,17 @@
 """Start and stop a kvray deployment on the current Ray cluster.
 
-``start(config)`` creates the controller (which creates shards, ingestors and tokenizers) and
-waits until every actor answers. ``stop(namespace)`` tears it all down. ``ensure`` and
-``release`` do the same for an owner (a Serve application's ``KvrayRuntime`` replica):
-start, adopt or replace the deployment so it runs ``config``, and stop it only if that owner
-still holds it.
+``start(config)`` creates the shards, ingestors and tokenizers (owned by the caller, see
+``kvray.actors.controller``), then the controller, which adopts them, and waits until every
+actor answers. Every actor restarts by itself when it dies, the controller included: it keeps
+its state in the GCS and pulls fresh snapshots from the shards when it comes back.
+``stop(namespace)`` tears it all down. ``ensure`` and ``release`` do the same for an owner (a
+Serve application's ``KvrayRuntime`` replica): start, adopt or replace the deployment so it
+runs ``config``, and stop it only if that owner still holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,14 +19,15 @@ from typing import Any
 
 import ray
 
-from kvray.actors.controller import Controller
+from kvray.actors.controller import Controller, clear_state, create_actors
 from kvray.actors.naming import CONTROLLER
 from kvray.config import Config
 
 log = logging.getLogger("kvray.runtime")
 
-# Non-detached actors live as long as a handle does: keep the controller's here until stop().
+# Non-detached actors live as long as a handle does: keep the handles here until stop().
 _controllers: dict[str, Any] = {}
+_actors: dict[str, dict[str, Any]] = {}
 
 
 def start(
@@ -42,6 +46,9 @@ def start(
         timeout_s: how long to wait for every actor to come up.
     """
     life = {"lifetime": "detached"} if detached else {}
+    clear_state(config.namespace)  # a new deployment: nothing of an earlier one is restored
+    actors = create_actors(config, detached)
+    _actors[config.namespace] = actors
     ctl = (
         ray.remote(Controller)  # type: ignore[attr-defined]
         .options(
@@ -49,10 +56,13 @@ def start(
             namespace=config.namespace,
             num_cpus=0,
             max_concurrency=8,
-            max_restarts=0,
+            # Restarts by itself; calls in flight when it died are retried on the new
+            # incarnation (its methods are idempotent and save state before returning).
+            max_restarts=-1,
+            max_task_retries=-1,
             **life,
         )
-        .remote(config.model_dump(), snapshot_interval_s, detached)
+        .remote(config.model_dump(), snapshot_interval_s, detached, actors["pg"])
     )
     _controllers[config.namespace] = ctl
     return ray.get(ctl.ready.remote(timeout_s), timeout=timeout_s + 10)  # type: ignore[no-any-return]
@@ -63,13 +73,41 @@ def stop(namespace: str = "kvray") -> bool:
     try:
         ctl = ray.get_actor(CONTROLLER, namespace=namespace)
     except ValueError:
-        return False
+        return _kill_named(namespace) > 0
     try:
         ray.get(ctl.shutdown.remote(), timeout=30)
     finally:
         ray.kill(ctl, no_restart=True)
+        _kill_named(namespace)  # whatever shutdown missed (it failed, or timed out)
+        actors = _actors.pop(namespace, None)
+        if actors is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(actors["pg"])
         _controllers.pop(namespace, None)
+        clear_state(namespace)
     return True
+
+
+def _kill_named(namespace: str) -> int:
+    """Kill kvray's shards, ingestors and tokenizers in ``namespace`` by name; returns how
+    many were found."""
+    from kvray.actors.naming import ingestor_name, shard_name, tokenizer_name
+
+    found = 0
+    for name_of in (shard_name, ingestor_name, tokenizer_name):
+        i = 0
+        while True:
+            try:
+                actor = ray.get_actor(name_of(i), namespace=namespace)
+            except ValueError:
+                break
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+            found += 1
+            i += 1
+    return found
 
 
 def fingerprint(config: Config | dict[str, Any]) -> str:

@@ -1,7 +1,23 @@
-"""``Controller``: creates kvray's actors, keeps shard snapshots, answers "where is what".
+"""``Controller``: kvray's named entry point; owns pins, pods, replay sockets and snapshots.
 
-It is the one named entry point of a kvray deployment (``kvray.connect()`` looks it up). A
-snapshot thread copies every shard's index into the controller's memory every
+``kvray.connect()`` looks it up by name. It restarts by itself (``max_restarts=-1``) and loses
+nothing that matters when it does:
+
+* **Its actors are not its children.** ``create_actors`` (called by ``kvray.runtime.start`` in
+  the caller's process) creates the shards, ingestors, tokenizers and the shards' placement
+  group; the controller adopts them by name. An actor's owner is the process that created it,
+  and Ray kills owned actors when their owner dies: created here, a controller crash would take
+  the whole index with it.
+* **Its state is in Ray's GCS** (the internal KV, key ``controller/<namespace>``): pods added
+  at runtime and the shard reading each, replay sockets, the ingestors' bound endpoints, the
+  pins, the owner claim and the configuration's fingerprint. Every change is written before
+  the method returns, so a call Ray retries after a restart (``max_task_retries=-1``) finds it.
+* **Snapshots are not stored there**: they are as big as the index (GCS is a metadata store,
+  and every snapshot interval would rewrite them). A restarted controller pulls a fresh one
+  from every live shard at once instead. A shard that dies before that restarts empty, and the
+  ingestors replay its pods' streams from their buffers (seq 0 when the buffer still has it).
+
+A snapshot thread copies every shard's index into the controller's memory every
 ``snapshot_interval_s``; a restarted shard loads its latest copy in ``__init__`` and the
 ingestors replay what came after from the pods.
 """
@@ -9,6 +25,7 @@ ingestors replay what came after from the pods.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -26,71 +43,135 @@ log = logging.getLogger("kvray.controller")
 
 
 _SHARD_CPU = 0.01
+_KV_NAMESPACE = "kvray"
+_STATE_VERSION = 1
+
+
+def _state_key(namespace: str) -> bytes:
+    return f"controller/{namespace}".encode()
+
+
+def load_state(namespace: str) -> dict[str, Any] | None:
+    """The controller state saved in the GCS for ``namespace`` (None: none)."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(_state_key(namespace), namespace=_KV_NAMESPACE)
+    if not raw:
+        return None
+    doc: dict[str, Any] = json.loads(raw)
+    return doc if doc.get("v") == _STATE_VERSION else None
+
+
+def save_state(namespace: str, doc: dict[str, Any]) -> None:
+    from ray.experimental import internal_kv
+
+    raw = json.dumps({**doc, "v": _STATE_VERSION}, sort_keys=True).encode()
+    internal_kv._internal_kv_put(
+        _state_key(namespace), raw, overwrite=True, namespace=_KV_NAMESPACE
+    )
+
+
+def clear_state(namespace: str) -> None:
+    """Forget the saved controller state of ``namespace`` (a deployment stopped or replaced)."""
+    from ray.experimental import internal_kv
+
+    with contextlib.suppress(Exception):
+        internal_kv._internal_kv_del(_state_key(namespace), namespace=_KV_NAMESPACE)
+
+
+def create_actors(config: Config, detached: bool = False) -> dict[str, Any]:
+    """Create the shards, ingestors, tokenizers and the shards' placement group in the
+    calling process (their owner; see the module docstring). Returns the handles and the
+    placement group, for the caller to keep (non-detached actors live as long as a handle)."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cfg = config.model_dump()
+    ns = config.namespace
+    life = {"lifetime": "detached"} if detached else {}
+    # num_cpus=0: kvray's actors are I/O- and latency-bound; they must not starve the
+    # cluster's schedulable CPUs (and a 2-core laptop could not place them otherwise).
+    common: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "namespace": ns, **life}
+    # Shards go in a SPREAD placement group: one bundle per shard, on different nodes when
+    # there are several (Ray's "SPREAD" task strategy and soft node affinity both packed
+    # zero-CPU actors on one node here). Bundles are rescheduled when a node dies, and the
+    # shard restarts in its bundle. 0.01 CPU each: a token amount, so a laptop fits them.
+    pg = placement_group(
+        [{"CPU": _SHARD_CPU}] * config.num_shards,
+        strategy="SPREAD",
+        lifetime="detached" if detached else None,
+    )
+    ray.get(pg.ready(), timeout=120)
+    shard_cls = ray.remote(IndexShard)
+    shard_common = {**common, "num_cpus": _SHARD_CPU}
+    shards = [
+        shard_cls.options(
+            name=shard_name(i),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=i
+            ),
+            **shard_common,
+        ).remote(i, cfg)
+        for i in range(config.num_shards)
+    ]
+    tok_cls = ray.remote(TokenizerActor)
+    tokenizers = [
+        tok_cls.options(name=tokenizer_name(i), **common).remote(i, cfg)
+        for i in range(config.num_tokenizers)
+    ]
+    names = [shard_name(i) for i in range(config.num_shards)]
+    ing_cls = ray.remote(Ingestor)
+    ingestors = [
+        ing_cls.options(
+            name=ingestor_name(i), scheduling_strategy="SPREAD", max_concurrency=4, **common
+        ).remote(i, cfg, names)
+        for i in range(config.num_ingestors)
+    ]
+    return {"pg": pg, "shards": shards, "tokenizers": tokenizers, "ingestors": ingestors}
 
 
 class Controller:
-    """The controller actor's body (``max_concurrency`` > 1: shards call it while it works)."""
+    """The controller actor's body (``max_concurrency`` > 1: shards call it while it works).
+
+    Args:
+        config: the deployment's configuration.
+        snapshot_interval_s: how often every shard's snapshot is pulled.
+        detached: the deployment outlives its driver (informational).
+        pg: the shards' placement group (``create_actors``), removed by ``shutdown``.
+    """
 
     def __init__(
         self,
         config: dict[str, Any],
         snapshot_interval_s: float = 10.0,
         detached: bool = False,
+        pg: Any = None,
     ) -> None:
+        from kvray import runtime
+
         self.config = Config.model_validate(config)
+        self.detached = detached
+        self.pg = pg
         self._owner: str | None = None
-        cfg = self.config.model_dump()
         ns = self.config.namespace
-        life = {"lifetime": "detached"} if detached else {}
+        self._fingerprint = runtime.fingerprint(self.config)
         self.shard_names = [shard_name(i) for i in range(self.config.num_shards)]
         self.ingestor_names = [ingestor_name(i) for i in range(self.config.num_ingestors)]
         self.tokenizer_names = [tokenizer_name(i) for i in range(self.config.num_tokenizers)]
-        # num_cpus=0: kvray's actors are I/O- and latency-bound; they must not starve the
-        # cluster's schedulable CPUs (and a 2-core laptop could not place them otherwise).
-        # SPREAD puts shards and ingestors on different nodes when there are several.
-        common: dict[str, Any] = {"num_cpus": 0, "max_restarts": -1, "namespace": ns, **life}
-        # Shards go in a SPREAD placement group: one bundle per shard, on different nodes when
-        # there are several (Ray's "SPREAD" task strategy and soft node affinity both packed
-        # zero-CPU actors on one node here). Bundles are rescheduled when a node dies, and the
-        # shard restarts in its bundle. 0.01 CPU each: a token amount, so a laptop fits them.
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        self.pg = placement_group(
-            [{"CPU": _SHARD_CPU}] * self.config.num_shards,
-            strategy="SPREAD",
-            lifetime="detached" if detached else None,
-        )
-        ray.get(self.pg.ready(), timeout=120)
-        shard_cls = ray.remote(IndexShard)
-        shard_common = {**common, "num_cpus": _SHARD_CPU}
-        self.shards = [
-            shard_cls.options(
-                name=n,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=i
-                ),
-                **shard_common,
-            ).remote(i, cfg)
-            for i, n in enumerate(self.shard_names)
-        ]
-        tok_cls = ray.remote(TokenizerActor)
-        self.tokenizers = [
-            tok_cls.options(name=n, **common).remote(i, cfg)
-            for i, n in enumerate(self.tokenizer_names)
-        ]
-        ing_cls = ray.remote(Ingestor)
-        self.ingestors = [
-            ing_cls.options(
-                name=n, scheduling_strategy="SPREAD", max_concurrency=4, **common
-            ).remote(i, cfg, self.shard_names)
-            for i, n in enumerate(self.ingestor_names)
-        ]
+        # Adopted by name (created by create_actors; alive or restarting, the name holds).
+        self.shards = [ray.get_actor(n, namespace=ns) for n in self.shard_names]
+        self.tokenizers = [ray.get_actor(n, namespace=ns) for n in self.tokenizer_names]
+        self.ingestors = [ray.get_actor(n, namespace=ns) for n in self.ingestor_names]
         self._ingestor_endpoints: dict[int, list[str]] = {}
         self._pods: dict[str, dict[str, Any]] = {}
         self._pod_shard: dict[str, int] = {}  # endpoint → the shard reading it itself
         self.placement = self.config.placement()  # named pods' pins (balanced), see sharding
         self._replay: dict[str, str] = {}
+        self._state_lock = threading.Lock()
+        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.restarted:
+            self._load()
+        self._save()
         self._snapshots: dict[int, bytes] = {}
         self._snapshot_times: dict[int, float] = {}
         self._interval = snapshot_interval_s
@@ -98,10 +179,48 @@ class Controller:
         self._thread = threading.Thread(target=self._snapshot_loop, daemon=True)
         self._thread.start()
 
+    # --- state in the GCS ------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """After a restart: pods, pins, replay sockets, endpoints and owner from the GCS."""
+        doc = load_state(self.config.namespace)
+        if doc is None or doc.get("fingerprint") != self._fingerprint:
+            log.warning("controller restarted without saved state for this configuration")
+            return
+        self._owner = doc.get("owner")
+        self._pods = dict(doc.get("pods", {}))
+        self._pod_shard = {ep: int(i) for ep, i in doc.get("pod_shard", {}).items()}
+        self._replay = dict(doc.get("replay", {}))
+        self._ingestor_endpoints = {
+            int(i): list(eps) for i, eps in doc.get("ingestor_endpoints", {}).items()
+        }
+        self.placement.update({p: int(i) for p, i in doc.get("pins", {}).items()})
+        log.warning(
+            "controller restarted: %d pods, %d replay sockets, %d pins restored",
+            len(self._pods), len(self._replay), len(self.placement.pins()),
+        )  # fmt: skip
+
+    def _save(self) -> None:
+        """Write the state to the GCS (before the changing method returns)."""
+        with self._state_lock:
+            save_state(
+                self.config.namespace,
+                {
+                    "fingerprint": self._fingerprint,
+                    "owner": self._owner,
+                    "pods": self._pods,
+                    "pod_shard": self._pod_shard,
+                    "replay": self._replay,
+                    "ingestor_endpoints": {str(i): e for i, e in self._ingestor_endpoints.items()},
+                    "pins": self.placement.pins(),
+                },
+            )
+
     def claim(self, owner: str) -> str | None:
         """Make ``owner`` the one that may tear this deployment down (a Serve application's
         ``KvrayRuntime`` replica); returns the previous owner."""
         previous, self._owner = self._owner, owner
+        self._save()
         return previous
 
     def owner(self) -> str | None:
@@ -120,10 +239,16 @@ class Controller:
         return self.info()
 
     def info(self) -> dict[str, Any]:
-        """Config and actor names, for clients."""
-        endpoints = ray.get([i.endpoints.remote() for i in self.ingestors])
-        for i, eps in enumerate(endpoints):
-            self._ingestor_endpoints.setdefault(i, eps)
+        """Config and actor names, for clients. The ingestors' bound endpoints are asked once
+        and remembered (a restarted ingestor rebinds the same ones), so ``info`` answers while
+        an ingestor restarts."""
+        missing = [i for i in range(len(self.ingestors)) if i not in self._ingestor_endpoints]
+        if missing:
+            got = ray.get([self.ingestors[i].endpoints.remote() for i in missing], timeout=120)
+            for i, eps in zip(missing, got, strict=True):
+                self._ingestor_endpoints.setdefault(i, eps)
+            self._save()
+        endpoints = [self._ingestor_endpoints[i] for i in range(len(self.ingestors))]
         return {
             "config": self.config.model_dump(),
             "shards": self.shard_names,
@@ -162,6 +287,7 @@ class Controller:
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
         """Remember a connecting pod's replay socket and tell every ingestor and shard."""
         self._replay[pod] = replay_endpoint
+        self._save()
         ray.get(
             [i.register_replay.remote(pod, replay_endpoint) for i in self.ingestors]
             + [s.register_replay.remote(pod, replay_endpoint) for s in self.shards]
@@ -194,15 +320,19 @@ class Controller:
         if pod and self.config.events.shard_reads_named_pods:
             i = self.placement.place(pod)
             self._pod_shard[endpoint] = i
+            self._save()
             ray.get([ing.pin.remote(pod, i) for ing in self.ingestors])
             ray.get(self.shards[i].subscribe.remote(endpoint, replay_endpoint, pod, model))
             return i
+        self._save()
         ray.get(self.ingestors[ingestor].add_pod.remote(endpoint, replay_endpoint, pod, model))
         return None
 
     # --- snapshots -------------------------------------------------------------------------
 
     def _snapshot_loop(self) -> None:
+        if self.restarted:  # the snapshots were in the previous life's memory: pull them now
+            self.snapshot_now()
         while not self._stop.wait(self._interval):
             self.snapshot_now()
 
@@ -226,6 +356,17 @@ class Controller:
         now = time.time()
         return {i: now - t for i, t in self._snapshot_times.items()}
 
+    def status(self) -> dict[str, Any]:
+        """Whether this controller restarted, its snapshots' ages and what it remembers."""
+        return {
+            "restarted": self.restarted,
+            "snapshot_ages_s": self.snapshot_ages(),
+            "pods": len(self._pods),
+            "replay_sockets": len(self._replay),
+            "pins": len(self.placement.pins()),
+            "owner": self._owner,
+        }
+
     def shutdown(self) -> None:
         """Stop ingestors and kill every actor this controller created."""
         self._stop.set()
@@ -236,5 +377,7 @@ class Controller:
                 ray.kill(a, no_restart=True)
         from ray.util.placement_group import remove_placement_group
 
-        with contextlib.suppress(Exception):
-            remove_placement_group(self.pg)
+        if self.pg is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.pg)
+        clear_state(self.config.namespace)

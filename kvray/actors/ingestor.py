@@ -171,6 +171,12 @@ class Ingestor:
         self._resync_refs: list[tuple[int, Any]] = []
         self._received_total = 0
         self._shipped_upto = 0
+        # Per stream, the seqs catch-up replayed ``(first, last)``: live copies of them that
+        # were already buffered in the SUB socket are duplicates, not a restarted pod.
+        self._caught_up: dict[tuple[str, int], tuple[int, int]] = {}
+        # Holders whose missing range no replay could heal: their next op is sent as not
+        # contiguous, so the shard takes it (the loss is counted in ``seq_lost``).
+        self._unhealed: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
         self._thread.start()
 
@@ -193,9 +199,9 @@ class Ingestor:
 
         try:
             ctl = ray.get_actor(CONTROLLER, namespace=ns)
-            mem = ray.get(ctl.ingestor_memory.remote(self.id), timeout=10)
-        except Exception:  # no controller (standalone) or first start
-            return [], {}
+            mem = ray.get(ctl.ingestor_memory.remote(self.id), timeout=30)
+        except Exception:  # no controller (standalone), or it does not answer
+            mem = {"endpoints": [], "pods": [], "replay": {}, "pins": {}}
         self.replay_endpoints.update(mem["replay"])
         self.placement.update(mem.get("pins", {}))
         for pod in mem["pods"]:
@@ -225,6 +231,8 @@ class Ingestor:
             if got is not None:
                 self.seq.observe(stream, got)
                 del self._known_positions[holder]
+                if got > pos:
+                    self._caught_up[stream] = (pos + 1, got)
 
     # --- control (actor methods) -----------------------------------------------------------
 
@@ -354,6 +362,12 @@ class Ingestor:
             return
         stream = (topic.pod, rank or 0)
         self.streams_model[stream] = topic.model
+        if self._caught_up:
+            window = self._caught_up.get(stream)
+            if window is not None:
+                if window[0] <= seq <= window[1]:
+                    return  # received live while catch-up replayed it: queued already
+                del self._caught_up[stream]
         verdict = self.seq.observe(stream, seq)
         shard = self.placement.owner(holder_id(topic.pod, rank))
         contiguous = True
@@ -382,6 +396,17 @@ class Ingestor:
                 # its replay buffer.
                 got = self._replay(stream, None, seq, origin, count_missing=False)
                 contiguous = got is not None
+            else:
+                # Where the shard stopped is unknown here (this ingestor restarted without
+                # reading it, or the stream moved): the shard knows, and refuses the op as
+                # ``behind`` when it misses [its position + 1, seq), which is replayed then.
+                # Without a replay socket nothing could heal it: take the op as it comes.
+                contiguous = self._replay_endpoint(topic.pod, origin, rank or 0) is not None
+        if self._unhealed and contiguous:
+            h = holder_id(topic.pod, rank)
+            if h in self._unhealed:
+                self._unhealed.discard(h)
+                contiguous = False
         op: tuple[Any, ...] = ("batch", topic.pod, topic.model, seq, payload, contiguous)
         if batch is not None and self.local is not None and shard == self.local.shard_id:
             op += (batch,)  # decoded already (IndexShard._apply uses it)
@@ -587,13 +612,36 @@ class Ingestor:
         if behind:
             positions.update(behind)
         pending, self._pending[shard] = self._pending[shard], []
+        unhealed: set[str] = set()
         for (pod, rank), nxt in self.seq.streams().items():
             holder = holder_id(pod, rank)
             if self.placement.owner(holder) != shard:
                 continue
             start = positions.get(holder, -1) + 1
-            if start < nxt:
-                self._replay((pod, rank), start, nxt, None)
+            if start >= nxt or self._replay((pod, rank), start, nxt, None) is not None:
+                continue
+            # The pod no longer has [start, nxt). A shard that knows nothing of the holder
+            # (restarted empty) takes what the pod still buffers, from its oldest batch.
+            if start == 0 and self._replay((pod, rank), None, nxt, None) is not None:
+                continue
+            unhealed.add(holder)
         # Ops queued before the failure come after the replayed range; duplicates are skipped.
+        # The first one of a holder whose range could not be healed is taken as it comes.
         for op in pending:
+            if unhealed and op[0] == "batch" and op[5]:
+                h = holder_id(op[1], _rank_of(op))
+                if h in unhealed:
+                    unhealed.discard(h)
+                    op = (*op[:5], False, *op[6:])
             self._queue(shard, op)
+        self._unhealed |= unhealed
+
+
+def _rank_of(op: tuple[Any, ...]) -> int:
+    """The data-parallel rank of a queued ``batch`` op (decoded already, or peeked)."""
+    if len(op) > 6:
+        return int(op[6].data_parallel_rank or 0)
+    try:
+        return int(peek_rank(op[4]) or 0)
+    except MalformedFrame:
+        return 0

@@ -3,8 +3,10 @@
 The shard applies ops from ingestors IN ORDER per holder and tracks, per holder, the last seq it
 applied (its *position*). Positions make recovery exact: an op whose seq is not the next one
 (after a shard restart restored an older snapshot) is refused and reported as ``behind``, and the
-ingestor replays the missing range from the pod before sending more. Duplicates (seq ≤ position)
-are skipped, so replays may overlap freely.
+ingestor replays the missing range from the pod before sending more. A holder the shard knows
+nothing of (restarted without a snapshot, or not in it) is ``behind`` at -1 unless the op starts
+its stream (seq 0) or says it is not contiguous (the sender could not heal a gap). Duplicates
+(seq ≤ position) are skipped, so replays may overlap freely.
 
 On (re)start the shard restores the controller's latest snapshot of it, if any.
 
@@ -243,6 +245,13 @@ class IndexShard:
                     behind[holder] = pos
                     res.reject("out_of_order")
                     continue
+            elif contiguous and seq > 0:
+                # Nothing of this holder here (restarted without a snapshot of it, or it was
+                # cleared) but the sender says the op follows others: taking it would skip
+                # [0, seq) for good. Ask for them (position -1: replay from the start).
+                behind[holder] = -1
+                res.reject("out_of_order")
+                continue
             res.merge(self.writer.apply_batch(holder, model, batch))
             self.positions[holder] = seq
             self._advanced[holder] = seq
