@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,10 +12,12 @@ import pytest
 import ray
 
 import kvray
-from kvray import runtime
+from kvray import cli, runtime
+from kvray.actors.naming import CONTROLLER
 from kvray.client import Client
-from kvray.config import Config, EventsConfig, IndexConfig
+from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
 from kvray.sim import SimPod, SimPublisher
+from kvray.tokenization import find_bundled_qwen3
 
 NS = "kvray-it-faults"
 
@@ -23,7 +27,9 @@ def deployment(ray_session: None) -> Iterator[Client]:
     cfg = Config(
         namespace=NS,
         num_shards=2,
-        index=IndexConfig(pod_ttl_s=1.5),
+        index=IndexConfig(
+            pod_ttl_s=1.5, models={"m": ModelConfig(tokenizer=str(find_bundled_qwen3()))}
+        ),
         events=EventsConfig(bind=["tcp://127.0.0.1:0"]),
     )
     runtime.start(cfg, snapshot_interval_s=3600)
@@ -31,13 +37,13 @@ def deployment(ray_session: None) -> Iterator[Client]:
     runtime.stop(NS)
 
 
-def _pod(client: Client, pod_id: str) -> SimPod:
+def _pod(client: Client, pod_id: str, num_blocks: int = 48) -> SimPod:
     pub = SimPublisher(
         client.endpoints[0][0], f"kv@{pod_id}@m", replay_endpoint="tcp://127.0.0.1:0"
     )
     assert pub.wait_connected()
-    client.register_replay(pod_id, pub.replay_endpoint)
-    return SimPod(pod_id, "m", num_blocks=48, publisher=pub)
+    client.register_replay(pod_id, pub.replay_endpoint)  # type: ignore[arg-type]
+    return SimPod(pod_id, "m", num_blocks=num_blocks, publisher=pub)
 
 
 def _truth_matches(client: Client, pods: list[SimPod], prompts: list[list[int]]) -> bool:
@@ -98,3 +104,83 @@ def test_silent_pod_is_dropped(deployment: Client) -> None:
     for pod in (loud, quiet):
         pod.publisher.close()  # type: ignore[union-attr]
         deployment.remove_pod(pod.pod_id)
+
+
+class _Traffic:
+    """Pods serving prompts from a thread (the load the faults land in), pausable."""
+
+    def __init__(self, pods: list[SimPod], prompts: list[list[int]], seed: int) -> None:
+        self.pods, self.prompts, self.rng = pods, prompts, random.Random(seed)
+        self.running = threading.Event()
+        self.idle = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if not self.running.wait(0.05):
+                self.idle.set()
+                continue
+            self.idle.clear()
+            self.rng.choice(self.pods).serve(self.rng.choice(self.prompts))
+            time.sleep(0.01)
+
+    def pause(self) -> None:
+        self.running.clear()
+        self.idle.clear()
+        assert self.idle.wait(5)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_any_actor_killed_under_load_heals_exactly(deployment: Client) -> None:
+    """Controller, a shard, the ingestor, a tokenizer: each killed (Ray restarts it) while
+    three pods with different pools publish and evict; each time the scores converge to what
+    the pods hold, and after the controller's kill new clients connect and ``kvray status``
+    works."""
+    rng = random.Random(15)
+    pods = [_pod(deployment, f"10.15.0.{i}", n) for i, n in enumerate((12, 32, 96))]
+    # Not block-aligned: no recomputed duplicate blocks (a known limitation, design.md).
+    heads = [[rng.randrange(9000) for _ in range(32)] for _ in range(6)]
+    prompts = [
+        rng.choice(heads) + [rng.randrange(9000) for _ in range(16 * rng.randint(1, 4) + 7)]
+        for _ in range(60)
+    ]
+    traffic = _Traffic(pods, prompts, seed=16)
+    victims: dict[str, Any] = {
+        "controller": ray.get_actor(CONTROLLER, namespace=NS),
+        "shard": deployment.shards[1],
+        "ingestor": deployment.ingestors[0],
+        "tokenizer": deployment.tokenizers[0],
+    }
+    try:
+        for name, victim in victims.items():
+            traffic.running.set()
+            time.sleep(0.5)
+            ray.kill(victim, no_restart=False)
+            time.sleep(1.0)  # traffic goes on while it restarts
+            if name == "controller":  # a new scheduler connects while it comes back
+                fresh = kvray.connect(NS, timeout_s=60)
+                assert fresh.controller_status()["restarted"]
+                assert isinstance(
+                    fresh.score_tokens(prompts[0], "m", pods=[p.pod_id for p in pods]), dict
+                )
+            traffic.pause()
+            assert deployment.wait_until(
+                lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
+            ), f"scores did not converge after the {name} was killed"
+            if name == "controller":
+                assert _truth_matches(fresh, pods, prompts)
+                assert cli.main(["status", "--namespace", NS]) == 0
+                fresh.close()
+        # The restarted tokenizer answers (the pool's actor is the same name, a new process).
+        scores = deployment.score_prompt("You are a helpful assistant.", "m")
+        assert isinstance(scores, dict)
+    finally:
+        traffic.close()
+        for pod in pods:
+            pod.publisher.close()  # type: ignore[union-attr]
+            deployment.remove_pod(pod.pod_id)
