@@ -186,8 +186,39 @@ def diagnose(
     )
 
 
+def _evidence(client: Client) -> dict[str, dict[str, int]]:
+    """Recovery counters per actor (they restart from 0 with the actor): batches replayed
+    and counted lost by each reader (``ingestor0``, ``shard<i>``'s own reader), ops each shard
+    refused as out of order (it asked for a replay)."""
+    st = client.stats()
+    out: dict[str, dict[str, int]] = {}
+    for i in st["ingestors"]:
+        name = str(i["ingestor"])
+        key = name if name.startswith("shard") else f"ingestor{name}"
+        out[key] = {"replayed": int(i.get("replayed", 0)), "lost": int(i.get("seq_lost", 0))}
+    for sh in st["shards"]:
+        out.setdefault(f"shard{sh['shard']}", {})["asked"] = int(
+            sh["rejected"].get("out_of_order", 0)
+        )
+    return out
+
+
+def _evidence_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], killed: list[str]
+) -> dict[str, int]:
+    """This seed's share of the counters: all of a killed actor's (its new incarnation
+    started during the seed), the increase of the others'."""
+    total = {"replayed": 0, "asked": 0, "lost": 0}
+    for actor, counters in after.items():
+        base = {} if actor in killed else before.get(actor, {})
+        for k, v in counters.items():
+            total[k] += v - base.get(k, 0)
+    return total
+
+
 def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(seed)
+    before = _evidence(client)
     chains = make_chains(rng)
     fleet = start_fleet(client, seed, rng)
     order = list(FAULTS)
@@ -202,6 +233,7 @@ def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, A
             plan[j] = (plan[j - rng.randint(1, 20)][0], plan[j][1])
     stop = threading.Event()
     timeline: list[str] = []
+    killed: list[str] = []
     t0 = time.monotonic()
 
     def serve() -> None:
@@ -219,6 +251,7 @@ def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, A
         time.sleep(max(0.0, t0 + at - time.monotonic()))
         seqs = fleet.seqs()
         name = kill(client, what, rng)
+        killed.append(name)
         timeline.append(f"{name}@{time.monotonic() - t0:.1f}s {seqs}")
     th.join()
     served_s = time.monotonic() - t0
@@ -250,6 +283,11 @@ def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, A
     )
     result["settle_s"] = time.monotonic() - t1
     result["exact"] = exact
+    result["evidence"] = _evidence_delta(before, _evidence(scorer), killed)
+    victim = int(next(k for k in killed if k.startswith("shard"))[5:])
+    restored = scorer.stats()["shards"][victim]["restored_from_snapshot"]
+    result["shard_back"] = f"shard{victim}: " + ("snapshot" if restored else "empty")
+    result["controller_restarted"] = scorer.controller_status()["restarted"]
     found: list[dict[str, Any]] = []
     if not exact:
         direct = kvray.connect(NS, replica=False)
@@ -305,6 +343,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, total_s: flo
                 "yes" if r["connected"] else f"no ({r['connect_error']})",
                 "exact" if r["exact"] else f"**{len(r['divergences'])} wrong**",
                 f"{r['settle_s']:.1f}",
+                r["evidence"]["replayed"],
+                r["evidence"]["asked"],
+                r["evidence"]["lost"],
+                r["shard_back"],
             ]
         )
     exact = sum(r["exact"] for r in results)
@@ -313,6 +355,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, total_s: flo
         f"{sum(len(r['divergences']) for r in results)} divergent (pod, chain) scores; "
         f"{args.requests} requests over 300 chains in {args.duration:.0f} s per seed, pools "
         f"{POOLS} blocks, 2 shards, snapshots every {args.snapshot_s} s; total {total_s:.0f} s.",
+        "Columns: *settle s*: from the end of the traffic until a new client connected and "
+        "every chain scored exactly (at most `--settle`); *replayed*: batches re-read from "
+        "the pods' replay sockets; *refused*: batches a shard refused as out of order, asking "
+        "for the gap (restarted from an older snapshot or from none); *lost*: batches counted "
+        "unrecoverable; *came back from*: the controller's latest snapshot (then the gap after "
+        "it replayed), or nothing (the restarted controller had not pulled one yet: the "
+        "shard started empty and its pods were replayed from seq 0).",
         table(
             [
                 "seed",
@@ -321,6 +370,10 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, total_s: flo
                 "new client",
                 "after faults",
                 "settle s",
+                "replayed",
+                "refused (replay asked)",
+                "lost",
+                "killed shard came back from",
             ],
             rows,
         ),  # fmt: skip
