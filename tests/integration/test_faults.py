@@ -184,3 +184,41 @@ def test_any_actor_killed_under_load_heals_exactly(deployment: Client) -> None:
         for pod in pods:
             pod.publisher.close()  # type: ignore[union-attr]
             deployment.remove_pod(pod.pod_id)
+
+
+def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Client) -> None:
+    """What the controller knew survives its restart (GCS state; snapshots pulled again from
+    the shards), so a shard killed afterwards restores a snapshot and reads its pod again."""
+    ctl = ray.get_actor(CONTROLLER, namespace=NS)
+    ray.get(ctl.claim.remote("owner-15"))
+    pub = SimPublisher("tcp://127.0.0.1:0", "kv@10.16.0.1@m", replay_endpoint="tcp://127.0.0.1:0")
+    deployment.add_pod(pub.endpoint, pub.replay_endpoint, "10.16.0.1", "m")  # a shard reads it
+    assert pub.wait_connected()
+    pod = SimPod("10.16.0.1", "m", num_blocks=24, publisher=pub)
+    rng = random.Random(17)
+    prompts = [[rng.randrange(9000) for _ in range(16 * rng.randint(1, 4) + 3)] for _ in range(30)]
+    for p in prompts[:15]:
+        pod.serve(p)
+    pins = ray.get(ctl.pins.remote())
+    ray.kill(ctl, no_restart=False)
+
+    def back(c: Client) -> bool:
+        st = c.controller_status()
+        return bool(st["restarted"]) and len(st["snapshot_ages_s"]) == len(c.shards)
+
+    assert deployment.wait_until(back, timeout_s=60, interval_s=0.25)
+    st = deployment.controller_status()
+    assert st["owner"] == "owner-15" and st["pods"] >= 1
+    assert ray.get(ctl.pins.remote()) == pins
+    victim = deployment.shards[pins["10.16.0.1"]]
+    ray.kill(victim, no_restart=False)
+    for p in prompts[15:]:
+        pod.serve(p)
+    try:
+        assert deployment.wait_until(
+            lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
+        )
+        assert ray.get(victim.stats.remote())["restored_from_snapshot"]
+    finally:
+        pub.close()
+        deployment.remove_pod("10.16.0.1")
