@@ -9,16 +9,20 @@ Plug it into a Serve (LLM) deployment::
 Built on ``ray.serve.request_router`` only (``RequestRouter`` with ``FIFOMixin`` and
 ``MultiplexMixin``). For each request:
 
-* **Prompt:** the token ids Serve LLM's OpenAI ingress forwards (``request_token_ids``), else
-  the prompt it finds (``prompt``/``messages``/``token_ids``, as an attribute or a dict key,
-  or a plain string), tokenized by kvray's tokenizer pool.
+* **Prompt:** the token ids Serve LLM's ingress forwards (``request_token_ids``), else the
+  prompt it finds (``prompt``/``messages``/``token_ids``, as an attribute or a dict key, or a
+  plain string), rendered and tokenized as vLLM does (chat template, ``tools``,
+  ``add_generation_prompt``, ``chat_template_kwargs``, ``add_special_tokens``, ``cache_salt``
+  from the request) by the model's tokenizer loaded in this process (``local_tokenizer``,
+  default) or by kvray's tokenizer pool.
 * **LoRA:** the request's multiplexed model id names the adapter whose key space the prompt's
   blocks live in.
 * **Decision:** kvray's one decision function (``Client.route_keys_async``,
   ``kvray.core.routing``): cached prefix against the work this router has in flight on each
   replica (prompt blocks to prefill plus a decode allowance, from ``on_request_routed`` /
   ``on_request_completed``) and each pod's pool fullness; cold prompts spread. The choice is
-  recorded as speculative entries (``record_routes``).
+  recorded as speculative entries (``record_routes``), in the background: the request does not
+  wait for it.
 * **Fallback:** power of two choices (Serve probes the two replicas' queues) whenever kvray
   cannot decide in ``timeout_s`` or is down, counted by reason in ``fallbacks``: routing never
   fails because of kvray.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -62,17 +67,29 @@ ROUTERS: weakref.WeakSet[KvrayRequestRouter] = weakref.WeakSet()
 
 def extract_prompt(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """The prompt of a request: token ids, chat messages or text (None when absent)."""
+    return _find_prompt(args, kwargs)[0]
+
+
+def _find_prompt(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """``(prompt, the request object it came from)``; see :func:`extract_prompt`."""
     ids = kwargs.get(TOKEN_IDS_KWARG)
     if ids:
-        return list(ids)
+        return list(ids), None
     for arg in (*args, *kwargs.values()):
         for name in ("token_ids", "prompt_token_ids", "messages", "prompt"):
             value = arg.get(name) if isinstance(arg, dict) else getattr(arg, name, None)
             if value is not None:
-                return value
+                return value, arg
         if isinstance(arg, str):
-            return arg
-    return None
+            return arg, None
+    return None, None
+
+
+def _field(request: Any, name: str, default: Any = None) -> Any:
+    if request is None:
+        return default
+    value = request.get(name) if isinstance(request, dict) else getattr(request, name, None)
+    return default if value is None else value
 
 
 def pod_of(replica: RunningReplica) -> str:
@@ -99,6 +116,7 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         timeout_s: float = 0.25,
         record_routes: bool = True,
         register_pods: bool = True,
+        local_tokenizer: bool = True,
         **_: Any,
     ) -> None:
         """Args come from ``request_router_kwargs``.
@@ -110,12 +128,18 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
             record_routes: record speculative entries for the chosen replica.
             register_pods: register replicas' KV-event endpoints with kvray (and remove
                 them when the replica goes away).
+            local_tokenizer: tokenize prompts in this process (the model's tokenizer, loaded
+                once, with its own prefix cache) instead of a round trip to kvray's tokenizer
+                pool; used only when the ingress forwards no token ids.
         """
         self._kv_namespace = namespace
         self._kv_model = model
         self._kv_timeout_s = timeout_s
         self._kv_record = record_routes
         self._kv_register = register_pods
+        self._kv_local_tok = local_tokenizer
+        self._kv_tok: Any = None  # the in-process Tokenization, once loaded
+        self._kv_tok_loading: threading.Thread | None = None
         self._kv_client: Any = None
         self.decisions: Counter[str] = Counter()
         """kvray's decisions by reason (cache/load/spread)."""
@@ -228,31 +252,75 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         """The ranking, or the reason there is none."""
         if not self._kv_model:
             return "no_model"
-        prompt = extract_prompt(tuple(pending.args or ()), dict(pending.kwargs or {}))
+        prompt, request = _find_prompt(tuple(pending.args or ()), dict(pending.kwargs or {}))
         if prompt is None:
             return "no_prompt"
         client = self._client()
         lora = pending.metadata.multiplexed_model_id or None
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            tokens = prompt
-        elif isinstance(prompt, list):
-            tokens = await client.tokenize_chat_async(prompt, self._kv_model)
-        else:
-            tokens = await client.tokenize_async(str(prompt), self._kv_model)
-        keys = client.block_keys(tokens, self._kv_model, lora)
+        tokens = await self._tokens(client, prompt, request)
+        keys = client.block_keys(tokens, self._kv_model, lora, _field(request, "cache_salt"))
         if not keys:
             return "no_blocks"  # shorter than a block: nothing kvray knows helps
         by_pod = {pod_of(r): r for r in candidates}
         block = client.config.index.hashing_lookup()(self._kv_model).block_size
         d, _ = await client.route_keys_async(
-            list(by_pod), keys, self._kv_model, load=self._load(by_pod), record=self._kv_record
+            list(by_pod), keys, self._kv_model, load=self._load(by_pod), record=False
         )
+        if self._kv_record:  # speculative entries, off the request's path
+            self._spawn(self._record(client, d.pod, keys))
         self.decisions[d.reason] += 1
         decode = client.config.routing.request_blocks * block
         self._work[pending.metadata.internal_request_id] = d.new_blocks * block + decode
         top = by_pod[d.pod]
         rest = [r for r in candidates if r is not top]
         return [[top], rest] if rest else [[top]]
+
+    async def _tokens(self, client: Any, prompt: Any, request: Any) -> list[int]:
+        """The prompt's token ids, rendered as vLLM renders the request."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return prompt
+        chat = isinstance(prompt, list)
+        if chat:
+            prompt = [m if isinstance(m, dict) else dict(m) for m in prompt]
+            opts = {
+                "tools": _field(request, "tools"),
+                "add_generation_prompt": bool(_field(request, "add_generation_prompt", True)),
+                "chat_template_kwargs": _field(request, "chat_template_kwargs"),
+            }
+        else:
+            opts = {"add_special_tokens": bool(_field(request, "add_special_tokens", True))}
+        if not self._kv_local_tok or self._kv_tok is None:
+            if self._kv_local_tok:
+                self._load_tokenizer(client)  # meanwhile, kvray's tokenizer pool
+            if chat:
+                return await client.tokenize_chat_async(prompt, self._kv_model, **opts)
+            return await client.tokenize_async(str(prompt), self._kv_model, **opts)
+        if chat:
+            return self._kv_tok.encode_chat(prompt, **opts)  # type: ignore[no-any-return]
+        return self._kv_tok.encode(str(prompt), **opts)  # type: ignore[no-any-return]
+
+    def _load_tokenizer(self, client: Any) -> None:
+        """Load the model's tokenizer once, on a thread (it takes a second or two)."""
+        if self._kv_tok_loading is not None:
+            return
+
+        def load() -> None:
+            from kvray.tokenization import load_tokenizer
+
+            source = client.config.index.model(self._kv_model).tokenizer or self._kv_model
+            try:
+                self._kv_tok = load_tokenizer(source)
+            except Exception as exc:  # the pool keeps tokenizing
+                log.warning("kvray: no local tokenizer for %s: %r", self._kv_model, exc)
+
+        self._kv_tok_loading = threading.Thread(target=load, name="kvray-tokenizer", daemon=True)
+        self._kv_tok_loading.start()
+
+    async def _record(self, client: Any, pod: str, keys: list[int]) -> None:
+        try:
+            await client.record_route_async(pod, keys)
+        except Exception as exc:  # speculative entries are an optimisation
+            log.debug("kvray: could not record the route to %s: %r", pod, exc)
 
     async def choose_replicas(
         self,

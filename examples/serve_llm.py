@@ -1,0 +1,422 @@
+"""kvray's router against Ray's own inside Ray Serve LLM, through the real OpenAI endpoint.
+
+One seeded workload (tenants with long system prompts, multi-turn chats, shared documents, a
+LoRA adapter; :mod:`kvray.sim.chat_workload`) is replayed through ``/v1/chat/completions`` of
+a Serve LLM app (``build_openai_app``: ``OpenAiIngress`` -> ``LLMServer`` replicas) whose engines
+are kvray's CPU stand-in (:mod:`kvray.serve.llm_engine`: vLLM's block pool and hashing, real
+ZMQ KV events, prefill time per uncached token, decode time per token). It is run with each
+router, at each replica count and each ingress replica count:
+
+* ``kvray``: :class:`kvray.serve.router.KvrayRequestRouter` (kvray started with its defaults;
+  the router registers each replica's KV-events endpoint with kvray, nothing is wired by hand);
+* ``prefix_cache_affinity``: Ray's ``PrefixCacheAffinityRouter``;
+* ``kv_aware``: Ray's ``KVAwareRouter`` as ``build_openai_app`` wires it;
+* ``power_of_two``: Serve's default router.
+
+Reported per router and configuration: hit rate (cached / prompt tokens, as vLLM counts them in
+``usage``), its fraction of an oracle that sees every cache (the same requests, in the same
+order, on the same pools, each sent to the pod with the longest cached prefix), TTFT p50/p99
+(the stand-in's: waiting for the replica's prefill queue + prefill), routing overhead per request
+p50/p99 (time in ``choose_replicas``, measured the same way for every router) and fallbacks.
+
+Run it in the Serve LLM environment (``bash scripts/llm_env.sh``, see docs/serve-llm.md)::
+
+    .venv-llm/bin/python examples/serve_llm.py --json serve_llm.json
+
+Every router sees the same requests; each run's prompts start with a run-specific salt, so every
+run starts with cold caches. Each router change redeploys the replicas (Serve restarts them);
+replica and ingress counts change in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+for _k, _v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+NS = "kvray-serve-llm"
+MODEL = "qwen3"
+LEDGER = "kvray-serve-llm-ledger"
+ROUTERS = ("kvray", "prefix_cache_affinity", "kv_aware", "power_of_two")
+SERVE_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def llm_app(router: str, replicas: int, ingress: int, args: argparse.Namespace,
+            store: AdapterStore) -> Any:
+    """The Serve LLM app: the documented recipe (docs/serve-llm.md) with the router under test."""
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    from kvray.serve.llm_bench import TIMED
+
+    kwargs: dict[str, Any] = {"ledger": LEDGER, "ledger_namespace": NS}
+    if router == "kvray":
+        kwargs |= {"namespace": NS, "model": MODEL}
+    cfg = LLMConfig(
+        model_loading_config={"model_id": MODEL},
+        runtime_env={"env_vars": {"RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
+                                  "HF_HUB_OFFLINE": "1", **store.env}},
+        experimental_configs={"kvray_sim_engine": {
+            "num_blocks": args.num_blocks,
+            "prefill_s_per_token": args.prefill_us / 1e6,
+            "decode_s_per_token": args.decode_ms / 1e3,
+            "ledger": LEDGER,
+            "ledger_namespace": NS,
+        }},
+        lora_config={"dynamic_lora_loading_path": store.path, "max_num_adapters_per_replica": 4},
+        placement_group_config={"bundles": [{"CPU": 0.01}]},
+        deployment_config={
+            "num_replicas": replicas,
+            "max_ongoing_requests": 64,
+            "ray_actor_options": {"num_cpus": 0},
+            "request_router_config": {
+                "request_router_class": TIMED[router],
+                "request_router_kwargs": kwargs,
+                "request_routing_stats_period_s": 1,
+            },
+        },
+    )
+    return build_openai_app({
+        "llm_configs": [cfg],
+        "ingress_deployment_config": {"num_replicas": ingress, "max_ongoing_requests": 256,
+                                      "ray_actor_options": {"num_cpus": 0}},
+    })
+
+
+class AdapterStore:
+    """Where Serve LLM finds LoRA adapters: ``dynamic_lora_loading_path`` must be S3, GCS or
+    Azure, so an S3-compatible server (moto's, from PyPI) runs on 127.0.0.1 for the run and
+    holds one adapter directory (the stand-in engine loads no weights, only its config)."""
+
+    BUCKET = "kvray-loras"
+
+    def __init__(self, adapter: str) -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        if not Path(exe).exists():
+            raise RuntimeError("moto_server not found: bash scripts/llm_env.sh installs it")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                    "AWS_ACCESS_KEY_ID": "kvray", "AWS_SECRET_ACCESS_KEY": "kvray",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+        os.environ.update(self.env)  # Ray's workers inherit the driver's environment
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL_S3"])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                s3.create_bucket(Bucket=self.BUCKET)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        s3.put_object(Bucket=self.BUCKET, Key=f"{adapter}/adapter_config.json",
+                      Body=json.dumps({"max_length": 32768, "r": 8}).encode())
+        self.path = f"s3://{self.BUCKET}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
+    """Every replica is up, and every router has seen every replica's routing stats."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = serve.status().applications.get("llm")
+        deps = st.deployments if st is not None else {}
+        running = [d for d in deps.values() if str(d.status).endswith("HEALTHY")]
+        if st is not None and str(st.status).endswith("RUNNING") and len(running) == len(deps):
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        time.sleep(1.0)
+    else:
+        raise TimeoutError(f"Serve LLM app not ready in {timeout_s:.0f} s")
+    # Replicas report routing stats every second; the warm-up requests (shorter than a block,
+    # so they cache nothing) let every router see every replica's stats.
+    for i in range(2 * replicas):
+        httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"hi {i}"}]})
+    time.sleep(2.0)
+
+
+async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[str, Any]]:
+    """Send every request at its arrival time (open loop); the client-side outcome of each."""
+    import httpx
+
+    out: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        t0 = time.perf_counter()
+
+        async def one(r: Any) -> None:
+            await asyncio.sleep(max(0.0, r.at_s - (time.perf_counter() - t0)))
+            s = time.perf_counter()
+            try:
+                resp = await http.post(f"{base}/v1/chat/completions", json=r.body)
+                ok, usage = resp.status_code == 200, (resp.json().get("usage") or {})
+                err = None if ok else resp.text[:200]
+            except httpx.HTTPError as exc:
+                ok, usage, err = False, {}, repr(exc)
+            out.append({"i": r.i, "ok": ok, "latency_s": time.perf_counter() - s,
+                        "usage": usage, "error": err})
+
+        await asyncio.gather(*(one(r) for r in requests))
+    return out
+
+
+# --- the oracle ---------------------------------------------------------------------------------
+
+
+def tokenize_all(requests: list[Any]) -> list[tuple[list[int], str | None]]:
+    """Each request's prompt tokens, as the stand-in engine renders them, and its adapter."""
+    from kvray.tokenization.hf import find_bundled_qwen3, load_tokenizer
+
+    tok = load_tokenizer(find_bundled_qwen3())
+    return [(tok.encode_chat(r.body["messages"]),
+             r.body["model"] if r.body["model"] != MODEL else None) for r in requests]
+
+
+def oracle_hit_rate(prompts: list[tuple[list[int], str | None]], pods: int, num_blocks: int,
+                    seed: int) -> float:
+    """Hit rate of routing each request to the pod with the longest cached prefix (ties at
+    random), on simulated vLLM pools of the same size, in arrival order."""
+    from kvray.core.keys import LoRA
+    from kvray.sim.pod import SimPod
+
+    rng = random.Random(seed)
+    fleet = [SimPod(f"oracle-{i}", MODEL, num_blocks=num_blocks) for i in range(pods)]
+    cached = total = 0
+    for tokens, adapter in prompts:
+        lora = LoRA(adapter) if adapter else None
+        hits = [p.cached_prefix_blocks(tokens, lora) for p in fleet]
+        best = max(hits)
+        pod = rng.choice([p for p, h in zip(fleet, hits, strict=True) if h == best])
+        res = pod.serve(tokens, lora=lora)
+        cached += res.cached_tokens
+        total += res.prompt_tokens
+    return cached / total if total else 0.0
+
+
+# --- one run and the report ---------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def summarize(rows: list[dict[str, Any]], client: list[dict[str, Any]], overheads: list[float],
+              fallbacks: dict[str, int], oracle: float, replicas: int) -> dict[str, Any]:
+    prompt = sum(r["prompt_tokens"] for r in rows)
+    cached = sum(r["cached_tokens"] for r in rows)
+    hit = cached / prompt if prompt else 0.0
+    ttft = [r["ttft_s"] for r in rows]
+    per_pod: dict[str, int] = {}
+    for r in rows:
+        per_pod[r["pod"]] = per_pod.get(r["pod"], 0) + 1
+    counts = list(per_pod.values()) + [0] * max(0, replicas - len(per_pod))
+    mean = statistics.fmean(counts) if counts else 0.0
+    return {
+        "hit_rate": round(hit, 4),
+        "oracle_hit_rate": round(oracle, 4),
+        "oracle_fraction": round(hit / oracle, 4) if oracle else None,
+        "ttft_p50_s": round(pct(ttft, 0.5), 4),
+        "ttft_p99_s": round(pct(ttft, 0.99), 4),
+        "overhead_p50_ms": round(pct(overheads, 0.5) * 1e3, 3),
+        "overhead_p99_ms": round(pct(overheads, 0.99) * 1e3, 3),
+        "fallbacks": sum(fallbacks.values()),
+        "fallback_reasons": fallbacks,
+        "requests": len(client),
+        "errors": sum(not c["ok"] for c in client),
+        "error_sample": next((c["error"] for c in client if not c["ok"]), None),
+        "latency_p50_s": round(pct([c["latency_s"] for c in client], 0.5), 4),
+        "load_cv": round(statistics.pstdev(counts) / mean, 3) if mean else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from kvray import runtime
+    from kvray.config import Config
+    from kvray.sim.chat_workload import ChatWorkloadConfig, generate
+    from kvray.tokenization.hf import find_bundled_qwen3
+
+    routers = [r.strip() for r in args.routers.split(",")]
+    sizes = [int(x) for x in args.replicas.split(",")]
+    ingresses = [int(x) for x in args.ingress.split(",")]
+    wl = ChatWorkloadConfig(seed=args.seed, requests=args.requests, rate_rps=args.rate, model=MODEL)
+    store = AdapterStore(wl.adapter)  # before ray.init: the workers inherit its environment
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             object_store_memory=256 * 2**20, namespace=NS)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=SERVE_LOGGING)
+    tokenizer = str(find_bundled_qwen3())
+    runtime.start(Config.model_validate({  # kvray with its defaults, told where Qwen3's tokenizer is
+        "namespace": NS, "index": {"models": {MODEL: {"tokenizer": tokenizer}}}}))
+    from kvray.serve.llm_bench import Ledger
+
+    ledger = Ledger.options(name=LEDGER, namespace=NS).remote()
+    base = f"http://127.0.0.1:{args.port}"
+    # Configurations in an order that changes replica and ingress counts in place.
+    plan = [(r, i) for k, r in enumerate(sizes) for i in (ingresses[::-1] if k % 2 else ingresses)]
+    results: dict[str, dict[str, Any]] = {}
+    t_start = time.monotonic()
+    oracle_cache: dict[tuple[int, str], float] = {}
+    try:
+        for router in routers:
+            for replicas, ingress in plan:
+                key = f"{replicas}x{ingress}"
+                t0 = time.monotonic()
+                serve.run(llm_app(router, replicas, ingress, args, store), name="llm",
+                          route_prefix="/", logging_config=SERVE_LOGGING)
+                wait_ready(base, replicas)
+                ray.get(ledger.take.remote())  # drop the warm-up's rows
+                salt = f"[{router} {key}]"
+                requests = generate(wl, salt=salt)
+                client = asyncio.run(replay(base, requests, args.concurrency))
+                time.sleep(1.0)  # the last fire-and-forget rows
+                rows, overheads, fallbacks = ray.get(ledger.take.remote())
+                okey = (replicas, salt)
+                if okey not in oracle_cache:
+                    oracle_cache[okey] = oracle_hit_rate(tokenize_all(requests), replicas,
+                                                         args.num_blocks, args.seed)
+                s = summarize(rows, client, overheads, fallbacks, oracle_cache[okey], replicas)
+                s["replicas"], s["ingress_replicas"] = replicas, ingress
+                s["seconds"] = round(time.monotonic() - t0, 1)
+                results.setdefault(router, {})[key] = s
+                print(f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
+                      f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
+                      f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
+                      f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms, "
+                      f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
+                      f"[{s['seconds']} s]", flush=True)
+    finally:
+        serve.delete("llm")
+        runtime.stop(NS)
+        store.close()
+    largest = f"{max(sizes)}x{max(ingresses)}"
+    return {
+        "largest": largest,
+        "routers": {r: {**v[largest], "configs": v} for r, v in results.items() if largest in v},
+        "workload": {"seed": args.seed, "requests": args.requests, "rate_rps": args.rate,
+                     "num_blocks": args.num_blocks, "prefill_us_per_token": args.prefill_us,
+                     "decode_ms_per_token": args.decode_ms},
+        "seconds": round(time.monotonic() - t_start, 1),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| router | replicas × ingress | hit rate | of oracle | TTFT p50 / p99 (ms) | "
+             "overhead p50 / p99 (ms) | fallbacks | load CV |",
+             "|---|---|---|---|---|---|---|---|"]
+    for router, r in result["routers"].items():
+        for key, s in r["configs"].items():
+            lines.append(
+                f"| {router} | {key.replace('x', ' × ')} | {s['hit_rate']:.3f} | "
+                f"{(s['oracle_fraction'] or 0) * 100:.1f} % | "
+                f"{s['ttft_p50_s'] * 1e3:.0f} / {s['ttft_p99_s'] * 1e3:.0f} | "
+                f"{s['overhead_p50_ms']:.2f} / {s['overhead_p99_ms']:.2f} | {s['fallbacks']} | "
+                f"{s['load_cv']} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = list(result["routers"])
+    configs = list(next(iter(result["routers"].values()))["configs"])
+    paths = []
+    for metric, label, scale in (("oracle_fraction", "hit rate, fraction of oracle", 1.0),
+                                 ("ttft_p99_s", "TTFT p99 (ms)", 1e3),
+                                 ("overhead_p50_ms", "routing overhead p50 (ms)", 1.0)):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(routers)
+        for k, router in enumerate(routers):
+            vals = [(result["routers"][router]["configs"].get(c, {}).get(metric) or 0) * scale
+                    for c in configs]
+            ax.bar([i + k * width for i in range(len(configs))], vals, width, label=router)
+        ax.set_xticks([i + width * (len(routers) - 1) / 2 for i in range(len(configs))])
+        ax.set_xticklabels([c.replace("x", " replicas × ") + " ingress" for c in configs])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"serve_llm_{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, of: " + ", ".join(ROUTERS))
+    p.add_argument("--replicas", default="4,16", help="LLMServer replica counts")
+    p.add_argument("--ingress", default="1,2", help="OpenAiIngress replica counts")
+    p.add_argument("--requests", type=int, default=240)
+    p.add_argument("--rate", type=float, default=16.0, help="arrivals per second (Poisson)")
+    p.add_argument("--concurrency", type=int, default=64, help="client connections")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-blocks", type=int, default=512, help="each replica's KV pool (blocks)")
+    p.add_argument("--prefill-us", type=float, default=50.0, help="prefill µs per uncached token")
+    p.add_argument("--decode-ms", type=float, default=10.0, help="decode ms per output token")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--out", type=Path, default=Path("."), help="directory for the PNG plots")
+    args = p.parse_args(argv)
+    unknown = set(args.routers.split(",")) - set(ROUTERS)
+    if unknown:
+        p.error(f"unknown routers: {sorted(unknown)}")
+    result = run(args)
+    print(table(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in plot(result, args.out):
+        print(f"wrote {path}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    print(f"done in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Measuring request routers side by side inside Ray Serve LLM (``examples/serve_llm.py``).
+
+* :class:`Ledger`: a named Ray actor that collects the stand-in engines' per-request rows
+  (``kvray.serve.llm_engine``) and the routers' per-request overheads and fallbacks.
+* ``Timed*`` routers: kvray's and Ray's routers with ``choose_replicas`` timed the same way and
+  reported to the ledger. Serve resolves a router class by its import path in every process
+  that routes, so they live in an importable module rather than in the example script.
+
+Needs Ray Serve LLM's dependencies (see docs/serve-llm.md).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ray
+from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.llm.request_router import KVAwareRouter, PrefixCacheAffinityRouter
+
+from kvray.serve.router import KvrayRequestRouter
+
+
+@ray.remote(num_cpus=0)
+class Ledger:
+    """Per-request rows from the engines; overheads and fallback counts from the routers."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.overheads: list[float] = []
+        self.fallbacks: dict[str, dict[str, int]] = {}  # router instance -> cumulative counts
+        self.base: dict[str, dict[str, int]] = {}  # ... as of the last take()
+
+    def record(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+
+    def record_route(self, router: str, overheads: list[float], fallbacks: dict[str, int]) -> None:
+        self.overheads.extend(overheads)
+        self.fallbacks[router] = fallbacks
+
+    def take(self) -> tuple[list[dict[str, Any]], list[float], dict[str, int]]:
+        """Everything recorded since the last take (fallbacks as counts since then)."""
+        fb: dict[str, int] = {}
+        for uid, counts in self.fallbacks.items():
+            base = self.base.get(uid, {})
+            for reason, n in counts.items():
+                if n > base.get(reason, 0):
+                    fb[reason] = fb.get(reason, 0) + n - base.get(reason, 0)
+            self.base[uid] = dict(counts)
+        rows, over = self.rows, self.overheads
+        self.rows, self.overheads = [], []
+        return rows, over, fb
+
+
+class _Timed:
+    """Times ``choose_replicas`` and reports to the ledger named in the router kwargs."""
+
+    def initialize_state(self, ledger: str = "", ledger_namespace: str = "", **kwargs: Any) -> None:
+        self._ledger_name, self._ledger_ns = ledger, ledger_namespace or None
+        self._ledger: Any = None
+        self._times: list[float] = []
+        self._last = time.monotonic()
+        self._uid = f"{type(self).__name__}-{os.getpid()}-{id(self)}"
+        self._no_tracker = 0
+        super().initialize_state(**kwargs)  # type: ignore[misc]
+
+    async def choose_replicas(self, candidate_replicas: Any, pending_request: Any = None) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return await super().choose_replicas(candidate_replicas, pending_request)  # type: ignore[misc]
+        finally:
+            self._report(time.perf_counter() - t0)
+
+    def _report(self, dt: float) -> None:
+        if not self._ledger_name:
+            return
+        if self._ledger is None:
+            self._ledger = ray.get_actor(self._ledger_name, namespace=self._ledger_ns)
+        self._times.append(dt)
+        if getattr(self, "_kv_token_tracker", "absent") is None:
+            self._no_tracker += 1  # Ray's KVAwareRouter without its tracker: random choice
+        if len(self._times) >= 16 or time.monotonic() - self._last > 0.5:
+            self._ledger.record_route.remote(self._uid, self._times, self._fallbacks())
+            self._times, self._last = [], time.monotonic()
+
+    def _fallbacks(self) -> dict[str, int]:
+        counts = getattr(self, "fallbacks", None)  # kvray's router counts its own, by reason
+        if counts is not None:
+            return dict(counts)
+        return {"no_kv_token_tracker": self._no_tracker} if self._no_tracker else {}
+
+
+class TimedKvrayRequestRouter(_Timed, KvrayRequestRouter):
+    """kvray's router, timed."""
+
+
+class TimedPrefixCacheAffinityRouter(_Timed, PrefixCacheAffinityRouter):  # type: ignore[misc]
+    """Ray's ``PrefixCacheAffinityRouter``, timed."""
+
+
+class TimedKVAwareRouter(_Timed, KVAwareRouter):  # type: ignore[misc]
+    """Ray's ``KVAwareRouter``, timed."""
+
+
+class TimedPowerOfTwoRouter(_Timed, PowerOfTwoChoicesRequestRouter):  # type: ignore[misc]
+    """Serve's default power-of-two-choices router, timed."""
+
+
+TIMED = {
+    "kvray": TimedKvrayRequestRouter,
+    "prefix_cache_affinity": TimedPrefixCacheAffinityRouter,
+    "kv_aware": TimedKVAwareRouter,
+    "power_of_two": TimedPowerOfTwoRouter,
+}
