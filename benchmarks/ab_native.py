@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _util import table, write_report  # noqa: E402
 
 import kvray.core.index.memory as memory  # noqa: E402
+from kvray.changes.journal import Journal  # noqa: E402
 from kvray.config import IndexConfig  # noqa: E402
 from kvray.core import fast  # noqa: E402
 from kvray.core.apply import IndexWriter  # noqa: E402
@@ -48,7 +49,6 @@ from kvray.core.events import (  # noqa: E402
     WireEvent,
     encode_batch,
 )
-from kvray.core.journal import Journal  # noqa: E402
 from kvray.types import PodId  # noqa: E402
 
 BLOCK = 16

@@ -34,12 +34,12 @@ import msgspec
 sys.path.insert(0, str(Path(__file__).parent))
 from _util import table, write_report  # noqa: E402
 
+from kvray.changes.journal import Journal  # noqa: E402
 from kvray.config import load_config  # noqa: E402
 from kvray.core import fast  # noqa: E402
 from kvray.core.apply import IndexWriter, ModelHashing  # noqa: E402
 from kvray.core.events import EventDecoder, peek_rank  # noqa: E402
 from kvray.core.index.memory import MemoryIndex  # noqa: E402
-from kvray.core.journal import Journal  # noqa: E402
 from kvray.core.topics import parse_frames, parse_topic  # noqa: E402
 from kvray.errors import ConfigError, MalformedFrame  # noqa: E402
 from kvray.types import PodId  # noqa: E402

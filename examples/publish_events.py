@@ -35,9 +35,9 @@ from typing import Any
 import httpx
 
 from kvray.core.hashing import BlockHasher
+from kvray.core.holders import holder_id
 from kvray.core.topics import format_topic
 from kvray.sim import SimPod, SimPublisher
-from kvray.types import holder_id
 
 
 def synthetic_requests(

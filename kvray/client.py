@@ -1,8 +1,8 @@
 """``kvray.connect()``: a cluster client for Ray-hosted schedulers (no HTTP in the path).
 
 The client computes block keys itself (same ``Keyer`` as the shards) and scores them on its
-in-process read replica of the index (``kvray.replica``; one prefix walk, no actor call) once
-the replica is live, else fans ``score`` out to the shards and unions the disjoint per-holder
+in-process read replica of the index (``kvray.changes.replica``; one prefix walk, no actor
+call) once the replica is live, else fans ``score`` out to the shards and unions the disjoint per-holder
 results (``replica.enabled: false``, or while the replica loads or follows a restarted shard).
 Prompts and chats go to a tokenizer pool member chosen by the prompt's first chunk, so repeats
 meet the same prefix cache.
@@ -19,10 +19,12 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pydantic
 import ray
 
 from kvray.actors.naming import CONTROLLER
-from kvray.config import Config
+from kvray.changes.replica import Replica
+from kvray.config import Config, PodEndpoint
 from kvray.core.apply import Keyer
 from kvray.core.keys import LoRA
 from kvray.core.prefix_store import first_chunk_route
@@ -30,7 +32,6 @@ from kvray.core.routing import Decider, Decision
 from kvray.core.scoring import merge_scores
 from kvray.core.sharding import Placement
 from kvray.errors import BadRequest, ConfigError
-from kvray.replica import Replica
 
 _ROUTE_CHUNK_CHARS = 256  # first-chunk routing granularity (matches the prefix store's chunk)
 _POOLS_FRESH_S = 1.0  # pool sizes asked of the shards (no replica) at most this often
@@ -416,18 +417,20 @@ class Client:
 
     def add_pod(
         self,
-        endpoint: str,
+        endpoint: str | PodEndpoint,
         replay_endpoint: str | None = None,
         pod: str | None = None,
         model: str | None = None,
     ) -> None:
         """Subscribe to a pod that binds its PUB socket (vLLM's default topology).
 
-        ``pod``/``model`` name the pod when it publishes with an empty topic.
+        ``endpoint`` is a ``PodEndpoint``, or its fields: ``pod``/``model`` name the pod when
+        it publishes with an empty topic.
         """
-        shard = self._ctl("add_pod", endpoint, replay_endpoint, pod, model)
-        if shard is not None and pod:  # pinned: this client routes to it from now on
-            self.placement.pin(pod, shard)
+        spec = _pod_endpoint(endpoint, replay_endpoint, pod, model)
+        shard = self._ctl("add_pod", spec)
+        if shard is not None and spec.pod:  # pinned: this client routes to it from now on
+            self.placement.pin(spec.pod, shard)
 
     def remove_pod(self, pod: str) -> None:
         """Forget a pod everywhere: its streams in the ingestors, its blocks in its shard
@@ -536,6 +539,17 @@ class Client:
                 return True
             time.sleep(interval_s)
         return False
+
+
+def _pod_endpoint(
+    endpoint: str | PodEndpoint, replay: str | None, pod: str | None, model: str | None
+) -> PodEndpoint:
+    if isinstance(endpoint, PodEndpoint):
+        return endpoint
+    try:
+        return PodEndpoint(endpoint=endpoint, replay_endpoint=replay, pod=pod, model=model)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(f"bad pod endpoint: {exc}") from exc
 
 
 def connect_when_ready(namespace: str = "kvray", timeout_s: float = 180.0) -> Client:

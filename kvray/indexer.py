@@ -15,13 +15,14 @@ from typing import Any
 from kvray.config import IndexConfig
 from kvray.core.apply import ApplyResult, IndexWriter
 from kvray.core.events import DecodeLimits, EventBatch, EventDecoder
+from kvray.core.holders import holder_id
 from kvray.core.index.base import IndexStats
 from kvray.core.index.registry import create_backend
 from kvray.core.keys import LoRA, MMFeature
 from kvray.core.sequencing import SeqTracker, Verdict
 from kvray.core.topics import parse_frames, parse_topic
 from kvray.errors import MalformedFrame
-from kvray.types import PodId, holder_id
+from kvray.types import PodId
 
 
 @dataclass(slots=True)

@@ -27,14 +27,3 @@ Tier = NewType("Tier", str)
 GPU = Tier("GPU")
 
 U64_MASK = (1 << 64) - 1
-
-
-def holder_id(pod: str, dp_rank: int | None) -> PodId:
-    """Return the holder id for a pod's data-parallel rank.
-
-    Rank nil or 0 is the pod itself; rank r ≥ 1 is ``"<pod>#dp<r>"``, a distinct holder because
-    each rank has its own KV cache (and its own event stream and sequence numbers).
-    """
-    if not dp_rank:
-        return PodId(pod)
-    return PodId(f"{pod}#dp{dp_rank}")

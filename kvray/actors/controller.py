@@ -37,7 +37,7 @@ from kvray.actors.ingestor import Ingestor
 from kvray.actors.naming import ingestor_name, shard_name, tokenizer_name
 from kvray.actors.shard import IndexShard
 from kvray.actors.tokenizer import TokenizerActor
-from kvray.config import Config
+from kvray.config import Config, PodEndpoint
 
 log = logging.getLogger("kvray.controller")
 
@@ -293,14 +293,7 @@ class Controller:
             + [s.register_replay.remote(pod, replay_endpoint) for s in self.shards]
         )
 
-    def add_pod(
-        self,
-        endpoint: str,
-        replay_endpoint: str | None = None,
-        pod: str | None = None,
-        model: str | None = None,
-        ingestor: int = 0,
-    ) -> int | None:
+    def add_pod(self, pod: PodEndpoint, ingestor: int = 0) -> int | None:
         """Subscribe to a pod that binds (remembered across restarts); returns the shard that
         reads it, None when an ingestor does.
 
@@ -310,22 +303,16 @@ class Controller:
         the ingestors learn the pin before the shard starts reading. Otherwise ``ingestor``
         reads it.
         """
-        spec = {
-            "endpoint": endpoint,
-            "replay_endpoint": replay_endpoint,
-            "pod": pod,
-            "model": model,
-        }
-        self._pods[endpoint] = spec
-        if pod and self.config.events.shard_reads_named_pods:
-            i = self.placement.place(pod)
-            self._pod_shard[endpoint] = i
+        self._pods[pod.endpoint] = pod.model_dump()
+        if pod.pod and self.config.events.shard_reads_named_pods:
+            i = self.placement.place(pod.pod)
+            self._pod_shard[pod.endpoint] = i
             self._save()
-            ray.get([ing.pin.remote(pod, i) for ing in self.ingestors])
-            ray.get(self.shards[i].subscribe.remote(endpoint, replay_endpoint, pod, model))
+            ray.get([ing.pin.remote(pod.pod, i) for ing in self.ingestors])
+            ray.get(self.shards[i].subscribe.remote(pod))
             return i
         self._save()
-        ray.get(self.ingestors[ingestor].add_pod.remote(endpoint, replay_endpoint, pod, model))
+        ray.get(self.ingestors[ingestor].add_pod.remote(pod))
         return None
 
     # --- snapshots -------------------------------------------------------------------------

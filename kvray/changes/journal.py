@@ -211,7 +211,7 @@ class ReplicaIndex:
     """The union of every shard's content, kept by applying their change streams in order.
 
     Not thread-safe: the owner serialises ``apply``/``load`` against ``score`` (see
-    ``kvray.replica``).
+    ``kvray.changes.replica``).
     """
 
     def __init__(self, num_shards: int, *, clock: Callable[[], float] = time.monotonic) -> None:

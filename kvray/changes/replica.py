@@ -4,7 +4,7 @@ A query answered by the shards costs one Ray actor call per shard (~0.7 ms each 
 machine), more than the whole prefix walk. A replica answers it in the caller's process instead:
 a background thread subscribes (ZMQ SUB) to every shard's change stream, loads each shard's
 snapshot once (``IndexShard.replica_snapshot``), then applies the shards' ``ChangeMsg`` ops in
-seq order to a ``core.journal.ReplicaIndex``. A missing seq, a new stream (restarted shard) or a
+seq order to a ``changes.journal.ReplicaIndex``. A missing seq, a new stream (restarted shard) or a
 reset makes it take that shard's snapshot again; a shard silent for ``max(1 s, 20 heartbeats)``
 is looked up again (it may have moved) and stops counting as live until it is back.
 
@@ -23,13 +23,13 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
-from kvray.config import Config
-from kvray.core.journal import (
+from kvray.changes.journal import (
     ChangeMsg,
     ReplicaIndex,
     change_decoder,
     snapshot_decoder,
 )
+from kvray.config import Config
 from kvray.core.stats import lag_histogram, quantile
 
 log = logging.getLogger("kvray.replica")

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 
 import xxhash
 
+from kvray.core.holders import base_pod
+
 
 @functools.lru_cache(maxsize=65536)
 def shard_of(holder: str, num_shards: int) -> int:
@@ -28,12 +30,6 @@ def shard_of(holder: str, num_shards: int) -> int:
     if num_shards <= 0:
         raise ValueError(f"num_shards must be positive, got {num_shards}")
     return int(xxhash.xxh3_64_intdigest(holder.encode("utf-8")) % num_shards)
-
-
-def base_pod(holder: str) -> str:
-    """The pod of a holder id (``"<pod>#dp<r>"`` → ``"<pod>"``)."""
-    pod, sep, rank = holder.rpartition("#dp")
-    return pod if sep and rank.isdigit() else holder
 
 
 class Placement:
@@ -66,7 +62,7 @@ class Placement:
         pins = self._pins
         if pins:
             shard = pins.get(holder)
-            if shard is None and "#dp" in holder:
+            if shard is None:
                 shard = pins.get(base_pod(holder))
             if shard is not None:
                 return shard

@@ -25,6 +25,7 @@ import kvray  # noqa: E402
 from kvray import runtime  # noqa: E402
 from kvray.config import Config, EventsConfig  # noqa: E402
 from kvray.sim import SimPod, SimPublisher  # noqa: E402
+from kvray.sim.applied import wait_applied as sync  # noqa: E402
 
 
 def main() -> int:
@@ -56,7 +57,7 @@ def main() -> int:
             assert pub.wait_connected()
             pubs.append(pub)
             SimPod(f"10.0.1.{i}", "m", publisher=pub).serve(list(range(i * 16, 160)))
-        assert client.sync({f"10.0.1.{i}": p.seq for i, p in enumerate(pubs)})
+        assert sync(client, {f"10.0.1.{i}": p.seq for i, p in enumerate(pubs)})
         for pub in pubs:
             for frames in pub.history():
                 ref.apply(frames)

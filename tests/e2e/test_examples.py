@@ -26,6 +26,7 @@ from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
 from kvray.serve.app import start_http, stop_http
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3, load_tokenizer
+from tests.helpers import sync
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +58,7 @@ def _own_base(client: Client, endpoint: str, first: str) -> str:
     try:
         assert pub.wait_connected()
         SimPod(marker, MODEL, publisher=pub).serve(list(range(16)))
-        assert client.sync({marker: pub.seq})
+        assert sync(client, {marker: pub.seq})
     finally:
         pub.close()
     for base in [first, *(f"http://127.0.0.1:{p}" for p in range(30000, 30016))]:

@@ -20,6 +20,7 @@ from kvray.serve.app import start_http
 from kvray.serve.ingress import APP_NAME
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3, load_tokenizer
+from tests.helpers import sync
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +100,7 @@ def test_score_completions_and_chat(base: str, stack: tuple[str, Client, SimPod]
     ]
     chat_tokens = tok.encode_chat(messages)
     pod.serve(chat_tokens)
-    assert client.sync({"10.9.0.1": pod.publisher.seq})  # type: ignore[union-attr]
+    assert sync(client, {"10.9.0.1": pod.publisher.seq})  # type: ignore[union-attr]
     r = _post(f"{base}/score_completions", {"model": MODEL, "prompt": prompt})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
@@ -142,7 +143,7 @@ def test_chat_cache_salt_changes_the_keys(stack: tuple[str, Client, SimPod]) -> 
     ]
     tokens = tok.encode_chat(messages)
     pod.serve(tokens)  # the pod cached the unsalted prompt
-    assert client.sync({"10.9.0.1": pod.publisher.seq})  # type: ignore[union-attr]
+    assert sync(client, {"10.9.0.1": pod.publisher.seq})  # type: ignore[union-attr]
     n = float(len(tokens) // 16)
     chat = {"model": MODEL, "messages": messages, "max_completion_tokens": 64, "stream": False}
     r = _post(f"{base}/score_chat_completions", chat)

@@ -17,6 +17,7 @@ import kvray
 from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig
+from tests.helpers import sync
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +76,7 @@ def test_repeats_follow_the_cache(stack: tuple[Any, Client]) -> None:
     for i, p in enumerate(prompts):
         first = handle.remote({"token_ids": p}).result()
         home[i] = first["pod"]
-        assert client.sync({first["pod"]: first["seq"]})
+        assert sync(client, {first["pod"]: first["seq"]})
     for _ in range(3):
         for i, p in enumerate(prompts):
             out = handle.remote({"token_ids": p}).result()

@@ -25,6 +25,7 @@ from kvray.actors.naming import CONTROLLER
 from kvray.config import Config
 from kvray.serve.app import APP_NAME, app_builder, find_http
 from kvray.sim import SimPod, SimPublisher
+from tests.helpers import sync
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +95,7 @@ def test_the_serve_config_starts_every_actor_and_serves(deployed: dict[str, Any]
         assert pub.wait_connected()
         toks = list(range(900, 964))
         SimPod("10.30.0.1", "m", publisher=pub).serve(toks)
-        assert client.sync({"10.30.0.1": pub.seq})
+        assert sync(client, {"10.30.0.1": pub.seq})
 
         def scored() -> bool:
             r = httpx.post(f"{base}/score_tokens", json={"model": "m", "token_ids": toks})

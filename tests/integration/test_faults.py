@@ -18,6 +18,7 @@ from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3
+from tests.helpers import sync, wait_until
 
 NS = "kvray-it-faults"
 
@@ -62,16 +63,16 @@ def test_killed_ingestor_rebinds_and_recovers_by_replay(deployment: Client) -> N
     prompts = [[rng.randrange(9000) for _ in range(rng.randint(16, 96))] for _ in range(30)]
     for i, p in enumerate(prompts[:15]):
         pods[i % 3].serve(p)
-    assert deployment.sync({pod.pod_id: pod.publisher.seq for pod in pods})  # type: ignore[union-attr]
+    assert sync(deployment, {pod.pod_id: pod.publisher.seq for pod in pods})  # type: ignore[union-attr]
     ing = deployment.ingestors[0]
     ray.kill(ing, no_restart=False)
     for i, p in enumerate(prompts[15:]):  # published while the ingestor is down or restarting
         pods[i % 3].serve(p)
-    assert deployment.wait_until(
-        lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
+    assert wait_until(
+        deployment, lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
     )
     # The restarted ingestor rebound the ports it had (asked once its handle reaches it).
-    assert deployment.wait_until(lambda c: _endpoints(ing) == c.endpoints[0], timeout_s=30)
+    assert wait_until(deployment, lambda c: _endpoints(ing) == c.endpoints[0], timeout_s=30)
     for pod in pods:
         pod.publisher.close()  # type: ignore[union-attr]
         deployment.remove_pod(pod.pod_id)
@@ -89,7 +90,7 @@ def test_silent_pod_is_dropped(deployment: Client) -> None:
     toks = list(range(3000, 3032))
     loud.serve(toks)
     quiet.serve(toks)
-    assert deployment.sync({"10.12.0.1": 1, "10.12.0.2": 1})
+    assert sync(deployment, {"10.12.0.1": 1, "10.12.0.2": 1})
     assert set(deployment.score_tokens(toks, "m")) >= {"10.12.0.1", "10.12.0.2"}
 
     fresh = iter(range(10_000, 10**6, 16))
@@ -99,7 +100,7 @@ def test_silent_pod_is_dropped(deployment: Client) -> None:
         loud.serve(list(range(start, start + 16)))  # a new block: the loud pod keeps talking
         return "10.12.0.2" not in c.score_tokens(toks, "m")
 
-    assert deployment.wait_until(dropped, timeout_s=15, interval_s=0.3)
+    assert wait_until(deployment, dropped, timeout_s=15, interval_s=0.3)
     assert "10.12.0.1" in deployment.score_tokens(toks, "m")
     for pod in (loud, quiet):
         pod.publisher.close()  # type: ignore[union-attr]
@@ -169,8 +170,11 @@ def test_any_actor_killed_under_load_heals_exactly(deployment: Client) -> None:
                     fresh.score_tokens(prompts[0], "m", pods=[p.pod_id for p in pods]), dict
                 )
             traffic.pause()
-            assert deployment.wait_until(
-                lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
+            assert wait_until(
+                deployment,
+                lambda c: _truth_matches(c, pods, prompts),
+                timeout_s=60,
+                interval_s=0.25,
             ), f"scores did not converge after the {name} was killed"
             if name == "controller":
                 assert _truth_matches(fresh, pods, prompts)
@@ -206,7 +210,7 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
         st = c.controller_status()
         return bool(st["restarted"]) and len(st["snapshot_ages_s"]) == len(c.shards)
 
-    assert deployment.wait_until(back, timeout_s=60, interval_s=0.25)
+    assert wait_until(deployment, back, timeout_s=60, interval_s=0.25)
     st = deployment.controller_status()
     assert st["owner"] == "owner-15" and st["pods"] >= 1
     assert ray.get(ctl.pins.remote()) == pins
@@ -215,8 +219,8 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
     for p in prompts[15:]:
         pod.serve(p)
     try:
-        assert deployment.wait_until(
-            lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
+        assert wait_until(
+            deployment, lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
         )
         assert ray.get(victim.stats.remote())["restored_from_snapshot"]
     finally:

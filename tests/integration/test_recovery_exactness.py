@@ -26,10 +26,11 @@ from typing import Any
 
 import pytest
 
-from kvray.actors import ingestor as ingestor_mod
 from kvray.actors.shard import IndexShard
-from kvray.config import Config, ReplicaConfig
+from kvray.config import Config, PodEndpoint, ReplicaConfig
 from kvray.core.events import WireBlockStored, encode_batch
+from kvray.core.messages import BatchOp
+from kvray.ingest import follower as follower_mod
 from kvray.sim import SimPod, SimPublisher
 
 MODEL = "m"
@@ -41,8 +42,7 @@ def shard() -> Iterator[IndexShard]:
     cfg = Config(namespace="kvray-it-recovery", num_shards=1, replica=ReplicaConfig(enabled=False))
     s = IndexShard(0, cfg.model_dump(), restore=False)
     yield s
-    if s._ingest is not None:
-        s._ingest.stop()
+    s.own.stop()
 
 
 @pytest.fixture
@@ -89,9 +89,9 @@ def _exact(shard: IndexShard, pod: SimPod, prompts: list[list[int]]) -> bool:
 def _first_life(shard: IndexShard, pod: SimPod, prompts: list[list[int]]) -> None:
     """The shard reads the pod (its replay socket registered, as for a connecting pod)."""
     assert pod.publisher is not None
-    ing = shard._ingestor()
+    ing = shard.own.start()
     ing.register_replay(POD, pod.publisher.replay_endpoint)  # type: ignore[arg-type]
-    ing.add_pod(pod.publisher.endpoint, None, POD, MODEL)
+    ing.add_pod(PodEndpoint(endpoint=pod.publisher.endpoint, pod=POD, model=MODEL))
     assert pod.publisher.wait_connected()
     for p in prompts:
         pod.serve(p)
@@ -100,9 +100,8 @@ def _first_life(shard: IndexShard, pod: SimPod, prompts: list[list[int]]) -> Non
 
 
 def _reader_dies(shard: IndexShard) -> None:
-    assert shard._ingest is not None
-    shard._ingest.stop()
-    shard._ingest = None
+    assert shard.own.reader is not None
+    shard.own.stop()
 
 
 def test_restarted_reader_without_positions_replays_what_it_missed(
@@ -116,9 +115,9 @@ def test_restarted_reader_without_positions_replays_what_it_missed(
         pod.serve(p)
     # The reader comes back knowing nothing of where the shard stopped (no catch-up).
     assert pod.publisher is not None
-    ing = shard._ingestor()
+    ing = shard.own.start()
     ing.register_replay(POD, pod.publisher.replay_endpoint)  # type: ignore[arg-type]
-    ing.add_pod(pod.publisher.endpoint, None, POD, MODEL)
+    ing.add_pod(PodEndpoint(endpoint=pod.publisher.endpoint, pod=POD, model=MODEL))
     assert pod.publisher.wait_connected(peers=2)
     for p in prompts[30:]:
         pod.serve(p)
@@ -137,7 +136,7 @@ def test_catch_up_does_not_mistake_live_copies_for_a_restarted_pod(
     _reader_dies(shard)
     for p in prompts[15:25]:
         pod.serve(p)
-    real = ingestor_mod.request_replay  # type: ignore[attr-defined]
+    real = follower_mod.request_replay  # type: ignore[attr-defined]
     calls = 0
 
     def replay_after_live_traffic(*args: Any, **kwargs: Any) -> Any:
@@ -152,9 +151,10 @@ def test_catch_up_does_not_mistake_live_copies_for_a_restarted_pod(
             time.sleep(0.2)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ingestor_mod, "request_replay", replay_after_live_traffic)
-    shard._replay_hints[POD] = pod.publisher.replay_endpoint  # type: ignore[union-attr,assignment]
-    ing = shard._ingestor(resume=[spec])  # a restarted shard's reader: catch-up first
+    monkeypatch.setattr(follower_mod, "request_replay", replay_after_live_traffic)
+    shard.own.replay_hints[POD] = pod.publisher.replay_endpoint  # type: ignore[union-attr,assignment]
+    # A restarted shard's reader: catch-up first.
+    ing = shard.own.start(shard.applier, resume=[spec])
     assert _wait(lambda: calls >= 1)
     for p in prompts[30:]:
         pod.serve(p)
@@ -174,9 +174,9 @@ def test_shard_without_a_position_asks_for_the_start_of_a_contiguous_stream(
 ) -> None:
     """A contiguous batch past seq 0 of a holder the shard knows nothing of is ``behind``
     at -1 (replay from the start); seq 0 and a batch marked not contiguous are taken."""
-    res = shard.apply([("batch", "a", MODEL, 5, _stored(100), True)])
-    assert res["behind"] == {"a": -1} and shard.get_positions()[1] == {}
-    res = shard.apply([("batch", "a", MODEL, 0, _stored(100), True)])
-    assert res["behind"] == {} and shard.get_positions()[1] == {"a": 0}
-    res = shard.apply([("batch", "b", MODEL, 7, _stored(200), False)])
-    assert res["behind"] == {} and shard.get_positions()[1]["b"] == 7
+    res = shard.apply([BatchOp("a", MODEL, 5, _stored(100), True)])
+    assert res.behind == {"a": -1} and shard.get_positions()[1] == {}
+    res = shard.apply([BatchOp("a", MODEL, 0, _stored(100), True)])
+    assert res.behind == {} and shard.get_positions()[1] == {"a": 0}
+    res = shard.apply([BatchOp("b", MODEL, 7, _stored(200), False)])
+    assert res.behind == {} and shard.get_positions()[1]["b"] == 7

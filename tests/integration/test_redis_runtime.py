@@ -16,6 +16,7 @@ from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig
 from kvray.errors import BackendUnavailable
 from kvray.sim import SimPod, SimPublisher
+from tests.helpers import sync, wait_until
 
 NS = "kvray-it-redis"
 
@@ -56,7 +57,7 @@ def test_redis_killed_and_restarted_empty(ray_session: None, redis_dir: Path) ->
         prompts = [[rng.randrange(5000) for _ in range(rng.randint(16, 80))] for _ in range(24)]
         for i, p in enumerate(prompts[:12]):
             pods[i % 3].serve(p)
-        assert client.sync({p.pod_id: p.publisher.seq for p in pods})  # type: ignore[union-attr]
+        assert sync(client, {p.pod_id: p.publisher.seq for p in pods})  # type: ignore[union-attr]
         assert _truth(client, pods, prompts)
         ray.get(client.controller.snapshot_now.remote())
 
@@ -68,8 +69,8 @@ def test_redis_killed_and_restarted_empty(ray_session: None, redis_dir: Path) ->
             pods[i % 3].serve(p)
 
         stack.enter_context(start_redis_server(redis_dir))  # same socket path, empty
-        ok = client.wait_until(
-            lambda c: _truth_or_false(c, pods, prompts), timeout_s=60, interval_s=0.3
+        ok = wait_until(
+            client, lambda c: _truth_or_false(c, pods, prompts), timeout_s=60, interval_s=0.3
         )
         assert ok, str(client.stats())
         stats = client.stats()["shards"]

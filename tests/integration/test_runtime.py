@@ -17,6 +17,7 @@ from kvray.core.sharding import shard_of
 from kvray.errors import ConfigError
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3
+from tests.helpers import sync, wait_until
 
 NS = "kvray-it-runtime"
 MODEL = "qwen3"
@@ -62,7 +63,7 @@ class Fleet:
     def sync(self) -> bool:
         """Wait until every batch the pods published (or dropped) is applied."""
         expect = {p: pod.publisher.seq for p, pod in self.pods.items() if pod.publisher}
-        return self.client.sync(expect)
+        return sync(self.client, expect)
 
     def reference(self) -> kvray.Indexer:
         ix = kvray.Indexer()
@@ -191,15 +192,16 @@ def test_killed_shard_is_rebuilt_from_snapshot_and_replay(deployment: Client, fl
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             return False
 
-    ok = deployment.wait_until(rebuilt, timeout_s=60, interval_s=0.2)
+    ok = wait_until(deployment, rebuilt, timeout_s=60, interval_s=0.2)
     assert ok, str(deployment.stats()["ingestors"])
     assert {tuple(p): direct.score_tokens(p, MODEL) for p in prompts} == before
     # The replica follows the restarted shard's new stream (a new snapshot) and agrees.
-    assert deployment.wait_until(
+    assert wait_until(
+        deployment,
         lambda c: c.replica is not None and c.replica.stats()["snapshots_loaded"] > loaded,
         timeout_s=10,
     )
-    assert deployment.sync()
+    assert sync(deployment)
     assert {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts} == before
 
 
@@ -213,8 +215,8 @@ def test_speculative_route_then_real_events(deployment: Client, fleet: Fleet) ->
     assert deployment.score_tokens(toks, MODEL) == {"10.6.0.1": 4.0}
     pod.serve(toks[:32])
     assert fleet.sync()
-    ok = deployment.wait_until(
-        lambda c: c.score_tokens(toks, MODEL) == {"10.6.0.1": 2.0}, timeout_s=20
+    ok = wait_until(
+        deployment, lambda c: c.score_tokens(toks, MODEL) == {"10.6.0.1": 2.0}, timeout_s=20
     )
     assert ok, deployment.score_tokens(toks, MODEL)
 
@@ -260,7 +262,7 @@ def test_replica_answers_like_the_shards_without_calling_them(
     # (A TTL no stall between the two calls can outlast: the expiry is then waited for.)
     deployment.record_route("10.11.0.3", MODEL, toks, ttl_s=3.0)
     assert deployment.score_tokens(toks, MODEL) == {"10.11.0.3": 4.0}
-    assert deployment.wait_until(lambda c: c.score_tokens(toks, MODEL) == {}, timeout_s=20)
+    assert wait_until(deployment, lambda c: c.score_tokens(toks, MODEL) == {}, timeout_s=20)
     assert direct.score_tokens(toks, MODEL) == {}
     # Scoring on the replica sent the shards no work (ops counts only event batches).
     assert sum(s["ops"] for s in deployment.stats()["shards"]) == ops_before

@@ -15,6 +15,7 @@ from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig, PodEndpoint
 from kvray.sim import SimPod, SimPublisher
+from tests.helpers import sync, wait_until
 
 NS = "kvray-it-topologies"
 
@@ -45,7 +46,7 @@ def test_pods_that_bind_with_empty_topic_and_dp_ranks(deployment: Client) -> Non
     pubs[1].drop_next = 1  # a gap on rank 1's stream, healed from its own replay socket
     pods[1].serve(toks_a[:32])
     pods[1].serve(toks_a)
-    assert deployment.sync({"10.8.0.1#0": pubs[0].seq, "10.8.0.1#1": pubs[1].seq})
+    assert sync(deployment, {"10.8.0.1#0": pubs[0].seq, "10.8.0.1#1": pubs[1].seq})
     assert deployment.score_tokens(toks_a, "m") == {"10.8.0.1": 4.0, "10.8.0.1#dp1": 4.0}
     assert deployment.score_tokens(toks_b, "m") == {"10.8.0.1#dp1": 2.0}
     holders = {p["pod"] for p in deployment.pods()}
@@ -62,17 +63,17 @@ def test_unparseable_topic_is_counted_not_fatal(deployment: Client) -> None:
     ing = deployment.ingestors[0]
     before = deployment.stats()["ingestors"][0]["malformed"].get("topic", 0)
     pub = SimPublisher("tcp://127.0.0.1:0", "not-a-kv-topic")
-    ray.get(ing.add_pod.remote(pub.endpoint))  # no pod id configured for it
+    ray.get(ing.add_pod.remote(PodEndpoint(endpoint=pub.endpoint)))  # no pod id configured
     assert pub.wait_connected()
     SimPod("x", "m", publisher=pub).serve(list(range(32)))
-    assert deployment.wait_until(
-        lambda c: c.stats()["ingestors"][0]["malformed"].get("topic", 0) > before
+    assert wait_until(
+        deployment, lambda c: c.stats()["ingestors"][0]["malformed"].get("topic", 0) > before
     )
     good = SimPublisher("tcp://127.0.0.1:0", "kv@10.8.0.9@m")
-    ray.get(ing.add_pod.remote(good.endpoint))
+    ray.get(ing.add_pod.remote(PodEndpoint(endpoint=good.endpoint)))
     assert good.wait_connected()
     SimPod("10.8.0.9", "m", publisher=good).serve(list(range(32)))
-    assert deployment.sync({"10.8.0.9": good.seq})
+    assert sync(deployment, {"10.8.0.9": good.seq})
     assert deployment.score_tokens(list(range(32)), "m") == {"10.8.0.9": 2.0}
     pub.close()
     good.close()
@@ -93,7 +94,7 @@ def test_another_client_learns_a_pin_and_routes_to_the_pinned_shard(deployment: 
         assert other.placement.is_pinned("10.13.0.1")  # asked the controller
         assert pub.wait_connected()
         SimPod("10.13.0.1", "m", publisher=pub).serve(list(range(48)))
-        assert deployment.sync({"10.13.0.1": pub.seq})
+        assert sync(deployment, {"10.13.0.1": pub.seq})
         # Without a replica, a pod-restricted query asks only the owning (pinned) shard.
         assert other.score_tokens(list(range(48)), "m", pods=["10.13.0.1"]) == {"10.13.0.1": 3.0}
     finally:
@@ -119,7 +120,7 @@ def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
     prompts = [[rng.randrange(9000) for _ in range(rng.randint(16, 96))] for _ in range(24)]
     for i, p in enumerate(prompts[:12]):
         pods[i % 4].serve(p)
-    assert deployment.sync({p.pod_id: p.publisher.seq for p in pods})  # type: ignore[union-attr]
+    assert sync(deployment, {p.pod_id: p.publisher.seq for p in pods})  # type: ignore[union-attr]
     assert _truth(deployment, pods, prompts)
     # The controller spread the named pods evenly (a hash would often put 3 of 4 on one).
     pins = ray.get(deployment.controller.pins.remote())
@@ -140,11 +141,11 @@ def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
     ray.kill(victim, no_restart=False)
     for i, p in enumerate(prompts[12:]):  # published while the shard is down or restarting
         pods[i % 4].serve(p)
-    assert deployment.wait_until(
-        lambda c: _truth(c, pods, prompts, direct=True), timeout_s=60, interval_s=0.25
+    assert wait_until(
+        deployment, lambda c: _truth(c, pods, prompts, direct=True), timeout_s=60, interval_s=0.25
     )
     # The replica follows the restarted shard too.
-    assert deployment.wait_until(lambda c: _truth(c, pods, prompts), timeout_s=10)
+    assert wait_until(deployment, lambda c: _truth(c, pods, prompts), timeout_s=10)
     for pod in pods:
         pod.publisher.close()  # type: ignore[union-attr]
         deployment.remove_pod(pod.pod_id)
@@ -198,7 +199,7 @@ def test_named_pods_in_the_config_are_read_by_their_shards(ray_session: None) ->
         toks = list(range(300, 364))
         for i, pod in enumerate(pods):
             pod.serve(toks[: 16 * (i + 2)])
-        assert client.sync({f"cfg{i}": p.seq for i, p in enumerate(pubs)})
+        assert sync(client, {f"cfg{i}": p.seq for i, p in enumerate(pubs)})
         assert client.score_tokens(toks, "m") == {"cfg0": 2.0, "cfg1": 3.0, "cfg2": 4.0}
         ings = {str(s["ingestor"]): s["messages"] for s in client.stats()["ingestors"]}
         assert ings.get("0", 0) == 0  # the ingestor actor read none of them
@@ -222,12 +223,12 @@ def test_pods_are_added_and_removed_from_the_command_line(
         assert pub.wait_connected()
         toks = list(range(7000, 7048))
         SimPod("10.14.0.1", "m", publisher=pub).serve(toks)
-        assert deployment.sync({"10.14.0.1": pub.seq})
+        assert sync(deployment, {"10.14.0.1": pub.seq})
         assert deployment.score_tokens(toks, "m") == {"10.14.0.1": 3.0}
         assert main(["pods", "list", *ns]) == 0
         assert '"10.14.0.1"' in capsys.readouterr().out
         assert main(["pods", "remove", "10.14.0.1", *ns]) == 0
-        assert deployment.wait_until(lambda c: c.score_tokens(toks, "m") == {}, timeout_s=10)
+        assert wait_until(deployment, lambda c: c.score_tokens(toks, "m") == {}, timeout_s=10)
     finally:
         pub.close()
 
@@ -247,7 +248,7 @@ def test_a_pod_added_while_publishing_is_caught_up_from_its_replay_buffer(
         assert pub.wait_connected()
         late = list(range(9000, 9032))
         pod.serve(late)
-        assert deployment.sync({"10.15.0.1": pub.seq})
+        assert sync(deployment, {"10.15.0.1": pub.seq})
         for p in [*early, late]:
             assert deployment.score_tokens(p, "m") == {"10.15.0.1": float(len(p) // 16)}
     finally:

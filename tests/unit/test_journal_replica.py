@@ -6,10 +6,7 @@ import random
 
 import pytest
 
-from kvray.core.index.base import SPECULATIVE, IndexBackend
-from kvray.core.index.budget import BudgetIndex
-from kvray.core.index.memory import MemoryIndex
-from kvray.core.journal import (
+from kvray.changes.journal import (
     OP_RESET,
     ChangeMsg,
     Journal,
@@ -19,6 +16,9 @@ from kvray.core.journal import (
     change_encoder,
     snapshot_decoder,
 )
+from kvray.core.index.base import SPECULATIVE, IndexBackend
+from kvray.core.index.budget import BudgetIndex
+from kvray.core.index.memory import MemoryIndex
 from kvray.types import GPU, PodId, Tier
 
 W = {"GPU": 1.0, "CPU": 0.8, "SPECULATIVE": 0.5}

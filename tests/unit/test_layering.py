@@ -11,7 +11,9 @@ FORBIDDEN = ("ray", "zmq", "redis", "prometheus_client", "transformers", "tokeni
 def test_core_imports_no_runtime_library() -> None:
     code = (
         "import sys, kvray.core.apply, kvray.core.index, kvray.core.prefix_store, "
-        "kvray.core.scoring, kvray.core.sequencing, kvray.core.sharding, kvray.core.topics\n"
+        "kvray.core.scoring, kvray.core.sequencing, kvray.core.sharding, kvray.core.topics, "
+        "kvray.core.ordering, kvray.core.replay_plan, kvray.core.holders, kvray.core.messages, "
+        "kvray.core.epoch, kvray.changes.journal\n"
         f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvray.config import Config, EventsConfig, PodEndpoint
-from kvray.core.sharding import Placement, base_pod, shard_of
+from kvray.core.holders import base_pod
+from kvray.core.sharding import Placement, shard_of
 
 
 def test_shard_of_is_stable_and_in_range() -> None:

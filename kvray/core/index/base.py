@@ -106,16 +106,46 @@ RemoveEngine = Callable[[PodId, Tier, Sequence[int]], tuple[list[int], int]]
 forget engine keys nobody needs; returns (the request keys resolved, how many were unknown)."""
 
 
+@runtime_checkable
+class FusedEngineOps(Protocol):
+    """Optional capability: store and remove with engine keys in one pass (the memory
+    backends, the journal)."""
+
+    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
+        """``add`` of ``keys`` and engine key → key for each pair."""
+        ...
+
+    def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
+        """Resolve ``engine`` keys, ``remove`` them; returns (keys removed, unknown count)."""
+        ...
+
+
+@runtime_checkable
+class ForgetsEngineKeys(Protocol):
+    """Optional capability: drop engine keys whose request key nobody holds any more."""
+
+    def forget_engine_keys(self, engine_keys: Sequence[int]) -> int: ...
+
+
+@runtime_checkable
+class EpochMarked(Protocol):
+    """Optional capability of shared backends (Redis) that can lose their content while a
+    shard lives on: a token written at start tells, after an outage, whether it survived."""
+
+    def set_epoch(self, token: str) -> None: ...
+
+    def get_epoch(self) -> str | None: ...
+
+
 def engine_ops(backend: IndexBackend) -> tuple[AddEngine, RemoveEngine]:
-    """The backend's one-pass ``add_engine``/``remove_engine`` when it has them (the memory
-    backends, the journal), else the same through its ``IndexBackend`` methods."""
-    add: AddEngine = getattr(backend, "add_engine", None) or functools.partial(
-        add_engine_generic, backend
+    """The backend's one-pass ``add_engine``/``remove_engine`` when it has them
+    (``FusedEngineOps``), else the same through its ``IndexBackend`` methods."""
+    if isinstance(backend, FusedEngineOps):
+        return backend.add_engine, backend.remove_engine
+    return (
+        functools.partial(add_engine_generic, backend),
+        functools.partial(remove_engine_generic, backend),
     )
-    remove: RemoveEngine = getattr(backend, "remove_engine", None) or functools.partial(
-        remove_engine_generic, backend
-    )
-    return add, remove
 
 
 def add_engine_generic(
@@ -133,9 +163,8 @@ def remove_engine_generic(
     ``forget_engine_keys``: a shared Redis keeps its map)."""
     keys = [k for k in backend.get_engine_map(engine) if k is not None]
     backend.remove(pod, tier, keys)
-    forget = getattr(backend, "forget_engine_keys", None)
-    if forget is not None:
-        forget(engine)  # blocks nobody holds now: drop their engine keys
+    if isinstance(backend, ForgetsEngineKeys):
+        backend.forget_engine_keys(engine)  # blocks nobody holds now: drop their engine keys
     return keys, len(engine) - len(keys)
 
 
