@@ -34,6 +34,7 @@ from kvray._env import apply_local_defaults  # noqa: E402  (before ray is import
 
 apply_local_defaults()
 
+import msgspec  # noqa: E402
 import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -94,6 +95,16 @@ class Fleet:
     def close(self) -> None:
         for p in self.pods:
             self.publisher(p).close()
+
+
+def _wait_until(subject: Any, predicate: Any, timeout_s: float, interval_s: float) -> bool:
+    """Poll ``predicate(subject)`` until true or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate(subject):
+            return True
+        time.sleep(interval_s)
+    return False
 
 
 def make_chains(rng: random.Random, n: int = 300) -> list[list[int]]:
@@ -190,7 +201,7 @@ def _evidence(client: Client) -> dict[str, dict[str, int]]:
     """Recovery counters per actor (they restart from 0 with the actor): batches replayed
     and counted lost by each reader (``ingestor0``, ``shard<i>``'s own reader), ops each shard
     refused as out of order (it asked for a replay)."""
-    st = client.stats()
+    st = msgspec.to_builtins(client.stats())
     out: dict[str, dict[str, int]] = {}
     for i in st["ingestors"]:
         name = str(i["ingestor"])
@@ -276,7 +287,8 @@ def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, A
         "connect_error": "" if fresh is not None else connect_error,
     }
     scorer = fresh or client
-    exact = scorer.wait_until(
+    exact = _wait_until(
+        scorer,
         lambda c: not divergences(c, fleet, chains),
         timeout_s=max(1.0, args.settle - (time.monotonic() - t1)),
         interval_s=0.5,
@@ -285,7 +297,7 @@ def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, A
     result["exact"] = exact
     result["evidence"] = _evidence_delta(before, _evidence(scorer), killed)
     victim = int(next(k for k in killed if k.startswith("shard"))[5:])
-    restored = scorer.stats()["shards"][victim]["restored_from_snapshot"]
+    restored = scorer.stats().shards[victim].restored_from_snapshot
     result["shard_back"] = f"shard{victim}: " + ("snapshot" if restored else "empty")
     result["controller_restarted"] = scorer.controller_status()["restarted"]
     found: list[dict[str, Any]] = []
@@ -313,11 +325,11 @@ def run_seed(client: Client, seed: int, args: argparse.Namespace) -> dict[str, A
         result["stats"] = {
             "shards": [
                 {k: s[k] for k in ("shard", "rejected", "restored_from_snapshot")}
-                for s in direct.stats()["shards"]
+                for s in msgspec.to_builtins(direct.stats())["shards"]
             ],
             "ingestors": [
                 {k: s.get(k) for k in ("ingestor", "seq_gaps", "seq_lost", "restarts", "replayed")}
-                for s in direct.stats()["ingestors"]
+                for s in msgspec.to_builtins(direct.stats())["ingestors"]
             ],
             "positions": positions,
             "published": {k: v - 1 for k, v in fleet.seqs().items()},

@@ -21,6 +21,7 @@ from kvray._env import apply_local_defaults  # noqa: E402  (before ray is import
 apply_local_defaults()
 
 import httpx  # noqa: E402
+import msgspec  # noqa: E402
 import ray  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,6 +32,7 @@ from kvray import runtime  # noqa: E402
 from kvray.config import Config, EventsConfig  # noqa: E402
 from kvray.serve.app import start_http, stop_http  # noqa: E402
 from kvray.sim import SimPod, SimPublisher  # noqa: E402
+from kvray.sim.applied import wait_applied  # noqa: E402
 
 
 def main() -> int:
@@ -94,7 +96,7 @@ def main() -> int:
         pod.serve(doc[: rng.randint(64, len(doc))])
         requests += 1
         if time.monotonic() >= next_sample:
-            st = client.stats()
+            st = msgspec.to_builtins(client.stats())
             samples.append(
                 [
                     f"{time.monotonic() - t0:.0f}",
@@ -102,16 +104,18 @@ def main() -> int:
                     f"{sum(s['rss_anon_bytes'] for s in st['shards']) / 2**20:.0f}",
                     f"{sum(s['keys'] for s in st['shards']):,}",
                     f"{sum(s['stored_blocks'] + s['removed_blocks'] for s in st['shards']):,}",
-                    f"{client.replica.stats()['keys']:,}" if client.replica else "-",
+                    f"{client.replica.stats().keys:,}" if client.replica else "-",
                 ]
             )
             next_sample += 10
     stop.set()
     for t in scorers:
         t.join()
-    assert client.sync({p.pod_id: p.publisher.seq for p in pods if p.publisher}, timeout_s=120)
+    assert wait_applied(
+        client, {p.pod_id: p.publisher.seq for p in pods if p.publisher}, timeout_s=120
+    )
     elapsed = time.monotonic() - t0
-    st = client.stats()
+    st = msgspec.to_builtins(client.stats())
     applied = sum(s["stored_blocks"] + s["removed_blocks"] for s in st["shards"])
     # Exact final check: kvray's score per pod == blocks each pod really holds, for every doc.
     mismatches = 0
@@ -134,7 +138,7 @@ def main() -> int:
         ["final index vs ground truth", f"{len(docs) - mismatches}/{len(docs)} prompts exact"],
     ]
     if client.replica is not None:
-        rs = client.replica.stats()
+        rs = msgspec.to_builtins(client.replica.stats())
         rows.append(
             [
                 "kvray.connect() read replica (scored the final check)",

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from kvray._env import apply_local_defaults
 from kvray.errors import KvrayError
 
@@ -110,7 +112,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     pods = client.pods()
     ctl = client.controller_status()
     if args.json:
-        print(json.dumps({"stats": stats, "pods": pods, "controller": ctl}, indent=2, default=str))
+        doc = {"stats": msgspec.to_builtins(stats), "pods": pods, "controller": ctl}
+        print(json.dumps(doc, indent=2, default=str))
         return 0
     ages = ctl["snapshot_ages_s"]
     print(
@@ -119,15 +122,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         + (f"{max(ages.values()):.1f} s" if ages else "- (none yet)")
     )
     print(f"{'shard':>5} {'pods':>5} {'keys':>10} {'pairs':>10} {'stored':>10} {'removed':>10}")
-    for s in stats["shards"]:
+    for s in stats.shards:
         print(
-            f"{s['shard']:>5} {s['pods']:>5} {s['keys']:>10} {s['pairs']:>10} "
-            f"{s['stored_blocks']:>10} {s['removed_blocks']:>10}"
+            f"{s.shard:>5} {s.pods:>5} {s.keys:>10} {s.pairs:>10} "
+            f"{s.stored_blocks:>10} {s.removed_blocks:>10}"
         )
-    for ing in stats["ingestors"]:
+    for ing in stats.ingestors:
         print(
-            f"ingestor {ing['ingestor']}: {ing['messages']} messages, {ing['seq_gaps']} gaps, "
-            f"{ing['replayed']} replayed, {ing['seq_lost']} lost, malformed {ing['malformed']}"
+            f"ingestor {ing.ingestor}: {ing.messages} messages, {ing.seq_gaps} gaps, "
+            f"{ing.replayed} replayed, {ing.seq_lost} lost, malformed {ing.malformed}"
         )
     print(f"\n{'pod':<28} {'shard':>5} {'last seq':>9} {'idle s':>8}  hash contract  model")
     for p in pods:

@@ -2,10 +2,10 @@
 
 The client computes block keys itself (same ``Keyer`` as the shards) and scores them on its
 in-process read replica of the index (``kvray.changes.replica``; one prefix walk, no actor
-call) once the replica is live, else fans ``score`` out to the shards and unions the disjoint per-holder
-results (``replica.enabled: false``, or while the replica loads or follows a restarted shard).
-Prompts and chats go to a tokenizer pool member chosen by the prompt's first chunk, so repeats
-meet the same prefix cache.
+call) once the replica is live, else fans ``score`` out to the shards and unions the disjoint
+per-holder results (``replica.enabled: false``, or while the replica loads or follows a
+restarted shard). Prompts and chats go to a tokenizer pool member chosen by the prompt's first
+chunk, so repeats meet the same prefix cache.
 Every read method has an ``async`` twin (``*_async``) for use inside Serve replicas and async
 actors.
 """
@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
 import pydantic
 import ray
 
@@ -26,7 +27,9 @@ from kvray.actors.naming import CONTROLLER
 from kvray.changes.replica import Replica
 from kvray.config import Config, PodEndpoint
 from kvray.core.apply import Keyer
+from kvray.core.holders import base_pod
 from kvray.core.keys import LoRA
+from kvray.core.messages import ClusterStats, PodInfo
 from kvray.core.prefix_store import first_chunk_route
 from kvray.core.routing import Decider, Decision
 from kvray.core.scoring import merge_scores
@@ -440,9 +443,7 @@ class Client:
             + [s.forget_pod.remote(pod) for s in self.shards],
             timeout=self.timeout_s,
         )
-        holders = [
-            p["pod"] for p in self.pods() if p["pod"] == pod or p["pod"].startswith(pod + "#dp")
-        ]
+        holders = [p["pod"] for p in self.pods() if base_pod(p["pod"]) == pod]
         targets = holders or [pod]
         owners = [self.owner(h) for h in targets]
         refs = [self.shards[i].clear_pod.remote(h) for i, h in zip(owners, targets, strict=True)]
@@ -451,40 +452,41 @@ class Client:
             self.replica.wait_for(_latest(owners, done), 5.0)
 
     def pods(self) -> list[dict[str, Any]]:
-        """Every holder: model, shard, last seq, idle time, hash-contract status."""
-        parts = ray.get([s.pods_info.remote() for s in self.shards], timeout=self.timeout_s)
-        return sorted((p for part in parts for p in part), key=lambda d: d["pod"])
+        """Every holder (``PodInfo`` as a JSON document, like ``GET /pods``): model, shard,
+        last seq, idle time, hash-contract status, pool."""
+        return _pod_docs(
+            ray.get([s.pods_info.remote() for s in self.shards], timeout=self.timeout_s)
+        )
 
     async def pods_async(self) -> list[dict[str, Any]]:
-        parts = await asyncio.gather(*(s.pods_info.remote() for s in self.shards))
-        return sorted((p for part in parts for p in part), key=lambda d: d["pod"])
+        return _pod_docs(await asyncio.gather(*(s.pods_info.remote() for s in self.shards)))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ClusterStats:
         """Shard, ingestor and tokenizer stats. ``ingestors`` also lists the shards that read
-        pods themselves (``"ingestor": "shard<i>"``)."""
+        pods themselves (``ingestor="shard<i>"``)."""
         shards = [s.stats.remote() for s in self.shards]
         ings = [i.stats.remote() for i in self.ingestors]
         own = [s.ingest_stats.remote() for s in self.shards]
         toks = [t.stats.remote() for t in self.tokenizers]
-        return {
-            "shards": ray.get(shards, timeout=self.timeout_s),
-            "ingestors": ray.get(ings, timeout=self.timeout_s)
-            + _in_shard(ray.get(own, timeout=self.timeout_s)),
-            "tokenizers": ray.get(toks, timeout=self.timeout_s),
-        }
+        return ClusterStats(
+            shards=ray.get(shards, timeout=self.timeout_s),
+            ingestors=ray.get(ings, timeout=self.timeout_s)
+            + [st for st in ray.get(own, timeout=self.timeout_s) if st is not None],
+            tokenizers=ray.get(toks, timeout=self.timeout_s),
+        )
 
-    async def stats_async(self) -> dict[str, Any]:
+    async def stats_async(self) -> ClusterStats:
         shards, ings, own, toks = await asyncio.gather(
             asyncio.gather(*(s.stats.remote() for s in self.shards)),
             asyncio.gather(*(i.stats.remote() for i in self.ingestors)),
             asyncio.gather(*(s.ingest_stats.remote() for s in self.shards)),
             asyncio.gather(*(t.stats.remote() for t in self.tokenizers)),
         )
-        return {
-            "shards": list(shards),
-            "ingestors": list(ings) + _in_shard(list(own)),
-            "tokenizers": list(toks),
-        }
+        return ClusterStats(
+            shards=list(shards),
+            ingestors=list(ings) + [st for st in own if st is not None],
+            tokenizers=list(toks),
+        )
 
     def sync(self, expect: dict[str, int] | None = None, timeout_s: float = 30.0) -> bool:
         """Wait until events are applied (tests, demo, benchmarks).
@@ -582,13 +584,11 @@ class _Backoff:
         self.s = min(0.05, self.s * 1.5)
 
 
-def _in_shard(parts: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """The stats of shards' in-process ingestors, named ``shard<i>``."""
-    out = []
-    for i, st in enumerate(parts):
-        if st is not None:
-            out.append({**st, "ingestor": f"shard{i}"})
-    return out
+def _pod_docs(parts: Sequence[list[PodInfo]]) -> list[dict[str, Any]]:
+    """The shards' ``PodInfo`` lists as one sorted list of JSON documents."""
+    return sorted(
+        (msgspec.structs.asdict(p) for part in parts for p in part), key=lambda d: d["pod"]
+    )
 
 
 def _latest(owners: list[int], marks: list[Any]) -> dict[int, tuple[str, int]]:

@@ -13,10 +13,11 @@ decision function, ``kvray.core.routing``, which also records the choice) -> ser
 
 Freshness, i.e. what kvray has seen when the next request is scored:
 
-* ``sync`` rows wait (``client.sync``) until the previous requests' events are applied, so the
-  index is exactly current. That is what a real router sees whenever events arrive faster than
-  requests: the wait measured here is ~5 ms (p50, reported as "event wait"), the mean gap
-  between requests at the default 40 req/s is 25 ms. The wait is not routing latency.
+* ``sync`` rows wait (``kvray.sim.applied.wait_applied``) until the previous requests' events
+  are applied, so the index is exactly current. That is what a real router sees whenever
+  events arrive faster than requests: the wait measured here is ~5 ms (p50, reported as
+  "event wait"), the mean gap between requests at the default 40 req/s is 25 ms. The wait is
+  not routing latency.
 * the ``no wait`` row does not wait: it relies on the speculative entry ``/route`` records
   for each decision and sends the next request at once, ~9 ms later instead of the trace's
   25 ms: its index trails further behind than a real router's.
@@ -261,11 +262,13 @@ class _Kvray:
         self.scorer = scorer
 
     def counters(self) -> dict[str, int]:
-        ings = self.client.stats()["ingestors"]
-        return {k: sum(int(i.get(k, 0)) for i in ings) for k in _COUNTERS}
+        ings = self.client.stats().ingestors
+        return {k: sum(int(getattr(i, k)) for i in ings) for k in _COUNTERS}
 
     def sync(self, expect: dict[str, int], timeout_s: float = 30.0) -> None:
-        if not self.client.sync(expect, timeout_s=timeout_s):
+        from kvray.sim.applied import wait_applied
+
+        if not wait_applied(self.client, expect, timeout_s=timeout_s):
             raise RuntimeError(f"kvray did not apply the fleet's events within {timeout_s} s")
 
 

@@ -1,8 +1,9 @@
 """kvray's Prometheus metrics: every name and label declared once, rendered from actor stats.
 
 kvray's state lives in many actors; rather than have each export its own endpoint, ``/metrics``
-gathers their ``stats()`` dicts at scrape time and renders them here (a custom collector on a
-private registry, so nothing is global). This is the only module importing prometheus_client.
+gathers their typed ``stats()`` (``core.messages``) at scrape time and renders them here (a
+custom collector on a private registry, so nothing is global). This is the only module
+importing prometheus_client.
 
 Two kinds of series come out of one scrape:
 
@@ -15,7 +16,7 @@ Two kinds of series come out of one scrape:
 
 Latencies and lags are histograms (``_bucket``/``_sum``/``_count``), never gauges labelled
 ``quantile``; a ratio is exported as the two counters it is computed from. Producers that
-measure a latency keep a ``Histogram`` and put ``Histogram.state()`` in their stats dict.
+measure a latency keep a ``Histogram`` and put ``Histogram.state()`` in their stats.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from kvray.core.messages import ClusterStats, ReplicaStats
 from kvray.core.stats import (  # noqa: F401  (re-exported: producers and tests use them here)
     LAG_BOUNDS,
     REQUEST_BOUNDS,
@@ -42,6 +45,8 @@ from kvray.core.stats import (  # noqa: F401  (re-exported: producers and tests 
 from kvray.core.stats import (
     cumulative as _cumulative,
 )
+
+_T = TypeVar("_T")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -87,7 +92,7 @@ class ServeMetrics:
         self._routes: set[str] = set()
         self.route_blocks = 0
         self.route_hit_blocks = 0
-        self.index: Mapping[str, Any] | None = None
+        self.index: ReplicaStats | Mapping[str, Any] | None = None
         """The replica's read-replica stats (``Replica.stats()``), set before rendering."""
         self.legacy_score: tuple[list[tuple[str, float]], float] | None = None
 
@@ -137,9 +142,16 @@ def _num(v: Any) -> float:
     return float(v) if isinstance(v, int | float) else 0.0
 
 
+def _typed(value: Any, kind: type[_T]) -> _T:
+    """``value`` as ``kind``: a Struct as it is, a dict (older producers, tests) converted."""
+    if isinstance(value, kind):
+        return value
+    return msgspec.convert(value, kind, from_attributes=True)
+
+
 class _StatsCollector(Collector):
-    def __init__(self, stats: Mapping[str, Any], serve: ServeMetrics | None) -> None:
-        self.stats = stats
+    def __init__(self, stats: ClusterStats | Mapping[str, Any], serve: ServeMetrics | None) -> None:
+        self.stats = _typed(stats, ClusterStats)
         self.serve = serve
 
     def collect(self) -> Iterator[Any]:
@@ -166,15 +178,15 @@ class _StatsCollector(Collector):
         yield g
 
     def _ingest(self) -> Iterable[Any]:
-        ing = self.stats.get("ingestors", [])
-        shards = self.stats.get("shards", [])
+        ing = self.stats.ingestors
+        shards = self.stats.shards
         c = CounterMetricFamily(
             "kvray_events_received",
             "ZMQ messages received by ingestors" + _CLUSTER,
             labels=["ingestor"],
         )
         for s in ing:
-            c.add_metric([str(s["ingestor"])], _num(s.get("messages")))
+            c.add_metric([str(s.ingestor)], s.messages)
         yield c
         c = CounterMetricFamily(
             "kvray_events_rejected",
@@ -183,21 +195,21 @@ class _StatsCollector(Collector):
         )
         reasons: dict[str, float] = {}
         for s in ing:
-            for r, n in s.get("malformed", {}).items():
+            for r, n in s.malformed.items():
                 reasons[r] = reasons.get(r, 0) + n
-        for s in shards:
-            for part in (s.get("malformed", {}), s.get("rejected", {})):
+        for sh in shards:
+            for part in (sh.malformed, sh.rejected):
                 for r, n in part.items():
                     reasons[r] = reasons.get(r, 0) + n
-        for r, n in sorted(reasons.items()):
-            c.add_metric([r], n)
+        for r, total in sorted(reasons.items()):
+            c.add_metric([r], total)
         yield c
         c = CounterMetricFamily(
             "kvray_blocks_applied", "Block events applied to the index" + _CLUSTER, labels=["op"]
         )
-        c.add_metric(["stored"], sum(_num(s.get("stored_blocks")) for s in shards))
-        c.add_metric(["removed"], sum(_num(s.get("removed_blocks")) for s in shards))
-        c.add_metric(["cleared_pods"], sum(_num(s.get("cleared")) for s in shards))
+        c.add_metric(["stored"], sum(sh.stored_blocks for sh in shards))
+        c.add_metric(["removed"], sum(sh.removed_blocks for sh in shards))
+        c.add_metric(["cleared_pods"], sum(sh.cleared for sh in shards))
         yield c
         for name, key, doc in (
             ("kvray_seq_gaps", "seq_gaps", "Sequence gaps seen"),
@@ -210,17 +222,17 @@ class _StatsCollector(Collector):
             ("kvray_ingest_shard_failures", "shard_failures", "Batches a shard failed to take"),
         ):
             c = CounterMetricFamily(name, doc + _CLUSTER)
-            c.add_metric([], sum(_num(s.get(key)) for s in ing))
+            c.add_metric([], sum(_num(getattr(s, key)) for s in ing))
             yield c
         g = GaugeMetricFamily(
             "kvray_ingest_streams", "Publisher streams followed" + _CLUSTER, labels=["ingestor"]
         )
         for s in ing:
-            g.add_metric([str(s["ingestor"])], _num(s.get("streams")))
+            g.add_metric([str(s.ingestor)], s.streams)
         yield g
 
     def _shards(self) -> Iterable[Any]:
-        shards = self.stats.get("shards", [])
+        shards = self.stats.shards
         for name, key, doc in (
             ("kvray_pods", "pods", "Holders with a slot in the index"),
             ("kvray_keys", "keys", "Distinct (key, tier) entries"),
@@ -232,15 +244,14 @@ class _StatsCollector(Collector):
         ):
             g = GaugeMetricFamily(name, doc + _CLUSTER, labels=["shard"])
             for s in shards:
-                if key in s:
-                    g.add_metric([str(s["shard"])], _num(s[key]))
+                g.add_metric([str(s.shard)], _num(getattr(s, key)))
             yield g
         g = GaugeMetricFamily(
             "kvray_shard_backend_up", "1 when the shard's index backend answers" + _CLUSTER,
             labels=["shard"],
         )  # fmt: skip
         for s in shards:
-            g.add_metric([str(s["shard"])], float(bool(s.get("backend_up", True))))
+            g.add_metric([str(s.shard)], float(s.backend_up))
         yield g
         g = GaugeMetricFamily(
             "kvray_write_path_compiled",
@@ -248,7 +259,7 @@ class _StatsCollector(Collector):
             labels=["shard"],
         )
         for s in shards:
-            g.add_metric([str(s["shard"])], float(s.get("write_path") == "compiled"))
+            g.add_metric([str(s.shard)], float(s.write_path == "compiled"))
         yield g
         for name, key, doc in (
             ("kvray_shard_apply_seconds", "apply_seconds", "Time shards spent applying ops"),
@@ -258,8 +269,7 @@ class _StatsCollector(Collector):
         ):
             c = CounterMetricFamily(name, doc + _CLUSTER, labels=["shard"])
             for s in shards:
-                if key in s:
-                    c.add_metric([str(s["shard"])], _num(s[key]))
+                c.add_metric([str(s.shard)], _num(getattr(s, key)))
             yield c
         h = HistogramMetricFamily(
             "kvray_event_lag_seconds",
@@ -267,13 +277,13 @@ class _StatsCollector(Collector):
             labels=["shard"],
         )
         for s in shards:  # stats with only lag_p50_s/lag_p99_s (no buckets) export nothing
-            got = _from_state(s.get("lag_hist"))
+            got = _from_state(s.lag_hist)
             if got:
-                h.add_metric([str(s["shard"])], got[0], sum_value=got[1])
+                h.add_metric([str(s.shard)], got[0], sum_value=got[1])
         yield h
 
     def _tokenizers(self) -> Iterable[Any]:
-        toks = self.stats.get("tokenizers", [])
+        toks = self.stats.tokenizers
         labels = ["tokenizer", "model"]
         encodes = CounterMetricFamily(
             "kvray_tokenizer_encodes", "Prompts and chats encoded" + _CLUSTER, labels=labels
@@ -349,9 +359,9 @@ class _StatsCollector(Collector):
             )
             h.add_metric([rid], m.legacy_score[0], sum_value=m.legacy_score[1])
             yield h
-        rep = m.index
-        if not rep:
+        if not m.index:
             return
+        rep = _typed(m.index, ReplicaStats)
         for name, key, doc, kind in (
             ("kvray_replica_live_shards", "live_shards", "Shards the read replica follows", "g"),
             ("kvray_replica_shards", "shards", "Shards in the deployment", "g"),
@@ -369,16 +379,14 @@ class _StatsCollector(Collector):
             ("kvray_replica_malformed", "malformed", "Undecodable change messages", "c"),
             ("kvray_replica_cpu_seconds", "cpu_s", "CPU time of the follower thread", "c"),
         ):
-            if key not in rep:
-                continue
             fam: Any = (
                 GaugeMetricFamily(name, doc + _LOCAL, labels=["replica"])
                 if kind == "g"
                 else CounterMetricFamily(name, doc + _LOCAL, labels=["replica"])
             )
-            fam.add_metric([rid], _num(rep[key]))
+            fam.add_metric([rid], _num(getattr(rep, key)))
             yield fam
-        got = _from_state(rep.get("lag_hist"))
+        got = _from_state(rep.lag_hist)
         if got:  # stats with only lag_p50_s/lag_p99_s (no buckets) export nothing
             h = HistogramMetricFamily(
                 "kvray_replica_lag_seconds",
@@ -390,11 +398,13 @@ class _StatsCollector(Collector):
 
 
 def render(
-    stats: Mapping[str, Any], serve: Mapping[str, Any] | ServeMetrics | None = None
+    stats: ClusterStats | Mapping[str, Any],
+    serve: Mapping[str, Any] | ServeMetrics | None = None,
 ) -> bytes:
     """Prometheus text exposition of ``Client.stats()`` (+ the ingress replica's own series).
 
-    ``serve`` is the answering replica's ``ServeMetrics`` (or the older dict form).
+    ``stats`` is a ``ClusterStats`` (or its dict form); ``serve`` is the answering replica's
+    ``ServeMetrics`` (or the older dict form).
     """
     if serve is not None and not isinstance(serve, ServeMetrics):
         serve = ServeMetrics.from_dict(serve) if serve else None

@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from benchmarks.dynamo.measure import (
     Http,
     Proc,
@@ -105,7 +107,9 @@ def attach_pods(client: Any, pods: int) -> list[BoundPublisher]:
 def ingest_synced(client: Any, pubs: list[BoundPublisher], stream: Stream) -> float:
     """Send the stream and wait until kvray applied it; returns the publishing time."""
     publish_s = send_all(pubs, stream.frames)
-    if not client.sync(expected_seqs(pubs), timeout_s=900):
+    from kvray.sim.applied import wait_applied
+
+    if not wait_applied(client, expected_seqs(pubs), timeout_s=900):
         raise RuntimeError("kvray did not apply the stream within 900 s")
     return publish_s
 
@@ -118,13 +122,13 @@ def _ingest(
     shards, ingestor = roles.get("IndexShard", []), roles.get("Ingestor", [])
     rss0, ing_rss0, anon0 = rss(shards), rss(ingestor), rss_anon(shards)
     cpu0 = {r: cpu_s(ps) for r, ps in roles.items()}
-    rep_cpu0 = client.replica.stats()["cpu_s"] if client.replica is not None else 0.0
+    rep_cpu0 = client.replica.stats().cpu_s if client.replica is not None else 0.0
     t0 = time.perf_counter()
     res["publish_s"] = ingest_synced(client, pubs, stream)
     res["ingest_s"] = time.perf_counter() - t0
     res["cpu_by_role"] = {r: cpu_s(ps) - cpu0[r] for r, ps in roles.items()}
     if client.replica is not None:  # the connect() replica's thread in this process
-        res["cpu_by_role"]["connect() replica"] = client.replica.stats()["cpu_s"] - rep_cpu0
+        res["cpu_by_role"]["connect() replica"] = client.replica.stats().cpu_s - rep_cpu0
     res["cpu_actors_s"] = sum(v for r, v in res["cpu_by_role"].items() if r != "ray-system")
     res["cpu_s"] = sum(res["cpu_by_role"].values())
     res["rss_delta"] = rss(shards) - rss0
@@ -143,9 +147,9 @@ def _ingest(
 
 def _stats(client: Any) -> dict[str, Any]:
     """What the shards, the client's replica and the ingestors say about the ingest."""
-    st = client.stats()
+    st = msgspec.to_builtins(client.stats())
     shards = st["shards"]
-    rep = client.replica.stats() if client.replica is not None else {}
+    rep = msgspec.to_builtins(client.replica.stats()) if client.replica is not None else {}
     rej: Counter[str] = Counter()
     for s in shards:
         rej.update(s["rejected"])

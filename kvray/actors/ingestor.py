@@ -22,11 +22,13 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import ray
 
 from kvray.actors.naming import ask_controller
 from kvray.actors.shipping import LocalShard, ShardLinks
 from kvray.config import Config, PodEndpoint
+from kvray.core.messages import IngestorStats
 from kvray.core.sharding import shard_of
 from kvray.ingest.follower import StreamFollower
 from kvray.ingest.zmq_source import ZmqSource
@@ -122,9 +124,9 @@ class Ingestor:
         try:
             for part in ray.get([s.pods_info.remote() for s in self.links.handles], timeout=30):
                 for info in part:
-                    if info["last_seq"] is not None:
-                        positions[info["pod"]] = info["last_seq"]
-                        self.follow.known_models[info["pod"]] = info["model"] or ""
+                    if info.last_seq is not None:
+                        positions[info.pod] = info.last_seq
+                        self.follow.known_models[info.pod] = info.model or ""
         except Exception:
             positions = {}
         return mem["endpoints"], positions
@@ -164,14 +166,12 @@ class Ingestor:
         self.source.connect(pod)
         self.follow.replay.learn(pod.endpoint, pod.replay_endpoint, pod.pod)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> IngestorStats:
         with self._lock:
-            out = dict(self.follow.counters)
-            out["malformed"] = dict(out["malformed"])
-            out["shard_calls"] = self.links.calls
-            out["streams"] = len(self.follow.seq.streams())
-            out["ingestor"] = self.id
-            return out
+            return msgspec.structs.replace(
+                self.follow.counters, malformed=dict(self.follow.counters.malformed),
+                shard_calls=self.links.calls, streams=len(self.follow.seq.streams()),
+            )  # fmt: skip
 
     def streams(self) -> dict[str, int]:
         """Next expected seq per stream ``"<pod>#<rank>"``."""

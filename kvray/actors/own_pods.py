@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from kvray.actors.naming import ask_controller
 from kvray.config import Config, PodEndpoint
 from kvray.core.events import EventBatch
-from kvray.core.messages import ApplyReply, Op
+from kvray.core.messages import ApplyReply, IngestorStats, Op
 from kvray.core.ordering import OrderedApplier
 
 if TYPE_CHECKING:
@@ -79,8 +81,11 @@ class OwnPods:
     def progress(self) -> tuple[int, int, int]:
         return self.reader.progress() if self.reader is not None else (0, 0, 0)
 
-    def stats(self) -> dict[str, Any] | None:
-        return self.reader.stats() if self.reader is not None else None
+    def stats(self) -> IngestorStats | None:
+        """The reader's stats, named ``shard<i>``."""
+        if self.reader is None:
+            return None
+        return msgspec.structs.replace(self.reader.stats(), ingestor=f"shard{self.shard_id}")
 
     def stop(self) -> None:
         """Stop the reader (tests simulate a dead reader with it)."""

@@ -35,7 +35,7 @@ from kvray.core.epoch import EpochGuard
 from kvray.core.events import EventDecoder
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.index.registry import create_backend
-from kvray.core.messages import ApplyReply, Op, ShardSnapshot
+from kvray.core.messages import ApplyReply, IngestorStats, Op, PodInfo, ShardSnapshot, ShardStats
 from kvray.core.ordering import OrderedApplier
 from kvray.errors import BackendUnavailable
 from kvray.types import PodId
@@ -44,7 +44,6 @@ log = logging.getLogger("kvray.shard")
 
 _TRIM_S = 30.0  # how often freed heap is returned to the OS (when idle)
 _IDLE_S = 2.0  # no apply call for this long: the shard is idle
-
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -213,7 +212,7 @@ class IndexShard:
     def ingest_progress(self) -> tuple[int, int, int]:
         return self.own.progress()
 
-    def ingest_stats(self) -> dict[str, Any] | None:
+    def ingest_stats(self) -> IngestorStats | None:
         return self.own.stats()
 
     # --- read-only answers ------------------------------------------------------------------
@@ -229,12 +228,12 @@ class IndexShard:
         return self.writer.pools.as_dict()
 
     @locked
-    def pods_info(self) -> list[dict[str, Any]]:
+    def pods_info(self) -> list[PodInfo]:
         """Per holder: model, last seq, seconds since last event, hash-contract status."""
         return pods_info(self.shard_id, self.applier)
 
     @locked
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ShardStats:
         return shard_stats(
             self.shard_id, self.backend, self.config.index.backend, self.applier,
             restored_from_snapshot=self.restored_from_snapshot, rebuilds=self.rebuilds,
@@ -249,6 +248,11 @@ class IndexShard:
             self.writer.pools.as_dict(),
         ))  # fmt: skip
 
+    @locked
+    def lags(self) -> tuple[int, list[float]]:
+        """Lags observed so far (count) and the last 8192, oldest first (read-only)."""
+        return self.applier.lag_hist.count, list(self.applier.lags)
+
     def ping(self) -> int:
         return self.shard_id
 
@@ -259,8 +263,7 @@ class IndexShard:
         return str(ray.get_runtime_context().get_node_id())
 
     def release_memory(self) -> int:
-        """Return freed heap pages to the OS; returns the RSS change in bytes."""
-        return release_memory()
+        return release_memory()  # freed heap back to the OS; returns the RSS change
 
     # --- change stream (read replicas) -----------------------------------------------------
 
@@ -286,12 +289,10 @@ class IndexShard:
     def replica_snapshot(self) -> bytes:
         """This shard's content at the current seq of its stream (replica bootstrap)."""
         seq = self._publish()  # everything applied so far is at or before ``seq``
-        return change_encoder.encode(
-            ReplicaSnapshot(
-                self.shard_id, self.incarnation, seq, self.backend.snapshot(),
-                dict(self.applier.positions), self.writer.pools.as_dict(),
-            )
-        )  # fmt: skip
+        return change_encoder.encode(ReplicaSnapshot(
+            self.shard_id, self.incarnation, seq, self.backend.snapshot(),
+            dict(self.applier.positions), self.writer.pools.as_dict(),
+        ))  # fmt: skip
 
     @locked
     def replica_seq(self) -> tuple[str, int]:

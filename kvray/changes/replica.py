@@ -30,6 +30,7 @@ from kvray.changes.journal import (
     snapshot_decoder,
 )
 from kvray.config import Config
+from kvray.core.messages import ReplicaStats
 from kvray.core.stats import lag_histogram, quantile
 
 log = logging.getLogger("kvray.replica")
@@ -116,24 +117,24 @@ class Replica:
             await asyncio.sleep(0.0005)
         return True
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ReplicaStats:
         with self._cond:
             st = self.index.index.stats()
-            return {
-                "live_shards": sum(self.index.live(i) for i in range(len(self._shards))),
-                "shards": len(self._shards),
-                "keys": st.keys,
-                "pairs": st.pairs,
-                "bytes_estimate": st.bytes_estimate,
-                "applied_msgs": self.index.applied_msgs,
-                "snapshots_loaded": self.index.snapshots_loaded,
-                "resyncs": self.resyncs,
-                "malformed": self.malformed,
-                "cpu_s": self.cpu_s,
-                "lag_p50_s": quantile(self.lags, 0.50),
-                "lag_p99_s": quantile(self.lags, 0.99),
-                "lag_hist": self.lag_hist.state(),
-            }
+            return ReplicaStats(
+                live_shards=sum(self.index.live(i) for i in range(len(self._shards))),
+                shards=len(self._shards),
+                keys=st.keys,
+                pairs=st.pairs,
+                bytes_estimate=st.bytes_estimate,
+                applied_msgs=self.index.applied_msgs,
+                snapshots_loaded=self.index.snapshots_loaded,
+                resyncs=self.resyncs,
+                malformed=self.malformed,
+                cpu_s=self.cpu_s,
+                lag_p50_s=quantile(self.lags, 0.50),
+                lag_p99_s=quantile(self.lags, 0.99),
+                lag_hist=self.lag_hist.state(),
+            )
 
     def close(self) -> None:
         """Stop following the shards (the copy stays as it is)."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from kvray.config import PodEndpoint
 from kvray.core.events import EventBatch, peek_rank
 from kvray.core.holders import holder_id
-from kvray.core.messages import ApplyReply, BatchOp, ClearOp, Op
+from kvray.core.messages import ApplyReply, BatchOp, ClearOp, IngestorStats, Op
 from kvray.core.replay_plan import (
     OPEN,
     ReplaySockets,
@@ -37,10 +37,6 @@ from kvray.ingest.zmq_source import request_replay
 log = logging.getLogger("kvray.ingestor")
 
 _BACKEND_RETRY_S = 0.5  # pause before resending to a shard whose backend is unavailable
-_COUNTERS = (
-    "messages", "malformed", "seq_gaps", "seq_lost", "replayed", "replay_requests", "restarts",
-    "shard_calls", "shard_failures", "recoveries", "stored", "removed",
-)  # fmt: skip
 
 
 class Links(Protocol):
@@ -81,8 +77,7 @@ class StreamFollower:
         self.replay = ReplaySockets()
         self.seq = SeqTracker()
         self.streams_model: dict[Stream, str] = {}
-        self.counters: dict[str, Any] = dict.fromkeys(_COUNTERS, 0)
-        self.counters["malformed"] = {}
+        self.counters = IngestorStats(ingestor=reader_id)
         self.known_positions: dict[str, int] = {}
         """Where each holder stopped, learned at a restart: first messages are checked
         against it (``first_contact``) and catch-up replays from it."""
@@ -127,7 +122,7 @@ class StreamFollower:
                     self._caught_up[stream] = (start, got)
 
     def handle(self, frames: list[bytes], origin: PodEndpoint | None) -> None:
-        self.counters["messages"] += 1
+        self.counters.messages += 1
         pod_hint = origin.pod if origin and origin.pod else "?"
         try:
             topic_s, seq, payload = parse_frames(frames)
@@ -164,10 +159,10 @@ class StreamFollower:
         """Observe ``seq``; replay or clear as needed. Returns whether the op is contiguous."""
         verdict = self.seq.observe(stream, seq)
         if verdict.verdict is Verdict.GAP:
-            self.counters["seq_gaps"] += 1
+            self.counters.seq_gaps += 1
             return self._replay(stream, verdict.missing_from, seq, origin) is not None
         if verdict.verdict is Verdict.RESTART:
-            self.counters["restarts"] += 1
+            self.counters.restarts += 1
             self.links.queue(shard, ClearOp(holder))
             return True
         if verdict.verdict is not Verdict.FIRST:
@@ -178,17 +173,17 @@ class StreamFollower:
             self.replay.for_stream(stream[0], origin_replay, stream[1]) is not None,
         )  # fmt: skip
         if plan.clear:
-            self.counters["restarts"] += 1
+            self.counters.restarts += 1
             self.links.queue(shard, ClearOp(holder))
         elif plan.replay_from is not None:
-            self.counters["seq_gaps"] += 1
+            self.counters.seq_gaps += 1
             return self._replay(stream, plan.replay_from, seq, origin) is not None
         elif plan.replay_buffer:
             return self._replay(stream, None, seq, origin, count_missing=False) is not None
         return plan.contiguous
 
     def _malformed(self, pod: str, exc: MalformedFrame) -> None:
-        m = self.counters["malformed"]
+        m = self.counters.malformed
         m[exc.reason] = m.get(exc.reason, 0) + 1
         now = time.monotonic()
         if now - self._last_log.get(pod, -1e9) >= self._log_interval_s:
@@ -207,9 +202,9 @@ class StreamFollower:
         ep = self.replay.for_stream(pod, origin.replay_endpoint if origin else None, rank)
         if ep is None:
             if count_missing:
-                self.counters["seq_lost"] += stop - first
+                self.counters.seq_lost += stop - first
             return None
-        self.counters["replay_requests"] += 1
+        self.counters.replay_requests += 1
         got, complete = (self.fetch or request_replay)(ep, first, timeout_s=self.replay_timeout_s)
         take = take_replayed(((r.seq, r.payload) for r in got), rank, start, stop, complete,
                              peek_rank)  # fmt: skip
@@ -219,30 +214,30 @@ class StreamFollower:
         shard = self.placement.owner(holder_id(pod, rank))
         for seq, payload, contiguous in take.batches:
             self.links.queue(shard, BatchOp(pod, model, seq, payload, contiguous))
-        self.counters["replayed"] += len(take.batches)
+        self.counters.replayed += len(take.batches)
         if count_missing:
-            self.counters["seq_lost"] += take.missing
+            self.counters.seq_lost += take.missing
         return take.last
 
     # --- shard answers ---------------------------------------------------------------------
 
     def failed(self, shard: int, exc: Exception) -> None:
-        self.counters["shard_failures"] += 1
+        self.counters.shard_failures += 1
         log.warning("ingestor %d: shard %d call failed (%s); recovering", self.id, shard, exc)
         if isinstance(exc, BackendUnavailable):
             time.sleep(_BACKEND_RETRY_S)  # Redis is down: don't spin; ZMQ buffers meanwhile
         self.recover(shard)
 
     def applied(self, shard: int, res: ApplyReply) -> None:
-        self.counters["stored"] += res.stored
-        self.counters["removed"] += res.removed
+        self.counters.stored += res.stored
+        self.counters.removed += res.removed
         known = self._incarnations.setdefault(shard, res.incarnation)
         if res.behind or known != res.incarnation:
             self.recover(shard, res.behind)
 
     def recover(self, shard: int, behind: dict[str, int] | None = None) -> None:
         """Bring ``shard`` back in step: replay each of its streams from its position."""
-        self.counters["recoveries"] += 1
+        self.counters.recoveries += 1
         self.links.abandon_inflight(shard)  # they may fail the same way; replay covers them
         got = self.links.positions(shard)
         positions: dict[str, int] = {}

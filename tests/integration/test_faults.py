@@ -222,7 +222,7 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
         assert wait_until(
             deployment, lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
         )
-        assert ray.get(victim.stats.remote())["restored_from_snapshot"]
+        assert ray.get(victim.stats.remote()).restored_from_snapshot
     finally:
         pub.close()
         deployment.remove_pod("10.16.0.1")

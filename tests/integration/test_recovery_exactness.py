@@ -160,7 +160,7 @@ def test_catch_up_does_not_mistake_live_copies_for_a_restarted_pod(
         pod.serve(p)
     assert _wait(lambda: _applied_all(shard, pod))
     assert _wait(lambda: _exact(shard, pod, prompts)), "the holder was cleared"
-    assert ing.stats()["restarts"] == 0
+    assert ing.stats().restarts == 0
 
 
 def _stored(seq_tokens: int) -> bytes:

@@ -73,8 +73,8 @@ def test_redis_killed_and_restarted_empty(ray_session: None, redis_dir: Path) ->
             client, lambda c: _truth_or_false(c, pods, prompts), timeout_s=60, interval_s=0.3
         )
         assert ok, str(client.stats())
-        stats = client.stats()["shards"]
-        assert sum(s["rebuilds"] for s in stats) >= 1
+        stats = client.stats().shards
+        assert sum(s.rebuilds for s in stats) >= 1
 
 
 def _truth(client: Client, pods: list[SimPod], prompts: list[list[int]]) -> bool:

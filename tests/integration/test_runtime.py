@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import ray
@@ -13,6 +12,7 @@ import kvray
 from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
+from kvray.core.messages import ShardStats
 from kvray.core.sharding import shard_of
 from kvray.errors import ConfigError
 from kvray.sim import SimPod, SimPublisher
@@ -128,14 +128,14 @@ def test_seq_gap_is_healed_by_replay(deployment: Client, fleet: Fleet) -> None:
         pod.serve(p)
     assert fleet.sync()
     _agree(deployment, fleet.reference(), prompts)
-    st = deployment.stats()["ingestors"][0]
-    assert st["replayed"] >= 3 and st["seq_gaps"] >= 1
+    st = deployment.stats().ingestors[0]
+    assert st.replayed >= 3 and st.seq_gaps >= 1
 
 
 def test_gap_without_replay_is_counted_lost(deployment: Client, fleet: Fleet) -> None:
     rng = random.Random(3)
     pod = fleet.add("10.3.0.1", replay=False)
-    before = deployment.stats()["ingestors"][0]["seq_lost"]
+    before = deployment.stats().ingestors[0].seq_lost
     prompts = _prompts(rng, 6)
     pod.serve(prompts[0])
     assert pod.publisher is not None
@@ -143,7 +143,7 @@ def test_gap_without_replay_is_counted_lost(deployment: Client, fleet: Fleet) ->
     for p in prompts[1:]:
         pod.serve(p)
     assert fleet.sync()
-    assert deployment.stats()["ingestors"][0]["seq_lost"] >= before + 2
+    assert deployment.stats().ingestors[0].seq_lost >= before + 2
 
 
 def test_pod_restart_clears_its_blocks(deployment: Client, fleet: Fleet) -> None:
@@ -177,7 +177,7 @@ def test_killed_shard_is_rebuilt_from_snapshot_and_replay(deployment: Client, fl
     assert fleet.sync()
     before = {tuple(p): deployment.score_tokens(p, MODEL) for p in prompts}
     assert deployment.replica is not None
-    loaded = deployment.replica.stats()["snapshots_loaded"]
+    loaded = deployment.replica.stats().snapshots_loaded
     victim = deployment.shards[deployment.owner("10.5.0.0")]
     ray.kill(victim, no_restart=False)
     ref = fleet.reference()
@@ -185,20 +185,20 @@ def test_killed_shard_is_rebuilt_from_snapshot_and_replay(deployment: Client, fl
 
     def rebuilt(_: Client) -> bool:
         try:
-            st: dict[str, Any] = ray.get(victim.stats.remote(), timeout=5)
-            return bool(st["restored_from_snapshot"]) and all(
+            st: ShardStats = ray.get(victim.stats.remote(), timeout=5)
+            return st.restored_from_snapshot and all(
                 direct.score_tokens(p, MODEL) == ref.score_tokens(p, MODEL) for p in prompts
             )
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             return False
 
     ok = wait_until(deployment, rebuilt, timeout_s=60, interval_s=0.2)
-    assert ok, str(deployment.stats()["ingestors"])
+    assert ok, str(deployment.stats().ingestors)
     assert {tuple(p): direct.score_tokens(p, MODEL) for p in prompts} == before
     # The replica follows the restarted shard's new stream (a new snapshot) and agrees.
     assert wait_until(
         deployment,
-        lambda c: c.replica is not None and c.replica.stats()["snapshots_loaded"] > loaded,
+        lambda c: c.replica is not None and c.replica.stats().snapshots_loaded > loaded,
         timeout_s=10,
     )
     assert sync(deployment)
@@ -246,7 +246,7 @@ def test_replica_answers_like_the_shards_without_calling_them(
     for i, p in enumerate(prompts):
         pods[i % 4].serve(p)  # 64-block pods: evictions (BlockRemoved) happen too
     assert fleet.sync()
-    ops_before = sum(s["ops"] for s in deployment.stats()["shards"])
+    ops_before = sum(s.ops for s in deployment.stats().shards)
     served = [p for p in prompts if direct.score_tokens(p, MODEL)]
     assert served
     for p in prompts:
@@ -265,7 +265,7 @@ def test_replica_answers_like_the_shards_without_calling_them(
     assert wait_until(deployment, lambda c: c.score_tokens(toks, MODEL) == {}, timeout_s=20)
     assert direct.score_tokens(toks, MODEL) == {}
     # Scoring on the replica sent the shards no work (ops counts only event batches).
-    assert sum(s["ops"] for s in deployment.stats()["shards"]) == ops_before
+    assert sum(s.ops for s in deployment.stats().shards) == ops_before
 
 
 def test_connect_refuses_a_replica_the_shards_do_not_feed(ray_session: None) -> None:

@@ -61,13 +61,13 @@ def test_pods_that_bind_with_empty_topic_and_dp_ranks(deployment: Client) -> Non
 
 def test_unparseable_topic_is_counted_not_fatal(deployment: Client) -> None:
     ing = deployment.ingestors[0]
-    before = deployment.stats()["ingestors"][0]["malformed"].get("topic", 0)
+    before = deployment.stats().ingestors[0].malformed.get("topic", 0)
     pub = SimPublisher("tcp://127.0.0.1:0", "not-a-kv-topic")
     ray.get(ing.add_pod.remote(PodEndpoint(endpoint=pub.endpoint)))  # no pod id configured
     assert pub.wait_connected()
     SimPod("x", "m", publisher=pub).serve(list(range(32)))
     assert wait_until(
-        deployment, lambda c: c.stats()["ingestors"][0]["malformed"].get("topic", 0) > before
+        deployment, lambda c: c.stats().ingestors[0].malformed.get("topic", 0) > before
     )
     good = SimPublisher("tcp://127.0.0.1:0", "kv@10.8.0.9@m")
     ray.get(ing.add_pod.remote(PodEndpoint(endpoint=good.endpoint)))
@@ -108,7 +108,7 @@ def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
     """``add_pod`` with a name: the owning shard reads the pod itself (no ingestor hop); a
     killed shard comes back from its snapshot, reads its pods again and replays the rest."""
     rng = random.Random(3)
-    before = {str(s["ingestor"]): s["messages"] for s in deployment.stats()["ingestors"]}
+    before = {str(s.ingestor): s.messages for s in deployment.stats().ingestors}
     pods = []
     for i in range(4):
         pub = SimPublisher(
@@ -130,11 +130,11 @@ def test_named_pods_are_read_by_their_shard_which_recovers_after_a_kill(
     assert all(deployment.owner(p.pod_id) == pins[p.pod_id] for p in pods)
     on_shard = {p["pod"]: p["shard"] for p in deployment.pods()}
     assert all(on_shard[p.pod_id] == pins[p.pod_id] for p in pods)
-    ings = {str(s["ingestor"]): s for s in deployment.stats()["ingestors"]}
+    ings = {str(s.ingestor): s for s in deployment.stats().ingestors}
     owners = {f"shard{deployment.owner(p.pod_id)}" for p in pods}
-    assert all(ings[o]["messages"] > before.get(o, 0) for o in owners)
+    assert all(ings[o].messages > before.get(o, 0) for o in owners)
     # The ingestor actor saw none of them.
-    assert all(s["messages"] == before.get(n, 0) for n, s in ings.items() if n not in owners)
+    assert all(s.messages == before.get(n, 0) for n, s in ings.items() if n not in owners)
 
     ray.get(deployment.controller.snapshot_now.remote())
     victim = deployment.shards[deployment.owner("10.12.0.0")]
@@ -201,7 +201,7 @@ def test_named_pods_in_the_config_are_read_by_their_shards(ray_session: None) ->
             pod.serve(toks[: 16 * (i + 2)])
         assert sync(client, {f"cfg{i}": p.seq for i, p in enumerate(pubs)})
         assert client.score_tokens(toks, "m") == {"cfg0": 2.0, "cfg1": 3.0, "cfg2": 4.0}
-        ings = {str(s["ingestor"]): s["messages"] for s in client.stats()["ingestors"]}
+        ings = {str(s.ingestor): s.messages for s in client.stats().ingestors}
         assert ings.get("0", 0) == 0  # the ingestor actor read none of them
         assert sum(v for k, v in ings.items() if k.startswith("shard")) == 3
     finally:
