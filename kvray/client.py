@@ -6,18 +6,23 @@ call) once the replica is live, else fans ``score`` out to the shards and unions
 per-holder results (``replica.enabled: false``, or while the replica loads or follows a
 restarted shard). Prompts and chats go to a tokenizer pool member chosen by the prompt's first
 chunk, so repeats meet the same prefix cache.
-Every read method has an ``async`` twin (``*_async``) for use inside Serve replicas and async
-actors.
+
+Async first: every method that calls actors is written once, as ``*_async`` (for Serve
+replicas and async actors); the synchronous method of the same name takes the same arguments
+and runs it to completion (``_run``). Reads the in-process replica can answer skip the event
+loop entirely.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 import pydantic
@@ -28,7 +33,8 @@ from kvray.changes.replica import Replica
 from kvray.config import Config, PodEndpoint
 from kvray.core.apply import Keyer
 from kvray.core.holders import base_pod
-from kvray.core.keys import LoRA
+from kvray.core.keyed import KeyedIndex
+from kvray.core.keys import LoRA, MMFeature
 from kvray.core.messages import ClusterStats, PodInfo
 from kvray.core.prefix_store import first_chunk_route
 from kvray.core.routing import Decider, Decision
@@ -41,8 +47,33 @@ _POOLS_FRESH_S = 1.0  # pool sizes asked of the shards (no replica) at most this
 _PINS_FRESH_S = 1.0  # pins this young are trusted for pods they do not name (hash placed)
 _CTL_RETRY_S = 0.2  # pause before asking a dead or restarting controller again
 
+T = TypeVar("T")
+_THREAD = threading.local()  # each calling thread's private event loop (``_run``)
 
-class Client:
+
+def _run(coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    """Run ``coro`` to completion from synchronous code, within ``timeout_s``.
+
+    On a thread with no running event loop (a driver, a sync actor, ``asyncio.to_thread``)
+    it runs on that thread's private loop; called from inside a running loop (sync code
+    reached from async code), on a helper thread, like the blocking ``ray.get`` it replaces.
+    """
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout_s)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        loop = getattr(_THREAD, "loop", None)
+        if loop is None or loop.is_closed():
+            loop = _THREAD.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(bounded())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, bounded()).result()
+
+
+class Client(KeyedIndex[dict[str, float]]):
     """Handles to a running kvray deployment."""
 
     def __init__(
@@ -77,6 +108,9 @@ class Client:
             weakref.finalize(self, self.replica.stop_soon)
             self.replica.wait_ready(self.config.replica.ready_timeout_s)
 
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return _run(coro, self.timeout_s)
+
     # --- the controller (restarts by itself; looked up again by name when a call fails) ---
 
     def _resolve_controller(self) -> Any:
@@ -88,22 +122,9 @@ class Client:
                 "`kvray serve` or kvray.runtime.start)"
             ) from exc
 
-    def _ctl(self, method: str, *args: Any) -> Any:
+    async def _ctl_async(self, method: str, *args: Any) -> Any:
         """Call a controller method; while the controller is dead or restarting (or was
         replaced under the same name), look it up again and retry until ``timeout_s``."""
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                ref = getattr(self.controller, method).remote(*args)
-                return ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
-            except ray.exceptions.RayActorError:
-                if time.monotonic() + _CTL_RETRY_S > deadline:
-                    raise
-                time.sleep(_CTL_RETRY_S)
-                with contextlib.suppress(ConfigError):
-                    self.controller = self._resolve_controller()
-
-    async def _ctl_async(self, method: str, *args: Any) -> Any:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
@@ -114,6 +135,9 @@ class Client:
                 await asyncio.sleep(_CTL_RETRY_S)
                 with contextlib.suppress(ConfigError):
                     self.controller = self._resolve_controller()
+
+    def _ctl(self, method: str, *args: Any) -> Any:
+        return self._run(self._ctl_async(method, *args))
 
     def controller_status(self) -> dict[str, Any]:
         """The controller's ``status()``: restarted or not, snapshot ages, what it remembers."""
@@ -138,7 +162,12 @@ class Client:
     def owner(self, holder: str) -> int:
         """The shard owning ``holder``: its pod's pin (named pods that shards read are spread
         evenly by the controller), else the hash (``core.sharding``)."""
-        self._refresh_pins([holder])
+        if not self._sure([holder]):
+            self._set_pins(self._ctl("pins"))
+        return self.placement.owner(holder)
+
+    async def owner_async(self, holder: str) -> int:
+        await self._refresh_pins_async([holder])
         return self.placement.owner(holder)
 
     def _sure(self, holders: Sequence[str]) -> bool:
@@ -148,10 +177,6 @@ class Client:
             return True
         return all(self.placement.is_pinned(h) for h in holders)
 
-    def _refresh_pins(self, holders: Sequence[str]) -> None:
-        if not self._sure(holders):
-            self._set_pins(self._ctl("pins"))
-
     async def _refresh_pins_async(self, holders: Sequence[str]) -> None:
         if not self._sure(holders):
             self._set_pins(await self._ctl_async("pins"))
@@ -160,17 +185,17 @@ class Client:
         self.placement.update(pins)
         self._pins_at = time.monotonic()
 
-    # --- keys and tokens -------------------------------------------------------------------
+    def _owner_ids(self, pods: Sequence[str]) -> list[int]:
+        """The ids of the shards owning ``pods`` (by the cached pins)."""
+        return sorted({self.placement.owner(p) for p in pods})
 
-    def block_keys(
-        self,
-        tokens: Sequence[int],
-        model: str,
-        lora: LoRA | str | None = None,
-        cache_salt: str | None = None,
-    ) -> list[int]:
-        """The index keys of a prompt's full blocks."""
-        return self.keyer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt)
+    def _owners(self, pods: Sequence[str] | None) -> list[Any]:
+        """The shards to ask: all, or only those owning the requested holders."""
+        if pods is None:
+            return self.shards
+        return [self.shards[i] for i in self._owner_ids(pods)]
+
+    # --- tokens ----------------------------------------------------------------------------
 
     def _tokenizer(self, text: str) -> Any:
         return self.tokenizers[first_chunk_route(text, len(self.tokenizers), _ROUTE_CHUNK_CHARS)]
@@ -183,6 +208,9 @@ class Client:
             raise BadRequest("prompt must be a string")
         actor = self._tokenizer(prompt)
         return await actor.encode.remote(model, prompt, add_special_tokens)  # type: ignore[no-any-return]
+
+    def tokenize(self, prompt: str, model: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._run(self.tokenize_async(prompt, model, add_special_tokens=add_special_tokens))
 
     async def tokenize_chat_async(
         self,
@@ -202,17 +230,40 @@ class Client:
             model, messages, tools, add_generation_prompt, chat_template_kwargs
         )
 
+    def tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        model: str,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        return self._run(
+            self.tokenize_chat_async(
+                messages, model, tools=tools, add_generation_prompt=add_generation_prompt,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+        )  # fmt: skip
+
     # --- scoring ---------------------------------------------------------------------------
+
+    def _score_here(
+        self, keys: Sequence[int], pods: Sequence[str] | None
+    ) -> dict[str, float] | None:
+        """The answer without an actor call (no keys, or the replica is live), else None."""
+        if not keys:
+            return {}
+        rep = self._local(pods)
+        return rep.score(keys, pods) if rep is not None else None
 
     async def score_keys_async(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
     ) -> dict[str, float]:
         """Score on the replica, else fan ``score`` out to the owning shards and merge."""
-        if not keys:
-            return {}
-        rep = self._local(pods)
-        if rep is not None:
-            return rep.score(keys, pods)
+        here = self._score_here(keys, pods)
+        if here is not None:
+            return here
         klist = list(keys)
         plist = None if pods is None else list(pods)
         if plist is not None:
@@ -220,41 +271,11 @@ class Client:
         parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self._owners(pods)))
         return merge_scores(parts)
 
-    def _owner_ids(self, pods: Sequence[str]) -> list[int]:
-        """The ids of the shards owning ``pods`` (by the cached pins)."""
-        return sorted({self.placement.owner(p) for p in pods})
-
-    def _owners(self, pods: Sequence[str] | None) -> list[Any]:
-        """The shards to ask: all, or only those owning the requested holders."""
-        if pods is None:
-            return self.shards
-        return [self.shards[i] for i in self._owner_ids(pods)]
-
     def score_keys(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
     ) -> dict[str, float]:
-        """Synchronous ``score_keys_async``."""
-        if not keys:
-            return {}
-        rep = self._local(pods)
-        if rep is not None:
-            return rep.score(keys, pods)
-        klist = list(keys)
-        plist = None if pods is None else list(pods)
-        if plist is not None:
-            self._refresh_pins(plist)
-        refs = [s.score.remote(klist, plist) for s in self._owners(pods)]
-        return merge_scores(ray.get(refs, timeout=self.timeout_s))
-
-    def score_tokens(
-        self,
-        tokens: Sequence[int],
-        model: str,
-        pods: Sequence[str] | None = None,
-        lora: LoRA | str | None = None,
-    ) -> dict[str, float]:
-        """Scores of every holder (or ``pods``) for a prompt's token ids."""
-        return self.score_keys(self.block_keys(tokens, model, lora), pods)
+        here = self._score_here(keys, pods)  # the common case needs no event loop
+        return here if here is not None else self._run(self.score_keys_async(keys, pods))
 
     async def score_tokens_async(
         self,
@@ -262,8 +283,12 @@ class Client:
         model: str,
         pods: Sequence[str] | None = None,
         lora: LoRA | str | None = None,
+        *,
+        cache_salt: str | None = None,
+        mm: Sequence[MMFeature] = (),
     ) -> dict[str, float]:
-        return await self.score_keys_async(self.block_keys(tokens, model, lora), pods)
+        keys = self.block_keys(tokens, model, lora, cache_salt, mm=mm)
+        return await self.score_keys_async(keys, pods)
 
     async def score_prompt_async(
         self,
@@ -271,61 +296,33 @@ class Client:
         model: str,
         pods: Sequence[str] | None = None,
         lora: str | None = None,
-    ) -> tuple[dict[str, float], int]:
-        """Tokenize, key and score a completion prompt; returns (scores, number of blocks)."""
+    ) -> dict[str, float]:
+        """Tokenize, key and score a completion prompt."""
         tokens = await self.tokenize_async(prompt, model)
-        keys = self.block_keys(tokens, model, lora)
-        return await self.score_keys_async(keys, pods), len(keys)
+        return await self.score_tokens_async(tokens, model, pods, lora)
 
     def score_prompt(
         self, prompt: str, model: str, pods: Sequence[str] | None = None, lora: str | None = None
     ) -> dict[str, float]:
-        """Synchronous prompt scoring (from a driver or a sync actor)."""
-        tokens = ray.get(
-            self._tokenizer(prompt).encode.remote(model, prompt), timeout=self.timeout_s
-        )
-        return self.score_tokens(tokens, model, pods, lora)
+        return self._run(self.score_prompt_async(prompt, model, pods, lora))
 
     # --- routing ---------------------------------------------------------------------------
 
-    def pools(self) -> dict[str, tuple[int, int]]:
+    async def pools_async(self) -> dict[str, tuple[int, int]]:
         """Holder → ``(blocks held, learned pool size)``: the replica's view when it has one,
         else the shards' (asked at most once a second)."""
         if self.replica is not None and self.replica.ready():
             return self.replica.pools()
         if time.monotonic() - self._pools_at >= _POOLS_FRESH_S:
-            self._set_pools(
-                ray.get([s.pools.remote() for s in self.shards], timeout=self.timeout_s)
-            )
+            parts = await asyncio.gather(*(s.pools.remote() for s in self.shards))
+            self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
+            self._pools_at = time.monotonic()
         return self._pools
 
-    async def _pools_async(self) -> dict[str, tuple[int, int]]:
+    def pools(self) -> dict[str, tuple[int, int]]:
         if self.replica is not None and self.replica.ready():
             return self.replica.pools()
-        if time.monotonic() - self._pools_at >= _POOLS_FRESH_S:
-            self._set_pools(await asyncio.gather(*(s.pools.remote() for s in self.shards)))
-        return self._pools
-
-    def _set_pools(self, parts: Sequence[dict[str, Any]]) -> None:
-        """Cache the shards' ``pools()`` answers (disjoint holders)."""
-        self._pools = {h: (int(v[0]), int(v[1])) for part in parts for h, v in part.items()}
-        self._pools_at = time.monotonic()
-
-    def _decide(
-        self,
-        candidates: Sequence[str],
-        keys: Sequence[int],
-        scores: dict[str, float],
-        pools: dict[str, tuple[int, int]],
-        model: str,
-        load: Mapping[str, float] | None,
-        load_weight: float | None,
-    ) -> Decision:
-        block_size = self.config.index.hashing_lookup()(model).block_size
-        return self.decider.choose(
-            candidates, scores, keys, load=load, load_unit=1.0 / block_size, pools=pools,
-            load_weight=load_weight,
-        )  # fmt: skip
+        return self._run(self.pools_async())
 
     async def route_keys_async(
         self,
@@ -336,6 +333,7 @@ class Client:
         load: Mapping[str, float] | None = None,
         load_weight: float | None = None,
         record: bool = True,
+        ttl_s: float | None = None,
     ) -> tuple[Decision, dict[str, float]]:
         """Choose a pod among ``candidates`` for a prompt's keys (``core.routing``), and
         record speculative entries for it unless ``record`` is false.
@@ -347,6 +345,7 @@ class Client:
             load: queued work per candidate in tokens; None: kvray's own estimate.
             load_weight: overrides ``routing.load_weight``.
             record: record the choice (read-your-writes: the next score sees it).
+            ttl_s: the speculative entries' lifetime (default ``index.speculative_ttl_s``).
 
         Returns:
             The decision, and the candidates' scores it was based on.
@@ -354,11 +353,53 @@ class Client:
         if not candidates:
             raise BadRequest("no candidate pods")
         scores = await self.score_keys_async(keys, candidates) if keys else {}
-        d = self._decide(candidates, keys, scores, await self._pools_async(), model, load,
-                         load_weight)  # fmt: skip
+        block_size = self.config.index.hashing_lookup()(model).block_size
+        d = self.decider.choose(
+            candidates, scores, keys, load=load, load_unit=1.0 / block_size,
+            pools=await self.pools_async(), load_weight=load_weight,
+        )  # fmt: skip
         if record and keys:
-            await self.record_route_async(d.pod, keys)
+            await self.record_keys_async(d.pod, keys, ttl_s)
         return d, scores
+
+    def route_keys(
+        self,
+        candidates: Sequence[str],
+        keys: Sequence[int],
+        model: str,
+        *,
+        load: Mapping[str, float] | None = None,
+        load_weight: float | None = None,
+        record: bool = True,
+        ttl_s: float | None = None,
+    ) -> tuple[Decision, dict[str, float]]:
+        return self._run(
+            self.route_keys_async(
+                candidates, keys, model, load=load, load_weight=load_weight, record=record,
+                ttl_s=ttl_s,
+            )
+        )  # fmt: skip
+
+    async def route_async(
+        self,
+        candidates: Sequence[str],
+        model: str,
+        tokens: Sequence[int],
+        *,
+        lora: LoRA | str | None = None,
+        cache_salt: str | None = None,
+        load: Mapping[str, float] | None = None,
+        load_weight: float | None = None,
+        record: bool = True,
+        ttl_s: float | None = None,
+    ) -> tuple[Decision, dict[str, float]]:
+        """Route a prompt's token ids (``route_keys_async`` of its block keys)."""
+        if not candidates:
+            raise BadRequest("no candidate pods")
+        return await self.route_keys_async(
+            candidates, self.block_keys(tokens, model, lora, cache_salt), model, load=load,
+            load_weight=load_weight, record=record, ttl_s=ttl_s,
+        )  # fmt: skip
 
     def route(
         self,
@@ -373,46 +414,35 @@ class Client:
         record: bool = True,
         ttl_s: float | None = None,
     ) -> tuple[Decision, dict[str, float]]:
-        """Synchronous routing of a prompt's token ids (see ``route_keys_async``)."""
-        if not candidates:
-            raise BadRequest("no candidate pods")
-        keys = self.block_keys(tokens, model, lora, cache_salt)
-        scores = self.score_keys(keys, candidates) if keys else {}
-        d = self._decide(candidates, keys, scores, self.pools(), model, load, load_weight)
-        if record and keys:
-            self.record_route(d.pod, model, keys=keys, ttl_s=ttl_s)
-        return d, scores
+        return self._run(
+            self.route_async(
+                candidates, model, tokens, lora=lora, cache_salt=cache_salt, load=load,
+                load_weight=load_weight, record=record, ttl_s=ttl_s,
+            )
+        )  # fmt: skip
 
-    # --- routing feedback, status ----------------------------------------------------------
+    # --- routing feedback ------------------------------------------------------------------
 
-    def record_route(
-        self,
-        pod: str,
-        model: str,
-        tokens: Sequence[int] | None = None,
-        *,
-        keys: Sequence[int] | None = None,
-        lora: LoRA | str | None = None,
-        ttl_s: float | None = None,
+    async def record_keys_async(
+        self, pod: str, keys: Sequence[int], ttl_s: float | None = None
     ) -> None:
-        """Record that a prompt was routed to ``pod``: speculative entries until events arrive."""
-        if keys is None:
-            keys = self.block_keys(tokens or [], model, lora)
-        i = self.owner(pod)
-        at = ray.get(
-            self.shards[i].record_route.remote(pod, list(keys), ttl_s), timeout=self.timeout_s
-        )
-        if self.replica is not None:  # read-your-writes: the next score sees the entries
-            self.replica.wait_for({i: tuple(at)}, 1.0)
+        """Speculative entries of ``keys`` for ``pod``; returns once this client's replica
+        shows them (read-your-writes: the next score sees them)."""
+        i = await self.owner_async(pod)
+        at = await self.shards[i].record_route.remote(pod, list(keys), ttl_s)
+        if self.replica is not None:
+            await self.replica.wait_for_async({i: tuple(at)}, 1.0)
+
+    def record_keys(self, pod: str, keys: Sequence[int], ttl_s: float | None = None) -> None:
+        self._run(self.record_keys_async(pod, keys, ttl_s))
 
     async def record_route_async(
         self, pod: str, keys: Sequence[int], ttl_s: float | None = None
     ) -> None:
-        await self._refresh_pins_async([pod])
-        i = self.placement.owner(pod)
-        at = await self.shards[i].record_route.remote(pod, list(keys), ttl_s)
-        if self.replica is not None:
-            await self.replica.wait_for_async({i: tuple(at)}, 1.0)
+        """``record_keys_async`` under its older name (``kvray.serve.router`` calls it so)."""
+        await self.record_keys_async(pod, keys, ttl_s)
+
+    # --- pods ------------------------------------------------------------------------------
 
     def register_replay(self, pod: str, replay_endpoint: str) -> None:
         """Tell kvray where a (connecting) pod's replay ROUTER is; survives restarts."""
@@ -435,47 +465,39 @@ class Client:
         if shard is not None and spec.pod:  # pinned: this client routes to it from now on
             self.placement.pin(spec.pod, shard)
 
-    def remove_pod(self, pod: str) -> None:
+    async def remove_pod_async(self, pod: str) -> None:
         """Forget a pod everywhere: its streams in the ingestors, its blocks in its shard
         (every data-parallel rank's holder too)."""
-        ray.get(
-            [i.forget_pod.remote(pod) for i in self.ingestors]
-            + [s.forget_pod.remote(pod) for s in self.shards],
-            timeout=self.timeout_s,
+        await asyncio.gather(
+            *(i.forget_pod.remote(pod) for i in self.ingestors),
+            *(s.forget_pod.remote(pod) for s in self.shards),
         )
-        holders = [p["pod"] for p in self.pods() if base_pod(p["pod"]) == pod]
+        holders = [p["pod"] for p in await self.pods_async() if base_pod(p["pod"]) == pod]
         targets = holders or [pod]
-        owners = [self.owner(h) for h in targets]
-        refs = [self.shards[i].clear_pod.remote(h) for i, h in zip(owners, targets, strict=True)]
-        done = ray.get(refs, timeout=self.timeout_s)
-        if self.replica is not None:
-            self.replica.wait_for(_latest(owners, done), 5.0)
-
-    def pods(self) -> list[dict[str, Any]]:
-        """Every holder (``PodInfo`` as a JSON document, like ``GET /pods``): model, shard,
-        last seq, idle time, hash-contract status, pool."""
-        return _pod_docs(
-            ray.get([s.pods_info.remote() for s in self.shards], timeout=self.timeout_s)
+        owners = [await self.owner_async(h) for h in targets]
+        done = await asyncio.gather(
+            *(self.shards[i].clear_pod.remote(h) for i, h in zip(owners, targets, strict=True))
         )
+        if self.replica is not None:
+            await self.replica.wait_for_async(_latest(owners, done), 5.0)
+
+    def remove_pod(self, pod: str) -> None:
+        self._run(self.remove_pod_async(pod))
 
     async def pods_async(self) -> list[dict[str, Any]]:
-        return _pod_docs(await asyncio.gather(*(s.pods_info.remote() for s in self.shards)))
+        """Every holder (``PodInfo`` as a JSON document, like ``GET /pods``): model, shard,
+        last seq, idle time, hash-contract status, pool."""
+        parts = await asyncio.gather(*(s.pods_info.remote() for s in self.shards))
+        return _pod_docs(parts)
 
-    def stats(self) -> ClusterStats:
-        """Shard, ingestor and tokenizer stats. ``ingestors`` also lists the shards that read
-        pods themselves (``ingestor="shard<i>"``)."""
-        shards = [s.stats.remote() for s in self.shards]
-        ings = [i.stats.remote() for i in self.ingestors]
-        own = [s.ingest_stats.remote() for s in self.shards]
-        toks = [t.stats.remote() for t in self.tokenizers]
-        return ClusterStats(
-            shards=ray.get(shards, timeout=self.timeout_s),
-            ingestors=ray.get(ings, timeout=self.timeout_s)
-            + [st for st in ray.get(own, timeout=self.timeout_s) if st is not None],
-            tokenizers=ray.get(toks, timeout=self.timeout_s),
-        )
+    def pods(self) -> list[dict[str, Any]]:
+        return self._run(self.pods_async())
+
+    # --- status ----------------------------------------------------------------------------
 
     async def stats_async(self) -> ClusterStats:
+        """Shard, ingestor and tokenizer stats. ``ingestors`` also lists the shards that read
+        pods themselves (``ingestor="shard<i>"``)."""
         shards, ings, own, toks = await asyncio.gather(
             asyncio.gather(*(s.stats.remote() for s in self.shards)),
             asyncio.gather(*(i.stats.remote() for i in self.ingestors)),
@@ -488,59 +510,8 @@ class Client:
             tokenizers=list(toks),
         )
 
-    def sync(self, expect: dict[str, int] | None = None, timeout_s: float = 30.0) -> bool:
-        """Wait until events are applied (tests, demo, benchmarks).
-
-        Args:
-            expect: pod (stream ``"<pod>#<rank>"`` or bare pod for rank 0) → the next seq its
-                publisher will use, i.e. how many batches it sent. Without it, only what the
-                ingestors already received is waited for.
-            timeout_s: give up after this long (returns False).
-        """
-        deadline = time.monotonic() + timeout_s
-        nap = _Backoff()  # polls are actor calls that compete with the work waited for
-        if expect:
-            want = {(k if "#" in k else f"{k}#0"): v for k, v in expect.items()}
-            while True:
-                seen: dict[str, int] = {}
-                refs = [i.streams.remote() for i in self.ingestors]
-                refs += [s.ingest_streams.remote() for s in self.shards]
-                for part in ray.get(refs):
-                    seen.update(part)
-                if all(seen.get(k, 0) >= v for k, v in want.items()):
-                    break
-                if time.monotonic() > deadline:
-                    return False
-                nap()
-        # Every reader (ingestor actors, shards reading their own pods): poll until what it
-        # had received is applied.
-        readers = [i.progress for i in self.ingestors] + [s.ingest_progress for s in self.shards]
-        targets = [r for r, _, _ in ray.get([f.remote() for f in readers])]
-        nap = _Backoff()
-        while True:
-            prog = ray.get([f.remote() for f in readers])
-            if all(
-                shipped >= t and not inflight
-                for t, (_, shipped, inflight) in zip(targets, prog, strict=True)
-            ):
-                break
-            if time.monotonic() > deadline:
-                return False
-            nap()
-        if self.replica is None:
-            return True
-        at = ray.get([s.replica_seq.remote() for s in self.shards], timeout=self.timeout_s)
-        left = max(0.1, deadline - time.monotonic())
-        return self.replica.wait_for({i: tuple(a) for i, a in enumerate(at)}, left)
-
-    def wait_until(self, predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:
-        """Poll ``predicate(self)`` until true (tests and examples; no fixed sleeps)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate(self):
-                return True
-            time.sleep(interval_s)
-        return False
+    def stats(self) -> ClusterStats:
+        return self._run(self.stats_async())
 
 
 def _pod_endpoint(
@@ -552,6 +523,21 @@ def _pod_endpoint(
         return PodEndpoint(endpoint=endpoint, replay_endpoint=replay, pod=pod, model=model)
     except pydantic.ValidationError as exc:
         raise ConfigError(f"bad pod endpoint: {exc}") from exc
+
+
+def _pod_docs(parts: Sequence[list[PodInfo]]) -> list[dict[str, Any]]:
+    """The shards' ``PodInfo`` lists as one sorted list of JSON documents."""
+    docs = (msgspec.structs.asdict(p) for part in parts for p in part)
+    return sorted(docs, key=lambda d: d["pod"])
+
+
+def _latest(owners: list[int], marks: list[Any]) -> dict[int, tuple[str, int]]:
+    """Per shard, the newest ``(stream, seq)`` among several calls' answers."""
+    out: dict[int, tuple[str, int]] = {}
+    for i, (stream, seq) in zip(owners, marks, strict=True):
+        if i not in out or out[i][1] < seq:
+            out[i] = (stream, seq)
+    return out
 
 
 def connect_when_ready(namespace: str = "kvray", timeout_s: float = 180.0) -> Client:
@@ -571,33 +557,6 @@ def connect_when_ready(namespace: str = "kvray", timeout_s: float = 180.0) -> Cl
                 raise
         time.sleep(nap)
         nap = min(1.0, nap * 1.5)
-
-
-class _Backoff:
-    """Sleeps 1 ms, then 1.5× longer each call, up to 50 ms."""
-
-    def __init__(self) -> None:
-        self.s = 0.001
-
-    def __call__(self) -> None:
-        time.sleep(self.s)
-        self.s = min(0.05, self.s * 1.5)
-
-
-def _pod_docs(parts: Sequence[list[PodInfo]]) -> list[dict[str, Any]]:
-    """The shards' ``PodInfo`` lists as one sorted list of JSON documents."""
-    return sorted(
-        (msgspec.structs.asdict(p) for part in parts for p in part), key=lambda d: d["pod"]
-    )
-
-
-def _latest(owners: list[int], marks: list[Any]) -> dict[int, tuple[str, int]]:
-    """Per shard, the newest ``(stream, seq)`` among several calls' answers."""
-    out: dict[int, tuple[str, int]] = {}
-    for i, (stream, seq) in zip(owners, marks, strict=True):
-        if i not in out or out[i][1] < seq:
-            out[i] = (stream, seq)
-    return out
 
 
 def connect(

@@ -18,7 +18,7 @@ from kvray.core.events import DecodeLimits, EventBatch, EventDecoder
 from kvray.core.holders import holder_id
 from kvray.core.index.base import IndexStats
 from kvray.core.index.registry import create_backend
-from kvray.core.keys import LoRA, MMFeature
+from kvray.core.keyed import KeyedIndex
 from kvray.core.sequencing import SeqTracker, Verdict
 from kvray.core.topics import parse_frames, parse_topic
 from kvray.errors import MalformedFrame
@@ -43,7 +43,7 @@ class IngestCounters:
     """What the applied batches did."""
 
 
-class Indexer:
+class Indexer(KeyedIndex[dict[PodId, float]]):
     """An in-process KV-block index.
 
     Args:
@@ -95,6 +95,7 @@ class Indexer:
             speculative_ttl_s=self.config.speculative_ttl_s,
             clock=clock,
         )
+        self.keyer = self.writer.keyer
         self.decoder = EventDecoder(decode_limits)
         self.seq = SeqTracker()
         self.counters = IngestCounters()
@@ -152,51 +153,14 @@ class Indexer:
 
     # --- read path -------------------------------------------------------------------------
 
-    def block_keys(
-        self,
-        tokens: Sequence[int],
-        model: str,
-        lora: LoRA | str | None = None,
-        *,
-        cache_salt: str | None = None,
-        mm: Sequence[MMFeature] = (),
-    ) -> list[int]:
-        """The index keys of every full block of ``tokens`` for ``model``."""
-        return self.writer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt, mm=mm)
-
     def score_keys(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
     ) -> dict[PodId, float]:
         """Longest-prefix scores for precomputed keys."""
         return self.writer.score(keys, self.config.tier_weights, pods)
 
-    def score_tokens(
-        self,
-        tokens: Sequence[int],
-        model: str,
-        pods: Sequence[str] | None = None,
-        lora: LoRA | str | None = None,
-        *,
-        cache_salt: str | None = None,
-        mm: Sequence[MMFeature] = (),
-    ) -> dict[PodId, float]:
-        """Score every holder (or ``pods``) for a prompt's tokens (spec §5)."""
-        keys = self.block_keys(tokens, model, lora, cache_salt=cache_salt, mm=mm)
-        return self.score_keys(keys, pods)
-
-    def record_route(
-        self,
-        pod: str,
-        model: str,
-        tokens: Sequence[int] | None = None,
-        *,
-        keys: Sequence[int] | None = None,
-        lora: LoRA | str | None = None,
-        ttl_s: float | None = None,
-    ) -> None:
-        """Record that a prompt was just routed to ``pod`` (short-TTL speculative entries)."""
-        if keys is None:
-            keys = self.block_keys(tokens or [], model, lora)
+    def record_keys(self, pod: str, keys: Sequence[int], ttl_s: float | None = None) -> None:
+        """Hold ``keys`` for ``pod`` as speculative entries (``record_route`` of a prompt)."""
         self.writer.record_route(PodId(pod), keys, ttl_s)
 
     # --- introspection ---------------------------------------------------------------------

@@ -193,18 +193,6 @@ class IndexWriter:
         # through the journal); any other backend gets the separate calls.
         self._add_engine, self._remove_engine = engine_ops(backend)
 
-    def block_keys(
-        self,
-        tokens: Sequence[int],
-        model: str,
-        *,
-        lora: LoRA | str | None = None,
-        cache_salt: str | None = None,
-        mm: Sequence[MMFeature] = (),
-    ) -> list[int]:
-        """The index keys of every full block of a prompt, in this writer's key mode."""
-        return self.keyer.block_keys(tokens, model, lora=lora, cache_salt=cache_salt, mm=mm)
-
     # --- writes ----------------------------------------------------------------------------
 
     def apply_batch(self, holder: PodId, model: str, batch: EventBatch) -> ApplyResult:

@@ -81,7 +81,7 @@ def _applied_all(shard: IndexShard, pod: SimPod) -> bool:
 def _exact(shard: IndexShard, pod: SimPod, prompts: list[list[int]]) -> bool:
     for p in prompts:
         want = {POD: float(n)} if (n := pod.cached_prefix_blocks(p)) else {}
-        if shard.score(shard.writer.block_keys(p, MODEL), [POD]) != want:
+        if shard.score(shard.writer.keyer.block_keys(p, MODEL), [POD]) != want:
             return False
     return True
 
