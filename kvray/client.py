@@ -47,6 +47,10 @@ _POOLS_FRESH_S = 1.0  # pool sizes asked of the shards (no replica) at most this
 _PINS_FRESH_S = 1.0  # pins this young are trusted for pods they do not name (hash placed)
 _CTL_RETRY_S = 0.2  # pause before asking a dead or restarting controller again
 
+# A dead controller, or one restarting (awaiting a ref surfaces that at once, where ray.get
+# waited for the retried task).
+_CONTROLLER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
 T = TypeVar("T")
 _THREAD = threading.local()  # each calling thread's private event loop (``_run``)
 
@@ -129,7 +133,7 @@ class Client(KeyedIndex[dict[str, float]]):
         while True:
             try:
                 return await getattr(self.controller, method).remote(*args)
-            except ray.exceptions.RayActorError:
+            except _CONTROLLER_GONE:
                 if time.monotonic() + _CTL_RETRY_S > deadline:
                     raise
                 await asyncio.sleep(_CTL_RETRY_S)
