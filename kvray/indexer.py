@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import kvray.backends  # noqa: F401  (registers the Redis backend)
 from kvray.config import IndexConfig
 from kvray.core.apply import ApplyResult, IndexWriter
 from kvray.core.events import DecodeLimits, EventBatch, EventDecoder

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+import kvray.backends  # noqa: F401  (registers the Redis backend)
 from kvray._env import freeze_heap
 from kvray._proc import node_ip, release_memory
 from kvray.actors._locking import locked
@@ -195,8 +196,7 @@ class IndexShard:
     # --- pods this shard reads itself (forwarded to ``OwnPods``) -----------------------------
 
     def subscribe(self, pod: PodEndpoint) -> None:
-        """Read a binding pod's PUB socket in this process (``Controller.add_pod`` sends the
-        named pods this shard owns here): its batches skip the ingestor and the Ray call."""
+        """Read a named binding pod this shard owns (``Controller.add_pod``) in this process."""
         self.own.add(pod)
 
     def register_replay(self, pod: str, replay_endpoint: str) -> None:

@@ -1,8 +1,9 @@
-"""Index backends by config name: ``"memory"`` (default), ``"budget"``, ``"redis"``.
+"""Index backends by config name: ``"memory"`` (default) and ``"budget"`` here; adapters
+register themselves (``kvray.backends`` adds ``"redis"`` when imported), so the core never
+imports them.
 
 ``register_backend`` rejects a duplicate name; ``create_backend`` raises ``ConfigError`` naming
-the known backends for an unknown one (vLLM's ``EventPublisherFactory`` pattern). The Redis
-backend is imported lazily so the pure core never imports ``redis``.
+the known backends for an unknown one (vLLM's ``EventPublisherFactory`` pattern).
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from kvray.core.index.budget import BudgetIndex
 from kvray.core.index.memory import MemoryIndex
 from kvray.errors import ConfigError
 
-
-def _redis(**kwargs: Any) -> IndexBackend:
-    from kvray.backends.redis import RedisBackend  # lazy: keeps core free of redis
-
-    return RedisBackend(**kwargs)  # type: ignore[no-any-return]
-
-
 _registry: dict[str, Callable[..., IndexBackend]] = {
     "memory": MemoryIndex,
     "budget": BudgetIndex,
-    "redis": _redis,
 }
 
 
@@ -34,6 +27,10 @@ def register_backend(name: str, factory: Callable[..., IndexBackend]) -> None:
     if name in _registry:
         raise KeyError(f"index backend {name!r} is already registered")
     _registry[name] = factory
+
+
+def is_registered(name: str) -> bool:
+    return name in _registry
 
 
 def create_backend(name: str, **options: Any) -> IndexBackend:
