@@ -106,7 +106,7 @@ def main() -> int:
                         st = ray.get(client.shards[i].stats.remote(), timeout=10)
                         if _incarnation(client.shards[i]) == before[i]:
                             return False
-                        if not st["restored_from_snapshot"]:
+                        if not st.restored_from_snapshot:
                             raise AssertionError(f"shard {i} restarted without its snapshot")
                     return all(
                         client.score_tokens(list(range(s, e)), "m")
