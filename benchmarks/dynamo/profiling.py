@@ -125,7 +125,7 @@ _CORE = ("Ray core worker (C++, leaf `Worker.main_loop`)", ["Worker.main_loop"])
 SHARD_RULES: Rules = [
     (
         "in-shard ingest: ZMQ receive, topic/seq/rank parse",
-        ["recv_multipart", "ZmqSource.", "Ingestor._handle", "parse_frames", "parse_topic"]
+        ["recv_multipart", "ZmqSource.", "StreamFollower.handle", "parse_frames", "parse_topic"]
         + ["peek_rank", "SeqTracker"],
     ),
     ("msgpack decode (`EventDecoder.decode`)", ["EventDecoder.decode"]),
@@ -148,7 +148,7 @@ INGESTOR_RULES: Rules = [
     ("Ray: reaping results (`ray.wait`/`ray.get`)", ["ray.wait", "wait (ray", "get_objects"]),
     ("parse topic/seq/rank (`_handle`)", ["_handle", "parse_", "peek_rank", "SeqTracker"]),
     (
-        "`Ingestor.progress`/`streams` (the benchmark's `client.sync` polling)",
+        "`Ingestor.progress`/`streams` (the benchmark's `wait_applied` polling)",
         ["Ingestor.progress", "Ingestor.streams"],
     ),
     ("rest of the loop", ["Ingestor."]),

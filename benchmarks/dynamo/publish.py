@@ -63,5 +63,5 @@ def close_all(pubs: list[BoundPublisher]) -> None:
 
 
 def expected_seqs(pubs: list[BoundPublisher]) -> dict[str, int]:
-    """Per pod that sent anything: how many batches (what ``client.sync`` waits for)."""
+    """Per pod that sent anything: how many batches (what ``wait_applied`` waits for)."""
     return {f"pod{i}": p.seq for i, p in enumerate(pubs) if p.seq}

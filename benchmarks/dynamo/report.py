@@ -402,7 +402,7 @@ def _setup(results: list[Result], dynamo_threads: str, meta: dict[str, Any]) -> 
         + ("compiled (`kvray._speedups`)" if fast.COMPILED else "pure Python (no C extension)")
         + (f", flush_messages {KVRAY.events['flush_messages']}" if KVRAY.events else "")
         + ", pods added with `client.add_pod`, complete "
-        "when `client.sync(expect)` returns; HTTP `POST /score_tokens` (Ray Serve, direct "
+        "when `wait_applied(client, expect)` returns; HTTP `POST /score_tokens` (Ray Serve, direct "
         "ingress). Same pre-encoded vLLM 0.33 frames from binding PUB sockets, same order, "
         "same prompts, same keep-alive HTTP client (bodies pre-encoded). "
         f"Machine: {os.cpu_count()} cores; 1-minute load before the run {meta['load_before']}, "

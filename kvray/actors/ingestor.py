@@ -85,7 +85,7 @@ class Ingestor:
                 self.source.bind(ep)
             for pod in ev.connect:
                 if pod.pod and ev.shard_reads_named_pods:
-                    continue  # its shard reads it (IndexShard._resubscribe)
+                    continue  # its shard reads it (OwnPods.resubscribe)
                 if self.owner_of(pod.endpoint, cfg.num_ingestors) == ingestor_id:
                     self._connect(pod)
         self._stop = threading.Event()

@@ -10,7 +10,8 @@ is looked up again (it may have moved) and stops counting as live until it is ba
 
 Freshness: a change is visible here one ZMQ hop after the shard applied it (sub-millisecond on
 one node). ``wait_for`` gives read-your-writes: shard mutators return ``(stream, seq)`` and
-``Client.sync``/``record_route`` wait for the replica to reach it.
+``Client.record_keys``, ``remove_pod`` and ``kvray.sim.applied.wait_applied`` wait for the
+replica to reach it.
 """
 
 from __future__ import annotations
