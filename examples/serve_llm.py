@@ -66,37 +66,18 @@ SERVE_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 def llm_app(router: str, replicas: int, ingress: int, args: argparse.Namespace,
             store: AdapterStore) -> Any:
     """The Serve LLM app: the documented recipe (docs/serve-llm.md) with the router under test."""
-    from ray.serve.llm import LLMConfig, build_openai_app
+    from ray.serve.llm import build_openai_app
 
-    from kvray.serve.llm_bench import TIMED
+    from kvray.serve.llm_bench import TIMED, stand_in_config
 
     kwargs: dict[str, Any] = {"ledger": LEDGER, "ledger_namespace": NS}
     if router == "kvray":
         kwargs |= {"namespace": NS, "model": MODEL}
-    cfg = LLMConfig(
-        model_loading_config={"model_id": MODEL},
-        runtime_env={"env_vars": {"RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
-                                  "HF_HUB_OFFLINE": "1", **store.env}},
-        experimental_configs={"kvray_sim_engine": {
-            "num_blocks": args.num_blocks,
-            "prefill_s_per_token": args.prefill_us / 1e6,
-            "decode_s_per_token": args.decode_ms / 1e3,
-            "ledger": LEDGER,
-            "ledger_namespace": NS,
-        }},
-        lora_config={"dynamic_lora_loading_path": store.path, "max_num_adapters_per_replica": 4},
-        placement_group_config={"bundles": [{"CPU": 0.01}]},
-        deployment_config={
-            "num_replicas": replicas,
-            "max_ongoing_requests": 64,
-            "ray_actor_options": {"num_cpus": 0},
-            "request_router_config": {
-                "request_router_class": TIMED[router],
-                "request_router_kwargs": kwargs,
-                "request_routing_stats_period_s": 1,
-            },
-        },
-    )
+    engine = {"num_blocks": args.num_blocks, "prefill_s_per_token": args.prefill_us / 1e6,
+              "decode_s_per_token": args.decode_ms / 1e3, "ledger": LEDGER,
+              "ledger_namespace": NS}
+    cfg = stand_in_config(MODEL, router=TIMED[router], router_kwargs=kwargs, replicas=replicas,
+                          engine=engine, lora_path=store.path, env=store.env)
     return build_openai_app({
         "llm_configs": [cfg],
         "ingress_deployment_config": {"num_replicas": ingress, "max_ongoing_requests": 256,
@@ -170,10 +151,14 @@ def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
         raise TimeoutError(f"Serve LLM app not ready in {timeout_s:.0f} s")
     # Replicas report routing stats every second; the warm-up requests (shorter than a block,
     # so they cache nothing) let every router see every replica's stats.
-    for i in range(2 * replicas):
+    def hello(i: int) -> None:
         httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
             "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"hi {i}"}]})
+
+    for i in range(2 * replicas):
+        hello(i)
     time.sleep(2.0)
+    hello(-1)  # the routers report what the warm-up counted (they report at most every 0.5 s)
 
 
 async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[str, Any]]:

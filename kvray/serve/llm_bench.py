@@ -107,6 +107,43 @@ class TimedPowerOfTwoRouter(_Timed, PowerOfTwoChoicesRequestRouter):  # type: ig
     """Serve's default power-of-two-choices router, timed."""
 
 
+def stand_in_config(
+    model: str,
+    *,
+    router: type | str,
+    router_kwargs: dict[str, Any] | None = None,
+    replicas: int = 2,
+    engine: dict[str, Any] | None = None,
+    lora_path: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Any:
+    """An ``LLMConfig`` for ``LLMServer`` replicas running the stand-in engine (the recipe of
+    docs/serve-llm.md), with ``router`` choosing among them."""
+    from ray.serve.llm import LLMConfig
+
+    return LLMConfig(
+        model_loading_config={"model_id": model},
+        runtime_env={"env_vars": {"RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
+                                  "HF_HUB_OFFLINE": "1", **(env or {})}},
+        experimental_configs={"kvray_sim_engine": dict(engine or {})},
+        lora_config=(
+            {"dynamic_lora_loading_path": lora_path, "max_num_adapters_per_replica": 4}
+            if lora_path else None
+        ),
+        placement_group_config={"bundles": [{"CPU": 0.01}]},  # no GPU: a sliver of a CPU
+        deployment_config={
+            "num_replicas": replicas,
+            "max_ongoing_requests": 64,
+            "ray_actor_options": {"num_cpus": 0},
+            "request_router_config": {
+                "request_router_class": router,
+                "request_router_kwargs": dict(router_kwargs or {}),
+                "request_routing_stats_period_s": 1,
+            },
+        },
+    )
+
+
 TIMED = {
     "kvray": TimedKvrayRequestRouter,
     "prefix_cache_affinity": TimedPrefixCacheAffinityRouter,
