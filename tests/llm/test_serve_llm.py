@@ -65,7 +65,7 @@ def app() -> Iterator[dict[str, Any]]:
         router=TimedKvrayRequestRouter,
         router_kwargs={"namespace": NS, "model": MODEL, "ledger": LEDGER, "ledger_namespace": NS},
         replicas=3,
-        engine={"num_blocks": 256, "prefill_s_per_token": 1e-5, "decode_s_per_token": 1e-3,
+        engine={"num_blocks": 2048, "prefill_s_per_token": 1e-5, "decode_s_per_token": 1e-3,
                 "ledger": LEDGER, "ledger_namespace": NS},
     )
     serve.run(build_openai_app({"llm_configs": [cfg], "ingress_deployment_config": {
@@ -91,17 +91,18 @@ def chat(base: str, user: str, system: str = SYSTEM, model: str = MODEL) -> dict
 
 def test_replicas_register_and_repeats_hit_the_cache(app: dict[str, Any]) -> None:
     base, client = app["base"], app["client"]
-    # Every replica reports its events endpoint; the router registers it with kvray. The
-    # stored blocks of one prompt per replica show up as that pod in kvray's index.
-    first = [chat(base, f"warm-up question number {i}", system=f"{SYSTEM} tenant {i}")
-             for i in range(6)]
+    # Every replica reports its events endpoint; the router registers it with kvray. Cold
+    # prompts with different prefixes spread over the replicas (24 of them: all three replicas
+    # get some unless rendezvous hashing is very unlucky, p < 1e-3), and each replica's stored
+    # blocks show up as its pod in kvray's index.
+    first = [chat(base, "a question", system=f"Tenant {i}. {SYSTEM}") for i in range(24)]
     assert all(r["usage"]["prompt_tokens"] > 16 for r in first)
     pods = wait(lambda: {p["pod"] for p in client.pods()} if len(client.pods()) >= 3 else None,
                 60, "three pods with blocks in kvray")
     assert len(pods) == 3
-    # The same conversation again: kvray sends it where its prefix is cached.
-    for i in range(4):
-        again = chat(base, f"warm-up question number {i}", system=f"{SYSTEM} tenant {i}")
+    # The same conversations again: kvray sends each where its prefix is cached.
+    for i in range(6):
+        again = chat(base, "a question", system=f"Tenant {i}. {SYSTEM}")
         cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
         assert cached >= again["usage"]["prompt_tokens"] - 32, again["usage"]
 
