@@ -279,39 +279,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ledger = Ledger.options(name=LEDGER, namespace=NS).remote()
     base = f"http://127.0.0.1:{args.port}"
-    # Configurations in an order that changes replica and ingress counts in place.
-    plan = [(r, i) for k, r in enumerate(sizes) for i in (ingresses[::-1] if k % 2 else ingresses)]
+    # Configuration by configuration, every router in turn: what else runs on the machine at
+    # the time weighs on all routers alike. (A router change restarts the replicas anyway.)
+    plan = [(r, i) for r in sizes for i in ingresses]
     results: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
     oracle_cache: dict[tuple[int, str], float] = {}
     try:
-        for router in routers:
-            for replicas, ingress in plan:
-                key = f"{replicas}x{ingress}"
-                t0 = time.monotonic()
-                serve.run(llm_app(router, replicas, ingress, args, store), name="llm",
-                          route_prefix="/", logging_config=SERVE_LOGGING)
-                wait_ready(base, replicas)
-                ray.get(ledger.take.remote())  # drop the warm-up's rows
-                salt = f"[{router} {key}]"
-                requests = generate(wl, salt=salt)
-                client = asyncio.run(replay(base, requests, args.concurrency))
-                time.sleep(1.0)  # the last fire-and-forget rows
-                rows, overheads, fallbacks = ray.get(ledger.take.remote())
-                okey = (replicas, salt)
-                if okey not in oracle_cache:
-                    oracle_cache[okey] = oracle_hit_rate(tokenize_all(requests), replicas,
-                                                         args.num_blocks, args.seed)
-                s = summarize(rows, client, overheads, fallbacks, oracle_cache[okey], replicas)
-                s["replicas"], s["ingress_replicas"] = replicas, ingress
-                s["seconds"] = round(time.monotonic() - t0, 1)
-                results.setdefault(router, {})[key] = s
-                print(f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
-                      f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
-                      f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
-                      f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms, "
-                      f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
-                      f"[{s['seconds']} s]", flush=True)
+        runs = [(r, i, router) for r, i in plan for router in routers]
+        for n, (replicas, ingress, router) in enumerate(runs):
+            key = f"{replicas}x{ingress}"
+            t0 = time.monotonic()
+            serve.run(llm_app(router, replicas, ingress, args, store), name="llm",
+                      route_prefix="/", logging_config=SERVE_LOGGING)
+            wait_ready(base, replicas)
+            ray.get(ledger.take.remote())  # drop the warm-up's rows
+            salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
+            requests = generate(wl, salt=salt)
+            client = asyncio.run(replay(base, requests, args.concurrency))
+            time.sleep(1.0)  # the last fire-and-forget rows
+            rows, overheads, fallbacks = ray.get(ledger.take.remote())
+            okey = (replicas, salt)
+            if okey not in oracle_cache:
+                oracle_cache[okey] = oracle_hit_rate(tokenize_all(requests), replicas,
+                                                     args.num_blocks, args.seed)
+            s = summarize(rows, client, overheads, fallbacks, oracle_cache[okey], replicas)
+            s["replicas"], s["ingress_replicas"] = replicas, ingress
+            s["seconds"] = round(time.monotonic() - t0, 1)
+            results.setdefault(router, {})[key] = s
+            print(f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
+                  f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
+                  f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
+                  f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms, "
+                  f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
+                  f"[{s['seconds']} s]", flush=True)
     finally:
         serve.delete("llm")
         runtime.stop(NS)
