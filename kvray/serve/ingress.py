@@ -483,16 +483,28 @@ class Ingress:
             },
             "/pods": {
                 "get": op("pods", "Pods", json_ok(s.PodsResponse, "Every holder.")),
-                "post": op("add_pod", "Register a pod (kvray subscribes to its events)",
-                           json_ok(s.PodChange, "Subscribed."), s.AddPod),  # fmt: skip
+                "post": op(
+                    "add_pod",
+                    "Register a pod (kvray subscribes to its events)",
+                    json_ok(s.PodChange, "Subscribed."),
+                    s.AddPod,
+                ),  # fmt: skip
             },
             "/pods/{pod}": {
                 "delete": {
-                    **op("remove_pod", "Forget a pod: its streams and its blocks",
-                         json_ok(s.PodChange, "Forgotten.")),  # fmt: skip
-                    "parameters": [{"name": "pod", "in": "path", "required": True,
-                                    "schema": {"type": "string", "minLength": 1,
-                                               "maxLength": s.MAX_POD_ID}}],  # fmt: skip
+                    **op(
+                        "remove_pod",
+                        "Forget a pod: its streams and its blocks",
+                        json_ok(s.PodChange, "Forgotten."),
+                    ),  # fmt: skip
+                    "parameters": [
+                        {
+                            "name": "pod",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": s.MAX_POD_ID},
+                        }
+                    ],  # fmt: skip
                 }
             },
             "/healthz": {"get": op("healthz", "Liveness", json_ok(s.HealthResponse, "Alive."))},

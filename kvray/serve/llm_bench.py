@@ -91,7 +91,7 @@ class _Timed:
         return {"no_kv_token_tracker": self._no_tracker} if self._no_tracker else {}
 
 
-class TimedKvrayRequestRouter(_Timed, KvrayRequestRouter):
+class TimedKvrayRequestRouter(_Timed, KvrayRequestRouter):  # type: ignore[misc]
     """kvray's router, timed."""
 
 
@@ -123,12 +123,18 @@ def stand_in_config(
 
     return LLMConfig(
         model_loading_config={"model_id": model},
-        runtime_env={"env_vars": {"RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
-                                  "HF_HUB_OFFLINE": "1", **(env or {})}},
+        runtime_env={
+            "env_vars": {
+                "RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
+                "HF_HUB_OFFLINE": "1",
+                **(env or {}),
+            }
+        },
         experimental_configs={"kvray_sim_engine": dict(engine or {})},
         lora_config=(
             {"dynamic_lora_loading_path": lora_path, "max_num_adapters_per_replica": 4}
-            if lora_path else None
+            if lora_path
+            else None
         ),
         placement_group_config={"bundles": [{"CPU": 0.01}]},  # no GPU: a sliver of a CPU
         deployment_config={

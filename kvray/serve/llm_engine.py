@@ -176,13 +176,17 @@ class SimEngine(LLMEngine):  # type: ignore[misc]
             return [int(t) for t in prompt]
         return list(self._tok.encode(str(prompt)))
 
-    async def _run(self, tokens: Sequence[int], lora: LoRA | None, max_tokens: int) -> dict[str, Any]:
+    async def _run(
+        self, tokens: Sequence[int], lora: LoRA | None, max_tokens: int
+    ) -> dict[str, Any]:
         """Queue for the prefill, prefill (cache lookup + events), then decode."""
         assert self.pod is not None
         arrived = time.perf_counter()
         async with self._gpu:
             result = self.pod.serve(tokens, lora=lora)
-            await asyncio.sleep((result.prompt_tokens - result.cached_tokens) * self.settings["prefill_s_per_token"])
+            await asyncio.sleep(
+                (result.prompt_tokens - result.cached_tokens) * self.settings["prefill_s_per_token"]
+            )
         ttft = time.perf_counter() - arrived
         await asyncio.sleep(max(0, max_tokens - 1) * self.settings["decode_s_per_token"])
         row = {
@@ -244,9 +248,13 @@ class SimEngine(LLMEngine):  # type: ignore[misc]
             choice["delta" if stream else "message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                "created": int(time.time()), "model": request.model, "choices": [choice],
-                "usage": self._usage(row, n)}
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": request.model,
+            "choices": [choice],
+            "usage": self._usage(row, n),
+        }
         if stream:
             body["object"] = "chat.completion.chunk" if chat else "text_completion"
             yield f"data: {json.dumps(body)}\n\n"
@@ -256,10 +264,14 @@ class SimEngine(LLMEngine):  # type: ignore[misc]
 
     # --- the rest of the engine protocol -------------------------------------------------------
 
-    async def embeddings(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+    async def embeddings(
+        self, request: Any, raw_request_info: Any = None
+    ) -> AsyncGenerator[Any, None]:
         yield _error("the kvray stand-in engine does not serve embeddings", 400)
 
-    async def transcriptions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+    async def transcriptions(
+        self, request: Any, raw_request_info: Any = None
+    ) -> AsyncGenerator[Any, None]:
         yield _error("the kvray stand-in engine does not serve transcriptions", 400)
 
     async def score(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:

@@ -293,8 +293,10 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
             if self._kv_local_tok:
                 self._load_tokenizer(client)  # meanwhile, kvray's tokenizer pool
             if chat:
-                return await client.tokenize_chat_async(prompt, self._kv_model, **opts)
-            return await client.tokenize_async(str(prompt), self._kv_model, **opts)
+                ids: list[int] = await client.tokenize_chat_async(prompt, self._kv_model, **opts)
+            else:
+                ids = await client.tokenize_async(str(prompt), self._kv_model, **opts)
+            return ids
         if chat:
             return self._kv_tok.encode_chat(prompt, **opts)  # type: ignore[no-any-return]
         return self._kv_tok.encode(str(prompt), **opts)  # type: ignore[no-any-return]
@@ -307,7 +309,7 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         def load() -> None:
             from kvray.tokenization import load_tokenizer
 
-            source = client.config.index.model(self._kv_model).tokenizer or self._kv_model
+            source = str(client.config.index.model(self._kv_model).tokenizer or self._kv_model)
             try:
                 self._kv_tok = load_tokenizer(source)
             except Exception as exc:  # the pool keeps tokenizing

@@ -313,11 +313,16 @@ def test_pods_registered_and_forgotten_over_http(stack: tuple[str, Client, SimPo
     """``POST /pods`` subscribes kvray to a pod that binds its PUB socket; its blocks score;
     ``DELETE /pods/{pod}`` forgets the pod and its blocks. No config edit, no restart."""
     base, client, _ = stack
-    pub = SimPublisher("tcp://127.0.0.1:*", f"kv@10.9.0.77@{MODEL}",
-                       replay_endpoint="tcp://127.0.0.1:*")
+    pub = SimPublisher(
+        "tcp://127.0.0.1:*", f"kv@10.9.0.77@{MODEL}", replay_endpoint="tcp://127.0.0.1:*"
+    )
     try:
-        body = {"endpoint": pub.endpoint, "replay_endpoint": pub.replay_endpoint,
-                "pod": "10.9.0.77", "model": MODEL}
+        body = {
+            "endpoint": pub.endpoint,
+            "replay_endpoint": pub.replay_endpoint,
+            "pod": "10.9.0.77",
+            "model": MODEL,
+        }
         r = httpx.post(f"{base}/pods", json=body, headers=_h(), timeout=30)
         assert r.status_code == 200 and r.json()["action"] == "added", r.text
         assert pub.wait_connected()
@@ -326,14 +331,21 @@ def test_pods_registered_and_forgotten_over_http(stack: tuple[str, Client, SimPo
         pod.serve(tokens)
 
         def score() -> float:
-            got = httpx.post(f"{base}/score_tokens", headers=_h(), timeout=30, json={
-                "model": MODEL, "token_ids": tokens, "pods": ["10.9.0.77"]}).json()
+            got = httpx.post(
+                f"{base}/score_tokens",
+                headers=_h(),
+                timeout=30,
+                json={"model": MODEL, "token_ids": tokens, "pods": ["10.9.0.77"]},
+            ).json()
             return float(got["scores"].get("10.9.0.77", 0.0))
 
         assert _until(lambda: score() == 5.0, 30), score()
         r = httpx.delete(f"{base}/pods/10.9.0.77", headers=_h(), timeout=30)
-        assert r.status_code == 200 and r.json() == {"action": "removed", "endpoint": None,
-                                                      "pod": "10.9.0.77"}
+        assert r.status_code == 200 and r.json() == {
+            "action": "removed",
+            "endpoint": None,
+            "pod": "10.9.0.77",
+        }
         assert _until(lambda: score() == 0.0, 30), score()
         assert "10.9.0.77" not in {p["pod"] for p in client.pods()}
         bad = httpx.post(f"{base}/pods", json={"endpoint": "http://x"}, headers=_h(), timeout=30)

@@ -487,19 +487,29 @@ def test_random_bodies_never_get_a_5xx(http: TestClient, path: str, struct: Any)
 
 def test_pods_are_registered_and_forgotten_over_http(http: TestClient, ingress: Ingress) -> None:
     fake: Any = ingress.client
-    body = {"endpoint": "tcp://10.0.0.7:5557", "replay_endpoint": "tcp://10.0.0.7:5558",
-            "pod": "p7", "model": M}
+    body = {
+        "endpoint": "tcp://10.0.0.7:5557",
+        "replay_endpoint": "tcp://10.0.0.7:5558",
+        "pod": "p7",
+        "model": M,
+    }
     r = http.post("/pods", json=body, headers=AUTH)
     assert r.status_code == 200 and r.json() == {
-        "action": "added", "endpoint": body["endpoint"], "pod": "p7"}
+        "action": "added",
+        "endpoint": body["endpoint"],
+        "pod": "p7",
+    }
     assert fake.added[-1] == ("tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558", "p7", M)
     r = http.delete("/pods/p7", headers=AUTH)
     assert r.status_code == 200 and r.json()["action"] == "removed" and fake.removed == ["p7"]
     # Bad input: a clear 4xx, nothing registered.
     n = len(fake.added)
-    for bad, why in (({"endpoint": "http://x"}, "endpoint"), ({}, "endpoint"),
-                     ({"endpoint": "tcp://h:1", "pod": "a#dp1"}, "pod"),
-                     ({"endpoint": "tcp://h:1", "extra": 1}, "extra")):
+    for bad, why in (
+        ({"endpoint": "http://x"}, "endpoint"),
+        ({}, "endpoint"),
+        ({"endpoint": "tcp://h:1", "pod": "a#dp1"}, "pod"),
+        ({"endpoint": "tcp://h:1", "extra": 1}, "extra"),
+    ):
         r = http.post("/pods", json=bad, headers=AUTH)
         assert r.status_code == 422 and why in r.json()["detail"], (bad, r.json())
     assert len(fake.added) == n

@@ -156,5 +156,7 @@ def test_cold_prompts_sharing_a_header_still_spread() -> None:
     dec = Decider()
     chosen = [dec.choose(pods, hits, keys, load={}).pod for keys in tenants]
     assert len(set(chosen)) == 4  # spread (all four pods: p < 4 * 0.75**40)
-    assert all(dec.choose(pods, hits, keys, load={}).pod == c
-               for keys, c in zip(tenants, chosen, strict=True))  # and stable
+    assert all(
+        dec.choose(pods, hits, keys, load={}).pod == c
+        for keys, c in zip(tenants, chosen, strict=True)
+    )  # and stable
