@@ -11,6 +11,7 @@ Needs Ray Serve LLM's dependencies (see docs/serve-llm.md).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -60,7 +61,7 @@ class _Timed:
         self._ledger_name, self._ledger_ns = ledger, ledger_namespace or None
         self._ledger: Any = None
         self._times: list[float] = []
-        self._last = time.monotonic()
+        self._flush_due = False
         self._uid = f"{type(self).__name__}-{os.getpid()}-{id(self)}"
         self._no_tracker = 0
         super().initialize_state(**kwargs)  # type: ignore[misc]
@@ -75,14 +76,23 @@ class _Timed:
     def _report(self, dt: float) -> None:
         if not self._ledger_name:
             return
-        if self._ledger is None:
-            self._ledger = ray.get_actor(self._ledger_name, namespace=self._ledger_ns)
         self._times.append(dt)
         if getattr(self, "_kv_token_tracker", "absent") is None:
             self._no_tracker += 1  # Ray's KVAwareRouter without its tracker: random choice
-        if len(self._times) >= 16 or time.monotonic() - self._last > 0.5:
-            self._ledger.record_route.remote(self._uid, self._times, self._fallbacks())
-            self._times, self._last = [], time.monotonic()
+        if len(self._times) >= 16:
+            self._flush()
+        elif not self._flush_due:  # what is left goes out half a second later at the latest
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(0.5, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._times:
+            return
+        if self._ledger is None:
+            self._ledger = ray.get_actor(self._ledger_name, namespace=self._ledger_ns)
+        self._ledger.record_route.remote(self._uid, self._times, self._fallbacks())
+        self._times = []
 
     def _fallbacks(self) -> dict[str, int]:
         counts = getattr(self, "fallbacks", None)  # kvray's router counts its own, by reason
