@@ -208,12 +208,15 @@ async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[
         async def one(r: Any) -> None:
             await asyncio.sleep(max(0.0, r.at_s - (time.perf_counter() - t0)))
             s = time.perf_counter()
+            ok, usage, err = False, {}, None
             try:
                 resp = await http.post(f"{base}/v1/chat/completions", json=r.body)
-                ok, usage = resp.status_code == 200, (resp.json().get("usage") or {})
-                err = None if ok else resp.text[:200]
-            except httpx.HTTPError as exc:
-                ok, usage, err = False, {}, repr(exc)
+                if resp.status_code == 200:
+                    ok, usage = True, resp.json().get("usage") or {}
+                else:
+                    err = f"{resp.status_code} {resp.text[:200]}"
+            except (httpx.HTTPError, ValueError) as exc:  # no answer, or not JSON
+                ok, err = False, repr(exc)
             out.append(
                 {
                     "i": r.i,
