@@ -30,17 +30,21 @@ class Ledger:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.overheads: list[float] = []
+        self.tokenize: list[float] = []
         self.fallbacks: dict[str, dict[str, int]] = {}  # router instance -> cumulative counts
         self.base: dict[str, dict[str, int]] = {}  # ... as of the last take()
 
     def record(self, rows: list[dict[str, Any]]) -> None:
         self.rows.extend(rows)
 
-    def record_route(self, router: str, overheads: list[float], fallbacks: dict[str, int]) -> None:
+    def record_route(
+        self, router: str, overheads: list[float], tokenize: list[float], fallbacks: dict[str, int]
+    ) -> None:
         self.overheads.extend(overheads)
+        self.tokenize.extend(tokenize)
         self.fallbacks[router] = fallbacks
 
-    def take(self) -> tuple[list[dict[str, Any]], list[float], dict[str, int]]:
+    def take(self) -> tuple[list[dict[str, Any]], list[float], list[float], dict[str, int]]:
         """Everything recorded since the last take (fallbacks as counts since then)."""
         fb: dict[str, int] = {}
         for uid, counts in self.fallbacks.items():
@@ -49,9 +53,9 @@ class Ledger:
                 if n > base.get(reason, 0):
                     fb[reason] = fb.get(reason, 0) + n - base.get(reason, 0)
             self.base[uid] = dict(counts)
-        rows, over = self.rows, self.overheads
-        self.rows, self.overheads = [], []
-        return rows, over, fb
+        rows, over, tok = self.rows, self.overheads, self.tokenize
+        self.rows, self.overheads, self.tokenize = [], [], []
+        return rows, over, tok, fb
 
 
 class _Timed:
@@ -61,6 +65,7 @@ class _Timed:
         self._ledger_name, self._ledger_ns = ledger, ledger_namespace or None
         self._ledger: Any = None
         self._times: list[float] = []
+        self._tok_times: list[float] = []  # of which tokenizing (kvray's router only)
         self._flush_due = False
         self._uid = f"{type(self).__name__}-{os.getpid()}-{id(self)}"
         self._no_tracker = 0
@@ -71,12 +76,16 @@ class _Timed:
         try:
             return await super().choose_replicas(candidate_replicas, pending_request)  # type: ignore[misc]
         finally:
-            self._report(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            tok = getattr(self, "tokenize_s", None)  # kvray's router tokenizes in here
+            rid = pending_request.metadata.internal_request_id if pending_request else None
+            self._report(dt, tok.pop(rid, 0.0) if tok is not None else 0.0)
 
-    def _report(self, dt: float) -> None:
+    def _report(self, dt: float, tokenize_s: float) -> None:
         if not self._ledger_name:
             return
         self._times.append(dt)
+        self._tok_times.append(tokenize_s)
         if getattr(self, "_kv_token_tracker", "absent") is None:
             self._no_tracker += 1  # Ray's KVAwareRouter without its tracker: random choice
         if len(self._times) >= 16:
@@ -91,8 +100,8 @@ class _Timed:
             return
         if self._ledger is None:
             self._ledger = ray.get_actor(self._ledger_name, namespace=self._ledger_ns)
-        self._ledger.record_route.remote(self._uid, self._times, self._fallbacks())
-        self._times = []
+        self._ledger.record_route.remote(self._uid, self._times, self._tok_times, self._fallbacks())
+        self._times, self._tok_times = [], []
 
     def _fallbacks(self) -> dict[str, int]:
         counts = getattr(self, "fallbacks", None)  # kvray's router counts its own, by reason

@@ -145,6 +145,9 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         self._kv_client: Any = None
         self.decisions: Counter[str] = Counter()
         """kvray's decisions by reason (cache/load/spread)."""
+        self.tokenize_s: dict[str, float] = {}
+        """Seconds spent tokenizing, by internal request id (the latest 1024), for
+        measurements that separate tokenizing from routing."""
         self.fallbacks: Counter[str] = Counter()
         """Power-of-two fallbacks by reason (no_model, no_prompt, timeout, error, ...)."""
         self._work: dict[str, float] = {}  # internal request id -> tokens of work estimated
@@ -263,7 +266,11 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
             return "no_prompt"
         client = self._client()
         lora = pending.metadata.multiplexed_model_id or None
+        t0 = time.perf_counter()
         tokens = await self._tokens(client, prompt, request)
+        self.tokenize_s[pending.metadata.internal_request_id] = time.perf_counter() - t0
+        while len(self.tokenize_s) > 1024:  # nobody reads them: keep the latest
+            del self.tokenize_s[next(iter(self.tokenize_s))]
         keys = client.block_keys(tokens, self._kv_model, lora, _field(request, "cache_salt"))
         if not keys:
             return "no_blocks"  # shorter than a block: nothing kvray knows helps

@@ -172,7 +172,7 @@ def test_kvray_down_falls_back_and_counts_it(app: dict[str, Any]) -> None:
         chat(base, "one more, so the router reports its counts")
 
         def fallbacks() -> int:
-            _, _, fb = ray.get(ledger.take.remote())
+            *_, fb = ray.get(ledger.take.remote())
             counted[0] += sum(n for r, n in fb.items() if r in ("error", "timeout"))
             return counted[0] >= 6
 
