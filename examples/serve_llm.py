@@ -63,8 +63,9 @@ SERVE_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 # --- the app ------------------------------------------------------------------------------------
 
 
-def llm_app(router: str, replicas: int, ingress: int, args: argparse.Namespace,
-            store: AdapterStore) -> Any:
+def llm_app(
+    router: str, replicas: int, ingress: int, args: argparse.Namespace, store: AdapterStore
+) -> Any:
     """The Serve LLM app: the documented recipe (docs/serve-llm.md) with the router under test."""
     from ray.serve.llm import build_openai_app
 
@@ -73,16 +74,32 @@ def llm_app(router: str, replicas: int, ingress: int, args: argparse.Namespace,
     kwargs: dict[str, Any] = {"ledger": LEDGER, "ledger_namespace": NS}
     if router == "kvray":
         kwargs |= {"namespace": NS, "model": MODEL}
-    engine = {"num_blocks": args.num_blocks, "prefill_s_per_token": args.prefill_us / 1e6,
-              "decode_s_per_token": args.decode_ms / 1e3, "ledger": LEDGER,
-              "ledger_namespace": NS}
-    cfg = stand_in_config(MODEL, router=TIMED[router], router_kwargs=kwargs, replicas=replicas,
-                          engine=engine, lora_path=store.path, env=store.env)
-    return build_openai_app({
-        "llm_configs": [cfg],
-        "ingress_deployment_config": {"num_replicas": ingress, "max_ongoing_requests": 256,
-                                      "ray_actor_options": {"num_cpus": 0}},
-    })
+    engine = {
+        "num_blocks": args.num_blocks,
+        "prefill_s_per_token": args.prefill_us / 1e6,
+        "decode_s_per_token": args.decode_ms / 1e3,
+        "ledger": LEDGER,
+        "ledger_namespace": NS,
+    }
+    cfg = stand_in_config(
+        MODEL,
+        router=TIMED[router],
+        router_kwargs=kwargs,
+        replicas=replicas,
+        engine=engine,
+        lora_path=store.path,
+        env=store.env,
+    )
+    return build_openai_app(
+        {
+            "llm_configs": [cfg],
+            "ingress_deployment_config": {
+                "num_replicas": ingress,
+                "max_ongoing_requests": 256,
+                "ray_actor_options": {"num_cpus": 0},
+            },
+        }
+    )
 
 
 class AdapterStore:
@@ -103,12 +120,19 @@ class AdapterStore:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                    "AWS_ACCESS_KEY_ID": "kvray", "AWS_SECRET_ACCESS_KEY": "kvray",
-                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.env = {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "kvray",
+            "AWS_SECRET_ACCESS_KEY": "kvray",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
         os.environ.update(self.env)  # Ray's workers inherit the driver's environment
         import boto3
 
@@ -122,8 +146,11 @@ class AdapterStore:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        s3.put_object(Bucket=self.BUCKET, Key=f"{adapter}/adapter_config.json",
-                      Body=json.dumps({"max_length": 32768, "r": 8}).encode())
+        s3.put_object(
+            Bucket=self.BUCKET,
+            Key=f"{adapter}/adapter_config.json",
+            Body=json.dumps({"max_length": 32768, "r": 8}).encode(),
+        )
         self.path = f"s3://{self.BUCKET}"
 
     def close(self) -> None:
@@ -149,16 +176,24 @@ def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
         time.sleep(1.0)
     else:
         raise TimeoutError(f"Serve LLM app not ready in {timeout_s:.0f} s")
+
     # Replicas report routing stats every second; the warm-up requests (shorter than a block,
     # so they cache nothing) let every router see every replica's stats.
     def hello(i: int) -> None:
-        httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-            "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": f"hi {i}"}]})
+        httpx.post(
+            f"{base}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": MODEL,
+                "max_tokens": 1,
+                "messages": [{"role": "user", "content": f"hi {i}"}],
+            },
+        )
 
     for i in range(2 * replicas):
         hello(i)
     time.sleep(2.0)
-    hello(-1)  # the routers report what the warm-up counted (they report at most every 0.5 s)
+    time.sleep(1.0)  # the routers report what the warm-up counted (within 0.5 s)
 
 
 async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[str, Any]]:
@@ -173,14 +208,24 @@ async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[
         async def one(r: Any) -> None:
             await asyncio.sleep(max(0.0, r.at_s - (time.perf_counter() - t0)))
             s = time.perf_counter()
+            ok, usage, err = False, {}, None
             try:
                 resp = await http.post(f"{base}/v1/chat/completions", json=r.body)
-                ok, usage = resp.status_code == 200, (resp.json().get("usage") or {})
-                err = None if ok else resp.text[:200]
-            except httpx.HTTPError as exc:
-                ok, usage, err = False, {}, repr(exc)
-            out.append({"i": r.i, "ok": ok, "latency_s": time.perf_counter() - s,
-                        "usage": usage, "error": err})
+                if resp.status_code == 200:
+                    ok, usage = True, resp.json().get("usage") or {}
+                else:
+                    err = f"{resp.status_code} {resp.text[:200]}"
+            except (httpx.HTTPError, ValueError) as exc:  # no answer, or not JSON
+                ok, err = False, repr(exc)
+            out.append(
+                {
+                    "i": r.i,
+                    "ok": ok,
+                    "latency_s": time.perf_counter() - s,
+                    "usage": usage,
+                    "error": err,
+                }
+            )
 
         await asyncio.gather(*(one(r) for r in requests))
     return out
@@ -194,12 +239,15 @@ def tokenize_all(requests: list[Any]) -> list[tuple[list[int], str | None]]:
     from kvray.tokenization.hf import find_bundled_qwen3, load_tokenizer
 
     tok = load_tokenizer(find_bundled_qwen3())
-    return [(tok.encode_chat(r.body["messages"]),
-             r.body["model"] if r.body["model"] != MODEL else None) for r in requests]
+    return [
+        (tok.encode_chat(r.body["messages"]), r.body["model"] if r.body["model"] != MODEL else None)
+        for r in requests
+    ]
 
 
-def oracle_hit_rate(prompts: list[tuple[list[int], str | None]], pods: int, num_blocks: int,
-                    seed: int) -> float:
+def oracle_hit_rate(
+    prompts: list[tuple[list[int], str | None]], pods: int, num_blocks: int, seed: int
+) -> float:
     """Hit rate of routing each request to the pod with the longest cached prefix (ties at
     random), on simulated vLLM pools of the same size, in arrival order."""
     from kvray.core.keys import LoRA
@@ -229,8 +277,15 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def summarize(rows: list[dict[str, Any]], client: list[dict[str, Any]], overheads: list[float],
-              fallbacks: dict[str, int], oracle: float, replicas: int) -> dict[str, Any]:
+def summarize(
+    rows: list[dict[str, Any]],
+    client: list[dict[str, Any]],
+    overheads: list[float],
+    tokenize: list[float],
+    fallbacks: dict[str, int],
+    oracle: float,
+    replicas: int,
+) -> dict[str, Any]:
     prompt = sum(r["prompt_tokens"] for r in rows)
     cached = sum(r["cached_tokens"] for r in rows)
     hit = cached / prompt if prompt else 0.0
@@ -248,6 +303,12 @@ def summarize(rows: list[dict[str, Any]], client: list[dict[str, Any]], overhead
         "ttft_p99_s": round(pct(ttft, 0.99), 4),
         "overhead_p50_ms": round(pct(overheads, 0.5) * 1e3, 3),
         "overhead_p99_ms": round(pct(overheads, 0.99) * 1e3, 3),
+        # kvray's router tokenizes inside choose_replicas (Serve LLM's OpenAI ingress forwards no
+        # token ids); the rest is the routing itself.
+        "tokenize_p50_ms": round(pct(tokenize, 0.5) * 1e3, 3),
+        "routing_only_p50_ms": round(
+            pct([o - t for o, t in zip(overheads, tokenize, strict=False)], 0.5) * 1e3, 3
+        ),
         "fallbacks": sum(fallbacks.values()),
         "fallback_reasons": fallbacks,
         "requests": len(client),
@@ -269,49 +330,70 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ingresses = [int(x) for x in args.ingress.split(",")]
     wl = ChatWorkloadConfig(seed=args.seed, requests=args.requests, rate_rps=args.rate, model=MODEL)
     store = AdapterStore(wl.adapter)  # before ray.init: the workers inherit its environment
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-             object_store_memory=256 * 2**20, namespace=NS)
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+        object_store_memory=256 * 2**20,
+        namespace=NS,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=SERVE_LOGGING)
     tokenizer = str(find_bundled_qwen3())
-    runtime.start(Config.model_validate({  # kvray with its defaults, told where Qwen3's tokenizer is
-        "namespace": NS, "index": {"models": {MODEL: {"tokenizer": tokenizer}}}}))
+    runtime.start(
+        Config.model_validate(
+            {  # kvray with its defaults, told where Qwen3's tokenizer is
+                "namespace": NS,
+                "index": {"models": {MODEL: {"tokenizer": tokenizer}}},
+            }
+        )
+    )
     from kvray.serve.llm_bench import Ledger
 
     ledger = Ledger.options(name=LEDGER, namespace=NS).remote()
     base = f"http://127.0.0.1:{args.port}"
-    # Configurations in an order that changes replica and ingress counts in place.
-    plan = [(r, i) for k, r in enumerate(sizes) for i in (ingresses[::-1] if k % 2 else ingresses)]
+    # Configuration by configuration, every router in turn: what else runs on the machine at
+    # the time weighs on all routers alike. (A router change restarts the replicas anyway.)
+    plan = [(r, i) for r in sizes for i in ingresses]
     results: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
     oracle_cache: dict[tuple[int, str], float] = {}
     try:
-        for router in routers:
-            for replicas, ingress in plan:
-                key = f"{replicas}x{ingress}"
-                t0 = time.monotonic()
-                serve.run(llm_app(router, replicas, ingress, args, store), name="llm",
-                          route_prefix="/", logging_config=SERVE_LOGGING)
-                wait_ready(base, replicas)
-                ray.get(ledger.take.remote())  # drop the warm-up's rows
-                salt = f"[{router} {key}]"
-                requests = generate(wl, salt=salt)
-                client = asyncio.run(replay(base, requests, args.concurrency))
-                time.sleep(1.0)  # the last fire-and-forget rows
-                rows, overheads, fallbacks = ray.get(ledger.take.remote())
-                okey = (replicas, salt)
-                if okey not in oracle_cache:
-                    oracle_cache[okey] = oracle_hit_rate(tokenize_all(requests), replicas,
-                                                         args.num_blocks, args.seed)
-                s = summarize(rows, client, overheads, fallbacks, oracle_cache[okey], replicas)
-                s["replicas"], s["ingress_replicas"] = replicas, ingress
-                s["seconds"] = round(time.monotonic() - t0, 1)
-                results.setdefault(router, {})[key] = s
-                print(f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
-                      f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
-                      f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
-                      f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms, "
-                      f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
-                      f"[{s['seconds']} s]", flush=True)
+        runs = [(r, i, router) for r, i in plan for router in routers]
+        for n, (replicas, ingress, router) in enumerate(runs):
+            key = f"{replicas}x{ingress}"
+            t0 = time.monotonic()
+            serve.run(
+                llm_app(router, replicas, ingress, args, store),
+                name="llm",
+                route_prefix="/",
+                logging_config=SERVE_LOGGING,
+            )
+            wait_ready(base, replicas)
+            ray.get(ledger.take.remote())  # drop the warm-up's rows
+            salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
+            requests = generate(wl, salt=salt)
+            client = asyncio.run(replay(base, requests, args.concurrency))
+            time.sleep(1.0)  # the last fire-and-forget rows
+            rows, overheads, tokenize, fallbacks = ray.get(ledger.take.remote())
+            okey = (replicas, salt)
+            if okey not in oracle_cache:
+                oracle_cache[okey] = oracle_hit_rate(
+                    tokenize_all(requests), replicas, args.num_blocks, args.seed
+                )
+            s = summarize(rows, client, overheads, tokenize, fallbacks, oracle_cache[okey],
+                          replicas)  # fmt: skip
+            s["replicas"], s["ingress_replicas"] = replicas, ingress
+            s["seconds"] = round(time.monotonic() - t0, 1)
+            results.setdefault(router, {})[key] = s
+            print(
+                f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
+                f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
+                f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
+                f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms, "
+                f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
+                f"[{s['seconds']} s]",
+                flush=True,
+            )
     finally:
         serve.delete("llm")
         runtime.stop(NS)
@@ -320,25 +402,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "largest": largest,
         "routers": {r: {**v[largest], "configs": v} for r, v in results.items() if largest in v},
-        "workload": {"seed": args.seed, "requests": args.requests, "rate_rps": args.rate,
-                     "num_blocks": args.num_blocks, "prefill_us_per_token": args.prefill_us,
-                     "decode_ms_per_token": args.decode_ms},
+        "workload": {
+            "seed": args.seed,
+            "requests": args.requests,
+            "rate_rps": args.rate,
+            "num_blocks": args.num_blocks,
+            "prefill_us_per_token": args.prefill_us,
+            "decode_ms_per_token": args.decode_ms,
+        },
         "seconds": round(time.monotonic() - t_start, 1),
     }
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| router | replicas × ingress | hit rate | of oracle | TTFT p50 / p99 (ms) | "
-             "overhead p50 / p99 (ms) | fallbacks | load CV |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| router | replicas × ingress | hit rate | of oracle | TTFT p50 / p99 (ms) | "
+        "overhead p50 / p99 (ms) | of which tokenizing, p50 (ms) | fallbacks | load CV |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for router, r in result["routers"].items():
         for key, s in r["configs"].items():
             lines.append(
                 f"| {router} | {key.replace('x', ' × ')} | {s['hit_rate']:.3f} | "
                 f"{(s['oracle_fraction'] or 0) * 100:.1f} % | "
                 f"{s['ttft_p50_s'] * 1e3:.0f} / {s['ttft_p99_s'] * 1e3:.0f} | "
-                f"{s['overhead_p50_ms']:.2f} / {s['overhead_p99_ms']:.2f} | {s['fallbacks']} | "
-                f"{s['load_cv']} |")
+                f"{s['overhead_p50_ms']:.2f} / {s['overhead_p99_ms']:.2f} | "
+                f"{s['tokenize_p50_ms']:.2f} | {s['fallbacks']} | "
+                f"{s['load_cv']} |"
+            )
     return "\n".join(lines)
 
 
@@ -351,14 +442,18 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
     routers = list(result["routers"])
     configs = list(next(iter(result["routers"].values()))["configs"])
     paths = []
-    for metric, label, scale in (("oracle_fraction", "hit rate, fraction of oracle", 1.0),
-                                 ("ttft_p99_s", "TTFT p99 (ms)", 1e3),
-                                 ("overhead_p50_ms", "routing overhead p50 (ms)", 1.0)):
+    for metric, label, scale in (
+        ("oracle_fraction", "hit rate, fraction of oracle", 1.0),
+        ("ttft_p99_s", "TTFT p99 (ms)", 1e3),
+        ("overhead_p50_ms", "routing overhead p50 (ms)", 1.0),
+    ):
         fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(routers)
         for k, router in enumerate(routers):
-            vals = [(result["routers"][router]["configs"].get(c, {}).get(metric) or 0) * scale
-                    for c in configs]
+            vals = [
+                (result["routers"][router]["configs"].get(c, {}).get(metric) or 0) * scale
+                for c in configs
+            ]
             ax.bar([i + k * width for i in range(len(configs))], vals, width, label=router)
         ax.set_xticks([i + width * (len(routers) - 1) / 2 for i in range(len(configs))])
         ax.set_xticklabels([c.replace("x", " replicas × ") + " ingress" for c in configs])
@@ -374,7 +469,9 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated, of: " + ", ".join(ROUTERS))
+    p.add_argument(
+        "--routers", default=",".join(ROUTERS), help="comma-separated, of: " + ", ".join(ROUTERS)
+    )
     p.add_argument("--replicas", default="4,16", help="LLMServer replica counts")
     p.add_argument("--ingress", default="1,2", help="OpenAiIngress replica counts")
     p.add_argument("--requests", type=int, default=240)

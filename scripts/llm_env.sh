@@ -15,12 +15,8 @@
 # runs the same kvray code as the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "llm_env: run the README's install first (.venv)" >&2; exit 2; }
-rm -rf .venv-llm
-python3 -m venv .venv-llm
-site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-own=$(.venv-llm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "import site; site.addsitedir('$site')" > "$own/zz_kvray_venv.pth"
+. scripts/side_env.sh
+side_env .venv-llm
 .venv-llm/bin/pip install -q --no-deps \
   vllm==0.29.0 torch==2.13.0 fastapi==0.133.0 \
   psutil sympy mpmath openai sniffio pybase64 cachetools cloudpickle py-cpuinfo networkx \

@@ -11,12 +11,8 @@
 # line), so the test runs the same kvray code as the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "vllm_env: run the README's install first (.venv)" >&2; exit 2; }
-rm -rf .venv-vllm
-python3 -m venv .venv-vllm
-site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-own=$(.venv-vllm/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "import site; site.addsitedir('$site')" > "$own/zz_kvray_venv.pth"
+. scripts/side_env.sh
+side_env .venv-vllm
 .venv-vllm/bin/pip install -q --no-deps \
   vllm==0.33.0 torch==2.13.0 \
   psutil sympy mpmath oss-harmony openai sniffio pybase64 cachetools cloudpickle py-cpuinfo \

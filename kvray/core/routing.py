@@ -19,8 +19,11 @@ would cost there, in KV blocks, and picks the cheapest::
   pod however busy.
 
 Costs within ``tie_blocks`` of the best are a tie, broken by rendezvous hashing of the prompt's
-first block with the pod id: the same prefix keeps going to the same pod while different
-prefixes spread evenly, across router processes too (no shared state needed).
+first block that no candidate holds (``tie_key``) with the pod id: the same prefix keeps going
+to the same pod while different prefixes spread evenly, across router processes too (no shared
+state needed). Hashing the divergence point rather than the first block matters: prompts that
+share a header (every chat of a model starts with the same template tokens) would otherwise
+all rank the pods alike and pile onto one.
 
 Invariant: pure and deterministic given its inputs and the clock; no I/O.
 """
@@ -75,8 +78,17 @@ class Decision:
 
 
 def rendezvous(first_key: int, pod: str) -> int:
-    """Highest-random-weight of ``pod`` for a prompt whose first block key is ``first_key``."""
+    """Highest-random-weight of ``pod`` for a prompt whose tie key is ``first_key``."""
     return xxhash.xxh64_intdigest(pod.encode(), seed=first_key & 0xFFFFFFFFFFFFFFFF)
+
+
+def tie_key(keys: Sequence[int], hits: Mapping[str, float]) -> int:
+    """The key ties are hashed on: the prompt's first block that no candidate holds (its last
+    block when some candidate holds them all; 0 for a prompt shorter than a block)."""
+    if not keys:
+        return 0
+    held = int(max(hits.values(), default=0.0))
+    return keys[min(max(held, 0), len(keys) - 1)]
 
 
 class RecentLoad:
@@ -204,7 +216,7 @@ def decide(
         candidates: the pods to choose from (at least one).
         hits: cached prefix per pod, tier-weighted blocks (absent: 0).
         n_blocks: full blocks in the prompt.
-        first_key: the prompt's first block key (0 for prompts shorter than a block).
+        first_key: the key ties are hashed on (``tie_key``).
         load: queued work per pod, in blocks (absent: 0).
         fill: pool fill fraction per pod (absent: 0).
         weights: the cost's weights.
@@ -282,7 +294,8 @@ class Decider:
         if lw != w.load_weight:
             w = dataclasses.replace(w, load_weight=lw)
         fill = fill_fractions(pools, candidates) if pools else None
-        d = decide(candidates, hits, len(keys), keys[0] if keys else 0, blocks, fill, w)
+        held = {p: hits.get(p, 0.0) for p in candidates}
+        d = decide(candidates, hits, len(keys), tie_key(keys, held), blocks, fill, w)
         self.recent.add(d.pod, d.new_blocks + self.weights.request_blocks, now)
         self.decisions[d.reason] += 1
         return d

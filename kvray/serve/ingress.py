@@ -1,7 +1,8 @@
 """kvray's one HTTP door: the Serve deployment's own ``__call__``, msgspec in and out.
 
 Routes: ``POST /score_completions``, ``POST /score_chat_completions``, ``POST /score_tokens``,
-``POST /route``; ``GET /pods``, ``/healthz``, ``/metrics``, ``/openapi.json``, ``/docs``.
+``POST /route``; ``GET /pods``, ``POST /pods`` (register a pod), ``DELETE /pods/{pod}``
+(forget one); ``/healthz``, ``/metrics``, ``/openapi.json``, ``/docs``.
 With direct ingress (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``) each replica serves HTTP itself
 (ports 30000+), so a request costs Serve's ASGI hop plus this handler: the body is read once,
 decoded and validated by a cached ``msgspec.json.Decoder`` of the route's Struct
@@ -24,9 +25,11 @@ This class carries no Serve decorator: ``kvray.serve.app`` wraps it
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -101,6 +104,7 @@ class Ingress:
         self._token = f"Bearer {token}".encode() if token else None
         dec = msgspec.json.Decoder
         self._post: dict[str, tuple[msgspec.json.Decoder[Any], Callable[[Any], Awaitable[Any]]]]
+        self._add_pod = dec(s.AddPod)
         self._post = {
             "/score_completions": (dec(s.ScoreCompletions), self.score_completions),
             "/score_chat_completions": (dec(s.ScoreChat), self.score_chat),
@@ -161,6 +165,17 @@ class Ingress:
     async def _dispatch(
         self, request: Request, scope: MutableMapping[str, Any], path: str
     ) -> Response:
+        method = scope["method"]
+        if path == "/pods" and method == "POST":
+            raw = await self._body(request, self._admit(scope))
+            return Response(self._encode(await self.add_pod(_decode(self._add_pod, raw))),
+                            media_type=JSON)  # fmt: skip
+        if path.startswith("/pods/"):
+            if method != "DELETE":
+                raise _HTTPError(405, "Method Not Allowed", {"Allow": "DELETE"})
+            self._admit(scope)
+            pod = urllib.parse.unquote(path[len("/pods/") :])
+            return Response(self._encode(await self.remove_pod(pod)), media_type=JSON)
         post = self._post.get(path)
         if post is not None:
             if scope["method"] != "POST":
@@ -168,18 +183,13 @@ class Ingress:
             length = self._admit(scope)
             raw = await self._body(request, length)
             decoder, handler = post
-            try:
-                req = decoder.decode(raw)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise _HTTPError(422, f"invalid request body: {exc}") from None
-            except RecursionError:
-                raise _HTTPError(422, "invalid request body: nested too deeply") from None
-            return Response(self._encode(await handler(req)), media_type=JSON)
+            return Response(self._encode(await handler(_decode(decoder, raw))), media_type=JSON)
         get = self._get.get(path)
         if get is None:
             raise _HTTPError(404, "Not Found")
         if scope["method"] not in ("GET", "HEAD"):
-            raise _HTTPError(405, "Method Not Allowed", {"Allow": "GET, HEAD"})
+            allow = "GET, HEAD, POST" if path == "/pods" else "GET, HEAD"
+            raise _HTTPError(405, "Method Not Allowed", {"Allow": allow})
         if path != "/healthz":
             self._admit(scope)
         return await get()
@@ -325,6 +335,20 @@ class Ingress:
             pod=d.pod, scores=scores, blocks=len(keys), reason=d.reason, hit_blocks=d.hit_blocks
         )
 
+    async def add_pod(self, req: s.AddPod) -> s.PodChange:
+        """Subscribe to a pod (no config edit, no restart; survives kvray's restarts)."""
+        await asyncio.to_thread(
+            self.client.add_pod, req.endpoint, req.replay_endpoint, req.pod, req.model
+        )
+        return s.PodChange(action="added", endpoint=req.endpoint, pod=req.pod)
+
+    async def remove_pod(self, pod: str) -> s.PodChange:
+        """Forget a pod: its streams and its blocks."""
+        if not pod or len(pod) > s.MAX_POD_ID or "#" in pod or pod.strip() != pod:
+            raise BadRequest("pod: a pod id (1-256 characters, no '#', no surrounding spaces)")
+        await asyncio.to_thread(self.client.remove_pod, pod)
+        return s.PodChange(action="removed", pod=pod)
+
     async def pods(self) -> s.PodsResponse:
         return msgspec.convert({"pods": await self.client.pods_async()}, s.PodsResponse)
 
@@ -457,7 +481,32 @@ class Ingress:
                     s.Route,
                 )
             },
-            "/pods": {"get": op("pods", "Pods", json_ok(s.PodsResponse, "Every holder."))},
+            "/pods": {
+                "get": op("pods", "Pods", json_ok(s.PodsResponse, "Every holder.")),
+                "post": op(
+                    "add_pod",
+                    "Register a pod (kvray subscribes to its events)",
+                    json_ok(s.PodChange, "Subscribed."),
+                    s.AddPod,
+                ),  # fmt: skip
+            },
+            "/pods/{pod}": {
+                "delete": {
+                    **op(
+                        "remove_pod",
+                        "Forget a pod: its streams and its blocks",
+                        json_ok(s.PodChange, "Forgotten."),
+                    ),  # fmt: skip
+                    "parameters": [
+                        {
+                            "name": "pod",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1, "maxLength": s.MAX_POD_ID},
+                        }
+                    ],  # fmt: skip
+                }
+            },
             "/healthz": {"get": op("healthz", "Liveness", json_ok(s.HealthResponse, "Alive."))},
             "/metrics": {
                 "get": op(
@@ -525,6 +574,16 @@ def _convert(body: Any, struct: type[_Req]) -> _Req:
 def _builtins(out: msgspec.Struct) -> dict[str, Any]:
     d: dict[str, Any] = msgspec.to_builtins(out)
     return d
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes) -> Any:
+    """A request body as its Struct, or a 422 naming what is wrong."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _HTTPError(422, f"invalid request body: {exc}") from None
+    except RecursionError:
+        raise _HTTPError(422, "invalid request body: nested too deeply") from None
 
 
 def _check_depth(value: Any, field: str) -> None:

@@ -11,6 +11,7 @@ Needs Ray Serve LLM's dependencies (see docs/serve-llm.md).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
@@ -29,17 +30,21 @@ class Ledger:
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.overheads: list[float] = []
+        self.tokenize: list[float] = []
         self.fallbacks: dict[str, dict[str, int]] = {}  # router instance -> cumulative counts
         self.base: dict[str, dict[str, int]] = {}  # ... as of the last take()
 
     def record(self, rows: list[dict[str, Any]]) -> None:
         self.rows.extend(rows)
 
-    def record_route(self, router: str, overheads: list[float], fallbacks: dict[str, int]) -> None:
+    def record_route(
+        self, router: str, overheads: list[float], tokenize: list[float], fallbacks: dict[str, int]
+    ) -> None:
         self.overheads.extend(overheads)
+        self.tokenize.extend(tokenize)
         self.fallbacks[router] = fallbacks
 
-    def take(self) -> tuple[list[dict[str, Any]], list[float], dict[str, int]]:
+    def take(self) -> tuple[list[dict[str, Any]], list[float], list[float], dict[str, int]]:
         """Everything recorded since the last take (fallbacks as counts since then)."""
         fb: dict[str, int] = {}
         for uid, counts in self.fallbacks.items():
@@ -48,9 +53,9 @@ class Ledger:
                 if n > base.get(reason, 0):
                     fb[reason] = fb.get(reason, 0) + n - base.get(reason, 0)
             self.base[uid] = dict(counts)
-        rows, over = self.rows, self.overheads
-        self.rows, self.overheads = [], []
-        return rows, over, fb
+        rows, over, tok = self.rows, self.overheads, self.tokenize
+        self.rows, self.overheads, self.tokenize = [], [], []
+        return rows, over, tok, fb
 
 
 class _Timed:
@@ -60,7 +65,8 @@ class _Timed:
         self._ledger_name, self._ledger_ns = ledger, ledger_namespace or None
         self._ledger: Any = None
         self._times: list[float] = []
-        self._last = time.monotonic()
+        self._tok_times: list[float] = []  # of which tokenizing (kvray's router only)
+        self._flush_due = False
         self._uid = f"{type(self).__name__}-{os.getpid()}-{id(self)}"
         self._no_tracker = 0
         super().initialize_state(**kwargs)  # type: ignore[misc]
@@ -70,19 +76,32 @@ class _Timed:
         try:
             return await super().choose_replicas(candidate_replicas, pending_request)  # type: ignore[misc]
         finally:
-            self._report(time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            tok = getattr(self, "tokenize_s", None)  # kvray's router tokenizes in here
+            rid = pending_request.metadata.internal_request_id if pending_request else None
+            self._report(dt, tok.pop(rid, 0.0) if tok is not None else 0.0)
 
-    def _report(self, dt: float) -> None:
+    def _report(self, dt: float, tokenize_s: float) -> None:
         if not self._ledger_name:
+            return
+        self._times.append(dt)
+        self._tok_times.append(tokenize_s)
+        if getattr(self, "_kv_token_tracker", "absent") is None:
+            self._no_tracker += 1  # Ray's KVAwareRouter without its tracker: random choice
+        if len(self._times) >= 16:
+            self._flush()
+        elif not self._flush_due:  # what is left goes out half a second later at the latest
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(0.5, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._times:
             return
         if self._ledger is None:
             self._ledger = ray.get_actor(self._ledger_name, namespace=self._ledger_ns)
-        self._times.append(dt)
-        if getattr(self, "_kv_token_tracker", "absent") is None:
-            self._no_tracker += 1  # Ray's KVAwareRouter without its tracker: random choice
-        if len(self._times) >= 16 or time.monotonic() - self._last > 0.5:
-            self._ledger.record_route.remote(self._uid, self._times, self._fallbacks())
-            self._times, self._last = [], time.monotonic()
+        self._ledger.record_route.remote(self._uid, self._times, self._tok_times, self._fallbacks())
+        self._times, self._tok_times = [], []
 
     def _fallbacks(self) -> dict[str, int]:
         counts = getattr(self, "fallbacks", None)  # kvray's router counts its own, by reason
@@ -91,7 +110,7 @@ class _Timed:
         return {"no_kv_token_tracker": self._no_tracker} if self._no_tracker else {}
 
 
-class TimedKvrayRequestRouter(_Timed, KvrayRequestRouter):
+class TimedKvrayRequestRouter(_Timed, KvrayRequestRouter):  # type: ignore[misc]
     """kvray's router, timed."""
 
 
@@ -123,12 +142,18 @@ def stand_in_config(
 
     return LLMConfig(
         model_loading_config={"model_id": model},
-        runtime_env={"env_vars": {"RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
-                                  "HF_HUB_OFFLINE": "1", **(env or {})}},
+        runtime_env={
+            "env_vars": {
+                "RAYLLM_VLLM_ENGINE_CLS": "kvray.serve.llm_engine.SimEngine",
+                "HF_HUB_OFFLINE": "1",
+                **(env or {}),
+            }
+        },
         experimental_configs={"kvray_sim_engine": dict(engine or {})},
         lora_config=(
             {"dynamic_lora_loading_path": lora_path, "max_num_adapters_per_replica": 4}
-            if lora_path else None
+            if lora_path
+            else None
         ),
         placement_group_config={"bundles": [{"CPU": 0.01}]},  # no GPU: a sliver of a CPU
         deployment_config={

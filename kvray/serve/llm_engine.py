@@ -176,13 +176,17 @@ class SimEngine(LLMEngine):  # type: ignore[misc]
             return [int(t) for t in prompt]
         return list(self._tok.encode(str(prompt)))
 
-    async def _run(self, tokens: Sequence[int], lora: LoRA | None, max_tokens: int) -> dict[str, Any]:
+    async def _run(
+        self, tokens: Sequence[int], lora: LoRA | None, max_tokens: int
+    ) -> dict[str, Any]:
         """Queue for the prefill, prefill (cache lookup + events), then decode."""
         assert self.pod is not None
         arrived = time.perf_counter()
         async with self._gpu:
             result = self.pod.serve(tokens, lora=lora)
-            await asyncio.sleep((result.prompt_tokens - result.cached_tokens) * self.settings["prefill_s_per_token"])
+            await asyncio.sleep(
+                (result.prompt_tokens - result.cached_tokens) * self.settings["prefill_s_per_token"]
+            )
         ttft = time.perf_counter() - arrived
         await asyncio.sleep(max(0, max_tokens - 1) * self.settings["decode_s_per_token"])
         row = {
@@ -217,66 +221,57 @@ class SimEngine(LLMEngine):  # type: ignore[misc]
             "prompt_tokens_details": {"cached_tokens": row["cached_tokens"]},
         }
 
-    async def chat(
-        self, request: Any, raw_request_info: Any = None
-    ) -> AsyncGenerator[Any, None]:
-        try:
-            tokens = self._chat_tokens(request)
-        except Exception as exc:
-            yield _error(str(exc))
-            return
-        n = self._max_tokens(request)
-        row = await self._run(tokens, self._lora(request), n)
-        text = " ".join(["ok"] * n)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if getattr(request, "stream", False):
-            delta = {"role": "assistant", "content": text}
-            chunk = {"id": rid, "object": "chat.completion.chunk", "created": now,
-                     "model": request.model, "choices": [{"index": 0, "delta": delta,
-                                                          "finish_reason": "length"}],
-                     "usage": self._usage(row, n)}
-            yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        yield ChatCompletionResponse(
-            id=rid, created=now, model=request.model,
-            choices=[{"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": "length"}],
-            usage=self._usage(row, n),
-        )
+    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+        async for out in self._serve(request, chat=True):
+            yield out
 
     async def completions(
         self, request: Any, raw_request_info: Any = None
     ) -> AsyncGenerator[Any, None]:
+        async for out in self._serve(request, chat=False):
+            yield out
+
+    async def _serve(self, request: Any, *, chat: bool) -> AsyncGenerator[Any, None]:
+        """One request: tokens, the cache and the clock, then the OpenAI response (one chunk
+        and ``[DONE]`` when streaming)."""
         try:
-            tokens = self._prompt_tokens(request)
+            tokens = self._chat_tokens(request) if chat else self._prompt_tokens(request)
         except Exception as exc:
             yield _error(str(exc))
             return
         n = self._max_tokens(request)
         row = await self._run(tokens, self._lora(request), n)
         text = " ".join(["ok"] * n)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if getattr(request, "stream", False):
-            chunk = {"id": rid, "object": "text_completion", "created": now,
-                     "model": request.model,
-                     "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
-                     "usage": self._usage(row, n)}
-            yield f"data: {json.dumps(chunk)}\n\n"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        stream = bool(getattr(request, "stream", False))
+        if chat:
+            choice["delta" if stream else "message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": request.model,
+            "choices": [choice],
+            "usage": self._usage(row, n),
+        }
+        if stream:
+            body["object"] = "chat.completion.chunk" if chat else "text_completion"
+            yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             return
-        yield CompletionResponse(
-            id=rid, created=now, model=request.model,
-            choices=[{"index": 0, "text": text, "finish_reason": "length"}],
-            usage=self._usage(row, n),
-        )
+        yield (ChatCompletionResponse if chat else CompletionResponse)(**body)
 
     # --- the rest of the engine protocol -------------------------------------------------------
 
-    async def embeddings(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+    async def embeddings(
+        self, request: Any, raw_request_info: Any = None
+    ) -> AsyncGenerator[Any, None]:
         yield _error("the kvray stand-in engine does not serve embeddings", 400)
 
-    async def transcriptions(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:
+    async def transcriptions(
+        self, request: Any, raw_request_info: Any = None
+    ) -> AsyncGenerator[Any, None]:
         yield _error("the kvray stand-in engine does not serve transcriptions", 400)
 
     async def score(self, request: Any, raw_request_info: Any = None) -> AsyncGenerator[Any, None]:

@@ -41,6 +41,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -140,9 +141,13 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         self._kv_local_tok = local_tokenizer
         self._kv_tok: Any = None  # the in-process Tokenization, once loaded
         self._kv_tok_loading: threading.Thread | None = None
+        self._kv_tok_retry_at = 0.0
         self._kv_client: Any = None
         self.decisions: Counter[str] = Counter()
         """kvray's decisions by reason (cache/load/spread)."""
+        self.tokenize_s: dict[str, float] = {}
+        """Seconds spent tokenizing, by internal request id (the latest 1024), for
+        measurements that separate tokenizing from routing."""
         self.fallbacks: Counter[str] = Counter()
         """Power-of-two fallbacks by reason (no_model, no_prompt, timeout, error, ...)."""
         self._work: dict[str, float] = {}  # internal request id -> tokens of work estimated
@@ -157,13 +162,17 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         import importlib
 
         importlib.import_module("kvray.serve.router").ROUTERS.add(self)
+        self._kv_client_lock = threading.Lock()
+        if self._kv_local_tok and self._kv_model:
+            self._load_tokenizer()  # before the first request: it takes a second or two
 
     def _client(self) -> Any:
-        if self._kv_client is None:
-            from kvray.client import connect
+        with self._kv_client_lock:  # the tokenizer loader thread may connect first
+            if self._kv_client is None:
+                from kvray.client import connect
 
-            self._kv_client = connect(self._kv_namespace)
-        return self._kv_client
+                self._kv_client = connect(self._kv_namespace)
+            return self._kv_client
 
     # --- replicas come and go --------------------------------------------------------------
 
@@ -257,7 +266,11 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
             return "no_prompt"
         client = self._client()
         lora = pending.metadata.multiplexed_model_id or None
+        t0 = time.perf_counter()
         tokens = await self._tokens(client, prompt, request)
+        self.tokenize_s[pending.metadata.internal_request_id] = time.perf_counter() - t0
+        while len(self.tokenize_s) > 1024:  # nobody reads them: keep the latest
+            del self.tokenize_s[next(iter(self.tokenize_s))]
         keys = client.block_keys(tokens, self._kv_model, lora, _field(request, "cache_salt"))
         if not keys:
             return "no_blocks"  # shorter than a block: nothing kvray knows helps
@@ -291,27 +304,32 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
             opts = {"add_special_tokens": bool(_field(request, "add_special_tokens", True))}
         if not self._kv_local_tok or self._kv_tok is None:
             if self._kv_local_tok:
-                self._load_tokenizer(client)  # meanwhile, kvray's tokenizer pool
+                self._load_tokenizer()  # meanwhile, kvray's tokenizer pool
             if chat:
-                return await client.tokenize_chat_async(prompt, self._kv_model, **opts)
-            return await client.tokenize_async(str(prompt), self._kv_model, **opts)
+                ids: list[int] = await client.tokenize_chat_async(prompt, self._kv_model, **opts)
+            else:
+                ids = await client.tokenize_async(str(prompt), self._kv_model, **opts)
+            return ids
         if chat:
             return self._kv_tok.encode_chat(prompt, **opts)  # type: ignore[no-any-return]
         return self._kv_tok.encode(str(prompt), **opts)  # type: ignore[no-any-return]
 
-    def _load_tokenizer(self, client: Any) -> None:
-        """Load the model's tokenizer once, on a thread (it takes a second or two)."""
-        if self._kv_tok_loading is not None:
+    def _load_tokenizer(self) -> None:
+        """Load the model's tokenizer once, on a thread (it takes a second or two); the
+        tokenizer named in kvray's configuration for the model, else the model name."""
+        if self._kv_tok_loading is not None or time.monotonic() < self._kv_tok_retry_at:
             return
 
         def load() -> None:
             from kvray.tokenization import load_tokenizer
 
-            source = client.config.index.model(self._kv_model).tokenizer or self._kv_model
             try:
-                self._kv_tok = load_tokenizer(source)
-            except Exception as exc:  # the pool keeps tokenizing
-                log.warning("kvray: no local tokenizer for %s: %r", self._kv_model, exc)
+                cfg = self._client().config.index.model(self._kv_model)
+                self._kv_tok = load_tokenizer(str(cfg.tokenizer or self._kv_model))
+            except Exception as exc:  # kvray not up yet, or no such tokenizer: retry later
+                log.warning("kvray: no local tokenizer for %s yet: %r", self._kv_model, exc)
+                self._kv_tok_retry_at = time.monotonic() + 10.0
+                self._kv_tok_loading = None
 
         self._kv_tok_loading = threading.Thread(target=load, name="kvray-tokenizer", daemon=True)
         self._kv_tok_loading.start()

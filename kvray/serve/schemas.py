@@ -388,6 +388,40 @@ class PodsResponse(_Response):
     pods: list[PodInfo]
 
 
+ZmqEndpoint = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^(tcp|ipc)://\S+$",
+        max_length=1024,
+        description="A ZMQ endpoint the pod binds, e.g. tcp://10.0.0.7:5557.",
+    ),
+]
+PodId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_POD_ID, pattern=r"^[^#\s]+$")]
+
+
+class AddPod(_Request):
+    """Subscribe to a pod that binds its KV-events PUB socket (vLLM's default topology)."""
+
+    endpoint: ZmqEndpoint
+    replay_endpoint: Annotated[
+        ZmqEndpoint | None, msgspec.Meta(description="The pod's replay ROUTER endpoint.")
+    ] = None
+    pod: Annotated[
+        PodId | None, msgspec.Meta(description="Pod id, when the pod publishes an empty topic.")
+    ] = None
+    model: Annotated[
+        Model | None, msgspec.Meta(description="Model, when the pod publishes an empty topic.")
+    ] = None
+
+
+class PodChange(_Response):
+    """What ``POST /pods`` or ``DELETE /pods/{pod}`` did."""
+
+    action: Literal["added", "removed"]
+    endpoint: str | None = None
+    pod: str | None = None
+
+
 class HealthResponse(_Response):
     """Liveness, and which kvray deployment answers."""
 
@@ -402,11 +436,18 @@ class ErrorResponse(_Response):
     detail: str
 
 
-REQUESTS: tuple[type[msgspec.Struct], ...] = (ScoreTokens, ScoreCompletions, ScoreChat, Route)
+REQUESTS: tuple[type[msgspec.Struct], ...] = (
+    ScoreTokens,
+    ScoreCompletions,
+    ScoreChat,
+    Route,
+    AddPod,
+)
 RESPONSES: tuple[type[msgspec.Struct], ...] = (
     ScoreResponse,
     RouteResponse,
     PodsResponse,
+    PodChange,
     HealthResponse,
     ErrorResponse,
 )

@@ -76,7 +76,9 @@ def _zipf(n: int, s: float) -> list[float]:
     return list(itertools.accumulate(1.0 / (k + 1) ** s for k in range(n)))
 
 
-def generate(cfg: ChatWorkloadConfig = ChatWorkloadConfig(), *, salt: str = "") -> list[ChatRequest]:
+def generate(
+    cfg: ChatWorkloadConfig = ChatWorkloadConfig(), *, salt: str = ""
+) -> list[ChatRequest]:
     """The requests of ``cfg``, in arrival order (see the module docstring)."""
     rng = random.Random(cfg.seed)
     vocab = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(2, 3))) for _ in range(6000)})
@@ -87,7 +89,9 @@ def generate(cfg: ChatWorkloadConfig = ChatWorkloadConfig(), *, salt: str = "") 
     tenants = [f"tenant-{t}" for t in range(cfg.tenants)]
     systems = {t: f"You are the assistant of {t}. {text(cfg.system_words)}" for t in tenants}
     docs = [text(cfg.document_words) for _ in range(cfg.documents)]
-    preambles = [f"Answer from the document. {text(cfg.preamble_words)}" for _ in range(cfg.rag_apps)]
+    preambles = [
+        f"Answer from the document. {text(cfg.preamble_words)}" for _ in range(cfg.rag_apps)
+    ]
     tenant_w, doc_w = _zipf(cfg.tenants, cfg.zipf_s), _zipf(cfg.documents, cfg.zipf_s)
     lora = set(tenants[: cfg.lora_tenants])
     chats: list[tuple[str, list[dict[str, str]]]] = []  # open chats: tenant, messages so far
@@ -109,7 +113,7 @@ def generate(cfg: ChatWorkloadConfig = ChatWorkloadConfig(), *, salt: str = "") 
             if len(messages) >= 2 * cfg.max_turns:
                 chats.pop(c)
             model = f"{cfg.model}:{cfg.adapter}" if tenant in lora else cfg.model
-            body = {"model": model, "messages": [dict(m) for m in messages]}
+            body: dict[str, Any] = {"model": model, "messages": [dict(m) for m in messages]}
             kind = "chat"
         else:
             app = rng.randrange(cfg.rag_apps)
@@ -120,7 +124,10 @@ def generate(cfg: ChatWorkloadConfig = ChatWorkloadConfig(), *, salt: str = "") 
                 "model": cfg.model,
                 "messages": [
                     {"role": "system", "content": preamble},
-                    {"role": "user", "content": f"{docs[doc]}\n\nQuestion: {text(cfg.question_words)}"},
+                    {
+                        "role": "user",
+                        "content": f"{docs[doc]}\n\nQuestion: {text(cfg.question_words)}",
+                    },
                 ],
             }
             kind = "rag"

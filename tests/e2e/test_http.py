@@ -4,6 +4,7 @@ real Ray cluster, real ZMQ pods, the real Qwen3 tokenizer."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -307,3 +308,57 @@ def test_unknown_route_wrong_method_malformed_json(base: str) -> None:
         headers={**_h(), "content-type": "application/json"},
     )
     assert r.status_code == 422 and "malformed" in r.json()["detail"], r.text
+
+
+def test_pods_registered_and_forgotten_over_http(stack: tuple[str, Client, SimPod]) -> None:
+    """``POST /pods`` subscribes kvray to a pod that binds its PUB socket; its blocks score;
+    ``DELETE /pods/{pod}`` forgets the pod and its blocks. No config edit, no restart."""
+    base, client, _ = stack
+    pub = SimPublisher(
+        "tcp://127.0.0.1:*", f"kv@10.9.0.77@{MODEL}", replay_endpoint="tcp://127.0.0.1:*"
+    )
+    try:
+        body = {
+            "endpoint": pub.endpoint,
+            "replay_endpoint": pub.replay_endpoint,
+            "pod": "10.9.0.77",
+            "model": MODEL,
+        }
+        r = httpx.post(f"{base}/pods", json=body, headers=_h(), timeout=30)
+        assert r.status_code == 200 and r.json()["action"] == "added", r.text
+        assert pub.wait_connected()
+        pod = SimPod("10.9.0.77", MODEL, publisher=pub)
+        tokens = list(range(1000, 1000 + 16 * 5))
+        pod.serve(tokens)
+
+        def score() -> float:
+            got = httpx.post(
+                f"{base}/score_tokens",
+                headers=_h(),
+                timeout=30,
+                json={"model": MODEL, "token_ids": tokens, "pods": ["10.9.0.77"]},
+            ).json()
+            return float(got["scores"].get("10.9.0.77", 0.0))
+
+        assert _until(lambda: score() == 5.0, 30), score()
+        r = httpx.delete(f"{base}/pods/10.9.0.77", headers=_h(), timeout=30)
+        assert r.status_code == 200 and r.json() == {
+            "action": "removed",
+            "endpoint": None,
+            "pod": "10.9.0.77",
+        }
+        assert _until(lambda: score() == 0.0, 30), score()
+        assert "10.9.0.77" not in {p["pod"] for p in client.pods()}
+        bad = httpx.post(f"{base}/pods", json={"endpoint": "http://x"}, headers=_h(), timeout=30)
+        assert bad.status_code == 422 and "endpoint" in bad.json()["detail"]
+    finally:
+        pub.close()
+
+
+def _until(cond: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False

@@ -41,6 +41,14 @@ class FakeClient:
         self.held: dict[str, set[int]] = {}
         self.chat_calls: list[dict[str, Any]] = []
         self.fail: BaseException | None = None
+        self.added: list[tuple[Any, ...]] = []
+        self.removed: list[str] = []
+
+    def add_pod(self, *args: Any) -> None:
+        self.added.append(args)
+
+    def remove_pod(self, pod: str) -> None:
+        self.removed.append(pod)
 
     def hold(self, pod: str, tokens: Sequence[int], **kw: Any) -> None:
         self.held.setdefault(pod, set()).update(self.keyer.block_keys(tokens, M, **kw))
@@ -368,8 +376,10 @@ def test_malformed_json_size_limits_methods_and_paths(http: TestClient) -> None:
     r = http.get("/score_tokens", headers=AUTH)
     assert r.status_code == 405 and r.json()["detail"] == "Method Not Allowed"
     assert r.headers["allow"] == "POST"
-    r = http.post("/pods", headers=AUTH)
-    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    r = http.put("/pods", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+    r = http.get("/pods/p1", headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE"
     r = http.get("/nowhere", headers=AUTH)
     assert r.status_code == 404 and r.json()["detail"] == "Not Found"
 
@@ -473,3 +483,36 @@ def test_random_bodies_never_get_a_5xx(http: TestClient, path: str, struct: Any)
         assert r.status_code < 500, (body, r.text)
 
     check()
+
+
+def test_pods_are_registered_and_forgotten_over_http(http: TestClient, ingress: Ingress) -> None:
+    fake: Any = ingress.client
+    body = {
+        "endpoint": "tcp://10.0.0.7:5557",
+        "replay_endpoint": "tcp://10.0.0.7:5558",
+        "pod": "p7",
+        "model": M,
+    }
+    r = http.post("/pods", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json() == {
+        "action": "added",
+        "endpoint": body["endpoint"],
+        "pod": "p7",
+    }
+    assert fake.added[-1] == ("tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558", "p7", M)
+    r = http.delete("/pods/p7", headers=AUTH)
+    assert r.status_code == 200 and r.json()["action"] == "removed" and fake.removed == ["p7"]
+    # Bad input: a clear 4xx, nothing registered.
+    n = len(fake.added)
+    for bad, why in (
+        ({"endpoint": "http://x"}, "endpoint"),
+        ({}, "endpoint"),
+        ({"endpoint": "tcp://h:1", "pod": "a#dp1"}, "pod"),
+        ({"endpoint": "tcp://h:1", "extra": 1}, "extra"),
+    ):
+        r = http.post("/pods", json=bad, headers=AUTH)
+        assert r.status_code == 422 and why in r.json()["detail"], (bad, r.json())
+    assert len(fake.added) == n
+    assert http.delete("/pods/a%23dp1", headers=AUTH).status_code == 400
+    assert http.post("/pods", json=body).status_code == 401  # the token guards mutations
+    assert http.delete("/pods/p7").status_code == 401

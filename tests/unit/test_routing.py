@@ -139,3 +139,24 @@ def test_cost_is_an_estimate_of_work_in_blocks() -> None:
     d = decide(["a", "b"], {"a": 3.0}, 10, 5, {"a": 2.0, "b": 0.0}, {"a": 0.5, "b": 0.0})
     assert d.costs == {"a": pytest.approx(7 * 1.5 + 2.0), "b": pytest.approx(10.0)}
     assert statistics.mean(d.costs.values()) > 0
+
+
+def test_cold_prompts_sharing_a_header_still_spread() -> None:
+    """Every chat of a model starts with the same template tokens: when every pod holds that
+    header, ties are hashed on the first block past it, so different tenants spread (hashing
+    the first block would rank the pods alike for all of them) and one tenant stays put."""
+    from kvray.core.routing import Decider, tie_key
+
+    pods = [f"p{i}" for i in range(4)]
+    header = [11, 12]  # two shared blocks, held everywhere
+    tenants = [[*header, 1000 + t, 2000 + t, 3000 + t] for t in range(40)]
+    hits = {p: 2.0 for p in pods}
+    assert tie_key(tenants[0], hits) == 1000 and tie_key(tenants[0], {}) == 11
+    assert tie_key([5], {"p0": 9.0}) == 5 and tie_key([], hits) == 0
+    dec = Decider()
+    chosen = [dec.choose(pods, hits, keys, load={}).pod for keys in tenants]
+    assert len(set(chosen)) == 4  # spread (all four pods: p < 4 * 0.75**40)
+    assert all(
+        dec.choose(pods, hits, keys, load={}).pod == c
+        for keys, c in zip(tenants, chosen, strict=True)
+    )  # and stable

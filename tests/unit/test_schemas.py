@@ -173,12 +173,19 @@ def test_openapi_lists_every_route_with_its_errors() -> None:
         "/score_tokens",
         "/route",
         "/pods",
+        "/pods/{pod}",
         "/healthz",
         "/metrics",
         "/openapi.json",
         "/docs",
     }
-    for path in ("/score_completions", "/score_chat_completions", "/score_tokens", "/route"):
+    for path in (
+        "/score_completions",
+        "/score_chat_completions",
+        "/score_tokens",
+        "/route",
+        "/pods",
+    ):
         op = spec["paths"][path]["post"]
         assert {"200", "400", "401", "413", "422", "503"} <= set(op["responses"]), path
         assert op["security"] == [{"bearer": []}]
