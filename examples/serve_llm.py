@@ -389,7 +389,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
                 f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
                 f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
-                f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms, "
+                f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms "
+                f"(tokenizing p50 {s['tokenize_p50_ms']:.2f}), "
                 f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
                 f"[{s['seconds']} s]",
                 flush=True,
