@@ -180,15 +180,19 @@ def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
     # Replicas report routing stats every second; the warm-up requests (shorter than a block,
     # so they cache nothing) let every router see every replica's stats.
     def hello(i: int) -> None:
-        httpx.post(
-            f"{base}/v1/chat/completions",
-            timeout=60,
-            json={
-                "model": MODEL,
-                "max_tokens": 1,
-                "messages": [{"role": "user", "content": f"hi {i}"}],
-            },
-        )
+        body = {
+            "model": MODEL,
+            "max_tokens": 1,
+            "messages": [{"role": "user", "content": f"hi {i}"}],
+        }
+        for _ in range(5):  # a replica Serve just declared ready may still be settling
+            try:
+                if httpx.post(f"{base}/v1/chat/completions", timeout=20, json=body).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError("the app answers no warm-up request")
 
     for i in range(2 * replicas):
         hello(i)
@@ -362,39 +366,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for n, (replicas, ingress, router) in enumerate(runs):
             key = f"{replicas}x{ingress}"
             t0 = time.monotonic()
-            serve.run(
-                llm_app(router, replicas, ingress, args, store),
-                name="llm",
-                route_prefix="/",
-                logging_config=SERVE_LOGGING,
-            )
-            wait_ready(base, replicas)
-            ray.get(ledger.take.remote())  # drop the warm-up's rows
-            salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
-            requests = generate(wl, salt=salt)
-            client = asyncio.run(replay(base, requests, args.concurrency))
-            time.sleep(1.0)  # the last fire-and-forget rows
-            rows, overheads, tokenize, fallbacks = ray.get(ledger.take.remote())
-            okey = (replicas, salt)
-            if okey not in oracle_cache:
-                oracle_cache[okey] = oracle_hit_rate(
-                    tokenize_all(requests), replicas, args.num_blocks, args.seed
+            try:
+                serve.run(
+                    llm_app(router, replicas, ingress, args, store),
+                    name="llm",
+                    route_prefix="/",
+                    logging_config=SERVE_LOGGING,
                 )
-            s = summarize(rows, client, overheads, tokenize, fallbacks, oracle_cache[okey],
-                          replicas)  # fmt: skip
-            s["replicas"], s["ingress_replicas"] = replicas, ingress
-            s["seconds"] = round(time.monotonic() - t0, 1)
-            results.setdefault(router, {})[key] = s
-            print(
-                f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
-                f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
-                f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
-                f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms "
-                f"(tokenizing p50 {s['tokenize_p50_ms']:.2f}), "
-                f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
-                f"[{s['seconds']} s]",
-                flush=True,
-            )
+                wait_ready(base, replicas)
+                ray.get(ledger.take.remote())  # drop the warm-up's rows
+                salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
+                requests = generate(wl, salt=salt)
+                client = asyncio.run(replay(base, requests, args.concurrency))
+                time.sleep(1.0)  # the last fire-and-forget rows
+                rows, overheads, tokenize, fallbacks = ray.get(ledger.take.remote())
+                okey = (replicas, salt)
+                if okey not in oracle_cache:
+                    oracle_cache[okey] = oracle_hit_rate(
+                        tokenize_all(requests), replicas, args.num_blocks, args.seed
+                    )
+                s = summarize(rows, client, overheads, tokenize, fallbacks, oracle_cache[okey],
+                              replicas)  # fmt: skip
+                s["replicas"], s["ingress_replicas"] = replicas, ingress
+                s["seconds"] = round(time.monotonic() - t0, 1)
+                results.setdefault(router, {})[key] = s
+                print(
+                    f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
+                    f"({s['oracle_fraction'] or 0:.1%} of oracle {s['oracle_hit_rate']:.3f}), "
+                    f"TTFT p50/p99 {s['ttft_p50_s'] * 1e3:.0f}/{s['ttft_p99_s'] * 1e3:.0f} ms, "
+                    f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms "
+                    f"(tokenizing p50 {s['tokenize_p50_ms']:.2f}), "
+                    f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
+                    f"[{s['seconds']} s]",
+                    flush=True,
+                )
+            except Exception as exc:  # one configuration failing does not lose the others
+                print(f"{router:>22} {key:>6}: FAILED {exc!r}", flush=True)
+                results.setdefault(router, {})[key] = {"failed": repr(exc)[:500]}
     finally:
         serve.delete("llm")
         runtime.stop(NS)
@@ -423,6 +431,10 @@ def table(result: dict[str, Any]) -> str:
     ]
     for router, r in result["routers"].items():
         for key, s in r["configs"].items():
+            if "failed" in s:
+                lines.append(f"| {router} | {key.replace('x', ' × ')} | failed: {s['failed']} |"
+                             " | | | | | |")  # fmt: skip
+                continue
             lines.append(
                 f"| {router} | {key.replace('x', ' × ')} | {s['hit_rate']:.3f} | "
                 f"{(s['oracle_fraction'] or 0) * 100:.1f} % | "
