@@ -1,6 +1,7 @@
 """Build of kvray's optional C extension (``kvray._speedups``); everything else is in
 pyproject.toml. Without a C compiler the install still succeeds and kvray runs its pure-Python
-twins of the same functions (``kvray.core.fast``), about 2× slower to ingest."""
+twins of the same functions (``kvray.core.fast``): index writes about 1.5× slower
+(benchmarks/results/native.md)."""
 
 from setuptools import Extension, setup
 
