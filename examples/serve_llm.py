@@ -446,6 +446,28 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(result: dict[str, Any], argv: list[str]) -> str:
+    """The markdown report: what ran, on what, and the table."""
+    import platform
+
+    w = result["workload"]
+    return "\n".join([
+        "# Serve LLM: kvray's router against Ray's, through the OpenAI endpoint",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · Python {platform.python_version()} · "
+        f"{os.cpu_count()} cores · `examples/serve_llm.py {' '.join(argv)}` · "
+        f"{result['seconds']:.0f} s in all",
+        "",
+        f"Workload: seed {w['seed']}, {w['requests']} requests at {w['rate_rps']} /s (Poisson) "
+        f"per run; stand-in engines with {w['num_blocks']}-block pools, prefill "
+        f"{w['prefill_us_per_token']} µs per uncached token, decode {w['decode_ms_per_token']} ms "
+        "per output token. Columns: see docs/serve-llm.md.",
+        "",
+        table(result),
+        "",
+    ])  # fmt: skip
+
+
 def plot(result: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
@@ -497,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--out", type=Path, default=Path("."), help="directory for the PNG plots")
+    p.add_argument("--md", type=Path, help="write a markdown report here")
     args = p.parse_args(argv)
     unknown = set(args.routers.split(",")) - set(ROUTERS)
     if unknown:
@@ -509,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
+    if args.md:
+        args.md.write_text(report(result, argv if argv is not None else sys.argv[1:]))
+        print(f"wrote {args.md}")
     print(f"done in {result['seconds']:.0f} s")
     return 0
 
