@@ -158,7 +158,7 @@ class AdapterStore:
         self.proc.wait(10)
 
 
-def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
+def wait_ready(base: str, replicas: int, run: int, timeout_s: float = 300.0) -> None:
     """Every replica is up, and every router has seen every replica's routing stats."""
     import httpx
 
@@ -178,12 +178,15 @@ def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
         raise TimeoutError(f"Serve LLM app not ready in {timeout_s:.0f} s")
 
     # Replicas report routing stats every second; the warm-up requests (shorter than a block,
-    # so they cache nothing) let every router see every replica's stats.
+    # so they cache nothing) let every router see every replica's stats. They differ from run
+    # to run: Ray 2.60's PrefixCacheAffinityRouter keeps an earlier deployment's replicas in
+    # its prefix tree, and a prompt matching one of them fails with a KeyError (measured: the
+    # same warm-up prompts in every run made it hang at 16 replicas).
     def hello(i: int) -> None:
         body = {
             "model": MODEL,
             "max_tokens": 1,
-            "messages": [{"role": "user", "content": f"hi {i}"}],
+            "messages": [{"role": "user", "content": f"hi {run}.{i}"}],
         }
         for _ in range(5):  # a replica Serve just declared ready may still be settling
             try:
@@ -196,8 +199,7 @@ def wait_ready(base: str, replicas: int, timeout_s: float = 300.0) -> None:
 
     for i in range(2 * replicas):
         hello(i)
-    time.sleep(2.0)
-    time.sleep(1.0)  # the routers report what the warm-up counted (within 0.5 s)
+    time.sleep(3.0)  # routing stats refreshed; the routers report the warm-up's counts
 
 
 async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[str, Any]]:
@@ -373,7 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     route_prefix="/",
                     logging_config=SERVE_LOGGING,
                 )
-                wait_ready(base, replicas)
+                wait_ready(base, replicas, n)
                 ray.get(ledger.take.remote())  # drop the warm-up's rows
                 salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
                 requests = generate(wl, salt=salt)
