@@ -13,10 +13,8 @@ from kvray.errors import (
     BackendUnavailable,
     BadRequest,
     ConfigError,
-    HashContractMismatch,
     KvrayError,
     MalformedFrame,
-    SequenceGap,
 )
 from kvray.indexer import Indexer
 
@@ -40,11 +38,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "connect",
-    "HashContractMismatch",
     "IndexConfig",
     "Indexer",
     "KvrayError",
     "load_config",
     "MalformedFrame",
-    "SequenceGap",
 ]

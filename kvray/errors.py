@@ -5,10 +5,11 @@
     KvrayError
     ├── ConfigError            a configuration value is missing, unknown or out of range
     ├── MalformedFrame         a ZMQ message or event batch could not be decoded (counted, skipped)
-    ├── SequenceGap            a pod's sequence numbers skipped (carries the missing range)
     ├── BackendUnavailable     the index backend (e.g. Redis) cannot be reached
-    ├── HashContractMismatch   a pod's block hashes differ from what kvray recomputes
     └── BadRequest             a scoring/routing request is invalid (HTTP 4xx)
+
+Sequence gaps and hash-contract mismatches are not errors: the pods keep publishing, so they are
+healed (replay) or counted (``hash_contract`` in ``/pods`` and the metrics), never raised.
 """
 
 from __future__ import annotations
@@ -35,22 +36,8 @@ class MalformedFrame(KvrayError):
         self.reason = reason
 
 
-class SequenceGap(KvrayError):
-    """A pod skipped sequence numbers: ``[first_missing, next_seen)`` never arrived."""
-
-    def __init__(self, pod: str, first_missing: int, next_seen: int) -> None:
-        super().__init__(f"pod {pod!r}: seq gap, missing [{first_missing}, {next_seen})")
-        self.pod = pod
-        self.first_missing = first_missing
-        self.next_seen = next_seen
-
-
 class BackendUnavailable(KvrayError):
     """The index backend cannot be reached or answered with an error."""
-
-
-class HashContractMismatch(KvrayError):
-    """A pod's published block hashes differ from kvray's recomputation."""
 
 
 class BadRequest(KvrayError):

@@ -12,12 +12,10 @@ def test_all_is_pinned_and_sorted() -> None:
         "BadRequest",
         "Config",
         "ConfigError",
-        "HashContractMismatch",
         "IndexConfig",
         "Indexer",
         "KvrayError",
         "MalformedFrame",
-        "SequenceGap",
         "__version__",
         "connect",
         "load_config",
@@ -31,8 +29,6 @@ def test_errors_share_one_root() -> None:
         "BackendUnavailable",
         "BadRequest",
         "ConfigError",
-        "HashContractMismatch",
         "MalformedFrame",
-        "SequenceGap",
     ):
         assert issubclass(getattr(kvray, name), kvray.KvrayError)
