@@ -283,6 +283,7 @@ def test_openapi_and_docs(base: str) -> None:
         "/score_tokens",
         "/route",
         "/pods",
+        "/pods/{pod}",
         "/metrics",
         "/openapi.json",
         "/docs",
