@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import ray
@@ -151,14 +152,18 @@ def ensure(config: Config, owner: str, *, timeout_s: float = 120.0) -> str:
     return what
 
 
-def release(namespace: str, owner: str) -> bool:
-    """Stop the deployment in ``namespace`` if ``owner`` still owns it (a newer owner, e.g.
-    the replica that replaced this one in a rolling update, keeps it); returns whether it
-    was stopped."""
-    try:
-        ctl = ray.get_actor(CONTROLLER, namespace=namespace)
-        if ray.get(ctl.owner.remote(), timeout=30) != owner:
+def release(namespace: str, owner: str, *, grace_s: float = 10.0) -> bool:
+    """Stop the deployment in ``namespace`` if ``owner`` still owns it after ``grace_s`` (a
+    newer owner, e.g. the replica that replaces this one in a rolling update, claims it within
+    that time and keeps it); returns whether it was stopped."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            ctl = ray.get_actor(CONTROLLER, namespace=namespace)
+            if ray.get(ctl.owner.remote(), timeout=30) != owner:
+                return False
+        except Exception:  # gone already, or the cluster is shutting down
             return False
-    except Exception:  # gone already, or the cluster is shutting down
-        return False
-    return stop(namespace)
+        if time.monotonic() >= deadline:
+            return stop(namespace)
+        time.sleep(0.5)

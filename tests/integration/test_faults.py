@@ -222,7 +222,13 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
         assert wait_until(
             deployment, lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
         )
-        assert ray.get(victim.stats.remote()).restored_from_snapshot
+        def restored(_: Client) -> bool:  # the victim may still be restarting: wait for it
+            try:
+                return bool(ray.get(victim.stats.remote(), timeout=10).restored_from_snapshot)
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                return False
+
+        assert wait_until(deployment, restored, timeout_s=60, interval_s=0.25)
     finally:
         pub.close()
         deployment.remove_pod("10.16.0.1")
