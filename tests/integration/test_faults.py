@@ -222,6 +222,7 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
         assert wait_until(
             deployment, lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
         )
+
         def restored(_: Client) -> bool:  # the victim may still be restarting: wait for it
             try:
                 return bool(ray.get(victim.stats.remote(), timeout=10).restored_from_snapshot)
