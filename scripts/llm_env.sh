@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 side_env .venv-llm
 .venv-llm/bin/pip install -q --no-deps \
   vllm==0.29.0 torch==2.13.0 fastapi==0.133.0 \
-  psutil sympy mpmath openai sniffio pybase64 cachetools cloudpickle py-cpuinfo networkx \
+  psutil sympy mpmath oss-harmony openai sniffio pybase64 cachetools cloudpickle py-cpuinfo networkx \
   partial-json-parser pyarrow python-multipart
 .venv-llm/bin/pip install -q "moto[server,s3]==5.2.5"
 .venv-llm/bin/python -c "import ray.serve.llm, kvray.serve.llm_engine, kvray.serve.llm_bench" \
