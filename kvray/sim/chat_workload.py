@@ -20,10 +20,11 @@ block, as if every cache started cold, while the traffic is otherwise identical.
 
 from __future__ import annotations
 
-import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvray.sim.workload import _zipf_cum_weights
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
 
@@ -72,10 +73,6 @@ class ChatRequest:
         return model.split(":", 1)[1] if ":" in model else None
 
 
-def _zipf(n: int, s: float) -> list[float]:
-    return list(itertools.accumulate(1.0 / (k + 1) ** s for k in range(n)))
-
-
 def generate(
     cfg: ChatWorkloadConfig = ChatWorkloadConfig(), *, salt: str = ""
 ) -> list[ChatRequest]:
@@ -92,7 +89,10 @@ def generate(
     preambles = [
         f"Answer from the document. {text(cfg.preamble_words)}" for _ in range(cfg.rag_apps)
     ]
-    tenant_w, doc_w = _zipf(cfg.tenants, cfg.zipf_s), _zipf(cfg.documents, cfg.zipf_s)
+    tenant_w, doc_w = (
+        _zipf_cum_weights(cfg.tenants, cfg.zipf_s),
+        _zipf_cum_weights(cfg.documents, cfg.zipf_s),
+    )
     lora = set(tenants[: cfg.lora_tenants])
     chats: list[tuple[str, list[dict[str, str]]]] = []  # open chats: tenant, messages so far
     out: list[ChatRequest] = []
