@@ -155,7 +155,13 @@ class EventsConfig(_Strict):
         description="Pod id -> replay ROUTER endpoint, for pods that connect to a bound socket.",
     )
     replay_timeout_s: float = Field(
-        1.0, gt=0, description="How long to wait for a replay answer before counting a loss."
+        1.0, gt=0, description="How long one replay request waits for the pod's answer."
+    )
+    replay_attempts: int = Field(
+        3,
+        ge=1,
+        description="Replay requests per missing range (each resumes where the previous "
+        "answer stopped) before the range is counted lost.",
     )
     flush_interval_s: float = Field(
         0.005, gt=0, description="Longest time events wait in an ingestor before shipping."

@@ -66,7 +66,8 @@ class Ingestor:
         self.placement = cfg.placement()
         self.follow = StreamFollower(
             ingestor_id, self.links, self.placement,
-            replay_timeout_s=ev.replay_timeout_s, log_interval_s=log_interval_s,
+            replay_timeout_s=ev.replay_timeout_s, replay_attempts=ev.replay_attempts,
+            log_interval_s=log_interval_s,
             decode=local.decode if local else None, local_shard=local.shard_id if local else None,
         )  # fmt: skip
         self.source = ZmqSource()

@@ -63,7 +63,8 @@ class StreamFollower:
 
     def __init__(
         self, reader_id: int, links: Links, placement: Placement, *,
-        replay_timeout_s: float, fetch: Callable[..., tuple[list[Any], bool]] | None = None,
+        replay_timeout_s: float, replay_attempts: int = 3,
+        fetch: Callable[..., tuple[list[Any], bool]] | None = None,
         decode: Callable[[bytes], EventBatch] | None = None, local_shard: int | None = None,
         log_interval_s: float = 10.0,
     ) -> None:  # fmt: skip
@@ -72,6 +73,7 @@ class StreamFollower:
         self.placement = placement
         self.fetch = fetch
         self.replay_timeout_s = replay_timeout_s
+        self.replay_attempts = max(1, replay_attempts)
         self.decode = decode
         self.local_shard = local_shard
         self.replay = ReplaySockets()
@@ -204,10 +206,8 @@ class StreamFollower:
             if count_missing:
                 self.counters.seq_lost += stop - first
             return None
-        self.counters.replay_requests += 1
-        got, complete = (self.fetch or request_replay)(ep, first, timeout_s=self.replay_timeout_s)
-        take = take_replayed(((r.seq, r.payload) for r in got), rank, start, stop, complete,
-                             peek_rank)  # fmt: skip
+        records, complete = self._fetch(ep, pod, first, stop)
+        take = take_replayed(records, rank, start, stop, complete, peek_rank)
         for exc in take.malformed:
             self._malformed(pod, exc)
         model = self.streams_model.get(stream, "")
@@ -218,6 +218,32 @@ class StreamFollower:
         if count_missing:
             self.counters.seq_lost += take.missing
         return take.last
+
+    def _fetch(
+        self, ep: str, pod: str, first: int, stop: int
+    ) -> tuple[list[tuple[int, bytes]], bool]:
+        """Ask ``ep`` for seqs ≥ ``first`` until ``stop`` is covered or its end marker came;
+        a pod slow to answer (busy engine, loaded host) is asked again from the last seq it
+        sent, up to ``replay_attempts`` times. Returns ``(seq, payload)`` in seq order."""
+        fetch = self.fetch or request_replay
+        got: dict[int, bytes] = {}
+        nxt = first
+        for attempt in range(self.replay_attempts):
+            self.counters.replay_requests += 1
+            part, complete = fetch(ep, nxt, timeout_s=self.replay_timeout_s)
+            for r in part:
+                got.setdefault(r.seq, r.payload)
+            if complete:
+                return sorted(got.items()), True
+            if part:
+                nxt = max(nxt, part[-1].seq + 1)
+            if stop != OPEN and nxt >= stop:
+                return sorted(got.items()), False
+            log.warning(
+                "ingestor %d: replay from %s (%s) unanswered after %.1f s (attempt %d of %d)",
+                self.id, pod, ep, self.replay_timeout_s, attempt + 1, self.replay_attempts,
+            )  # fmt: skip
+        return sorted(got.items()), False
 
     # --- shard answers ---------------------------------------------------------------------
 

@@ -64,9 +64,11 @@ class SimPublisher:
         self.legacy = legacy
         self.seq = 0
         self.drop_next = 0  # test hook for the fleet: skip sending (not buffering) n batches
-        self._pub = self._ctx.socket(zmq.PUB)
+        # XPUB, not PUB: the same wire protocol for subscribers, and it hands over each
+        # subscription message, so ``wait_connected`` knows when a subscriber will receive.
+        self._pub = self._ctx.socket(zmq.XPUB)
         self._pub.setsockopt(zmq.LINGER, 0)
-        self._monitor = self._pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every peer's subscription, not the first
         self._peers = 0
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
         if _binds(endpoint):
@@ -93,20 +95,20 @@ class SimPublisher:
             self._thread.start()
 
     def wait_connected(self, peers: int = 1, timeout_s: float = 10.0) -> bool:
-        """Block until ``peers`` subscribers completed the ZMQ handshake (or the timeout).
+        """Block until ``peers`` subscriptions arrived (or the timeout).
 
-        PUB drops what it sends before a subscriber is connected (ZMQ's "slow joiner"); on
-        this machine a loopback handshake can take ~0.5 s, so tests and the simulator wait
-        for it instead of sleeping a guessed time.
+        A publisher drops what it sends before a subscriber's subscription reached it (ZMQ's
+        "slow joiner"; a loopback handshake can take ~0.5 s on a loaded machine), so tests
+        and the simulator wait for the subscription itself rather than a guessed time.
         """
         deadline = time.monotonic() + timeout_s
         while self._peers < peers:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._monitor.poll(int(left * 1000)):
+            if left <= 0 or not self._pub.poll(int(left * 1000) + 1):
                 return False
-            self._monitor.recv_multipart()
-            self._peers += 1
-        time.sleep(0.05)  # the subscription message follows the handshake
+            msg = self._pub.recv()
+            if msg[:1] == b"\x01":  # subscribe (b"\x00": unsubscribe)
+                self._peers += 1
         return True
 
     def publish(self, events: list[WireEvent], ts: float | None = None) -> int:
@@ -158,6 +160,4 @@ class SimPublisher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
-        self._pub.disable_monitor()
-        self._monitor.close(linger=0)
         self._pub.close(linger=0)

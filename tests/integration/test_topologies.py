@@ -249,8 +249,9 @@ def test_a_pod_added_while_publishing_is_caught_up_from_its_replay_buffer(
         late = list(range(9000, 9032))
         pod.serve(late)
         assert sync(deployment, {"10.15.0.1": pub.seq})
-        for p in [*early, late]:
-            assert deployment.score_tokens(p, "m") == {"10.15.0.1": float(len(p) // 16)}
+        got = [deployment.score_tokens(p, "m") for p in [*early, late]]
+        want = [{"10.15.0.1": float(len(p) // 16)} for p in [*early, late]]
+        assert got == want, deployment.stats().ingestors  # replay counters, if it failed
     finally:
         pub.close()
         deployment.remove_pod("10.15.0.1")
