@@ -19,8 +19,8 @@ Built on ``ray.serve.request_router`` only (``RequestRouter`` with ``FIFOMixin``
   blocks live in.
 * **Decision:** kvray's one decision function (``Client.route_keys_async``,
   ``kvray.core.routing``): cached prefix against the work this router has in flight on each
-  replica (prompt blocks to prefill plus a decode allowance, from ``on_request_routed`` /
-  ``on_request_completed``) and each pod's pool fullness; cold prompts spread. The choice is
+  replica (prompt blocks to prefill plus its decode: the request's ``max_tokens``, capped at
+  ``routing.request_blocks`` blocks; from ``on_request_routed`` / ``on_request_completed``) and each pod's pool fullness; cold prompts spread. The choice is
   recorded as speculative entries (``record_routes``), in the background: the request does not
   wait for it.
 * **Fallback:** power of two choices (Serve probes the two replicas' queues) whenever kvray
@@ -91,6 +91,17 @@ def _field(request: Any, name: str, default: Any = None) -> Any:
         return default
     value = request.get(name) if isinstance(request, dict) else getattr(request, name, None)
     return default if value is None else value
+
+
+def _decode_tokens(request: Any, default: float) -> float:
+    """The decode work a request brings, in tokens: the output it asks for (``max_tokens`` /
+    ``max_completion_tokens``; each output token is one token of a batch step, as a prefill
+    token is), else ``default`` (``routing.request_blocks`` blocks)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = _field(request, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return float(min(value, default)) if default > 0 else float(value)
+    return default
 
 
 def pod_of(replica: RunningReplica) -> str:
@@ -282,8 +293,9 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         if self._kv_record:  # speculative entries, off the request's path
             self._spawn(self._record(client, d.pod, keys))
         self.decisions[d.reason] += 1
-        decode = client.config.routing.request_blocks * block
-        self._work[pending.metadata.internal_request_id] = d.new_blocks * block + decode
+        self._work[pending.metadata.internal_request_id] = d.new_blocks * block + _decode_tokens(
+            request, client.config.routing.request_blocks * block
+        )
         top = by_pod[d.pod]
         rest = [r for r in candidates if r is not top]
         return [[top], rest] if rest else [[top]]

@@ -233,3 +233,16 @@ def test_kvray_down_falls_back_and_counts_it(stack: tuple[Any, Client]) -> None:
     after = sum(sum(r.fallbacks.values()) for r in routers)
     assert after - before == 6
     assert sum(r.fallbacks["error"] + r.fallbacks["timeout"] for r in routers) >= 6
+
+
+def test_decode_work_is_the_output_the_request_asks_for() -> None:
+    """The router's in-flight estimate counts a request's asked-for output (capped), not a
+    fixed allowance: short answers leave a cached pod free sooner."""
+    from kvray.serve.router import _decode_tokens
+
+    assert _decode_tokens({"max_tokens": 24}, 256.0) == 24.0
+    assert _decode_tokens({"max_completion_tokens": 8, "max_tokens": 99}, 256.0) == 8.0
+    assert _decode_tokens({"max_tokens": 4096}, 256.0) == 256.0
+    assert _decode_tokens({"max_tokens": True}, 256.0) == 256.0
+    assert _decode_tokens({}, 256.0) == 256.0
+    assert _decode_tokens(None, 256.0) == 256.0
