@@ -66,6 +66,7 @@ class _Timed:
         self._ledger: Any = None
         self._times: list[float] = []
         self._tok_times: list[float] = []  # of which tokenizing (kvray's router only)
+        self._tok_by_request: dict[str, float] = {}
         self._flush_due = False
         self._uid = f"{type(self).__name__}-{os.getpid()}-{id(self)}"
         self._no_tracker = 0
@@ -77,9 +78,12 @@ class _Timed:
             return await super().choose_replicas(candidate_replicas, pending_request)  # type: ignore[misc]
         finally:
             dt = time.perf_counter() - t0
-            tok = getattr(self, "tokenize_s", None)  # kvray's router tokenizes in here
             rid = pending_request.metadata.internal_request_id if pending_request else None
-            self._report(dt, tok.pop(rid, 0.0) if tok is not None else 0.0)
+            self._report(dt, self._tok_by_request.pop(rid, 0.0))
+
+    def _tokenized(self, request_id: str, seconds: float) -> None:
+        """kvray's router tokenizes inside ``choose_replicas``: its share, per request."""
+        self._tok_by_request[request_id] = seconds
 
     def _report(self, dt: float, tokenize_s: float) -> None:
         if not self._ledger_name:

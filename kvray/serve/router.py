@@ -156,7 +156,6 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         self._kv_client: Any = None
         self.decisions: Counter[str] = Counter()
         """kvray's decisions by reason (cache/load/spread)."""
-        self.tokenize_s: dict[str, float] = {}
         """Seconds spent tokenizing, by internal request id (the latest 1024), for
         measurements that separate tokenizing from routing."""
         self.fallbacks: Counter[str] = Counter()
@@ -279,9 +278,7 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         lora = pending.metadata.multiplexed_model_id or None
         t0 = time.perf_counter()
         tokens = await self._tokens(client, prompt, request)
-        self.tokenize_s[pending.metadata.internal_request_id] = time.perf_counter() - t0
-        while len(self.tokenize_s) > 1024:  # nobody reads them: keep the latest
-            del self.tokenize_s[next(iter(self.tokenize_s))]
+        self._tokenized(pending.metadata.internal_request_id, time.perf_counter() - t0)
         keys = client.block_keys(tokens, self._kv_model, lora, _field(request, "cache_salt"))
         if not keys:
             return "no_blocks"  # shorter than a block: nothing kvray knows helps
@@ -299,6 +296,10 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         top = by_pod[d.pod]
         rest = [r for r in candidates if r is not top]
         return [[top], rest] if rest else [[top]]
+
+    def _tokenized(self, request_id: str, seconds: float) -> None:
+        """Hook: a request's prompt took ``seconds`` to tokenize (``serve.llm_bench`` reports
+        it as a share of the routing overhead; nothing is kept otherwise)."""
 
     async def _tokens(self, client: Any, prompt: Any, request: Any) -> list[int]:
         """The prompt's token ids, rendered as vLLM renders the request."""
