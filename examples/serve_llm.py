@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -156,6 +157,18 @@ class AdapterStore:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def drop_prefix_trees() -> None:
+    """Kill ``PrefixCacheAffinityRouter``'s prefix-tree actors, so that the next run starts
+    with a fresh tree as on a fresh cluster. Ray 2.60 creates one detached actor per
+    deployment (namespace ``serve::<app>::<deployment>``) that outlives the deployment's
+    replicas until ``serve.shutdown()``; a redeployed app's routers would share the old tree,
+    whose dead replicas make matching prompts fail with ``KeyError``."""
+    st = serve.status().applications.get("llm")
+    for name in st.deployments if st is not None else ():
+        with contextlib.suppress(ValueError):  # no tree: this deployment had another router
+            ray.kill(ray.get_actor("LlmPrefixTreeActor", namespace=f"serve::llm::{name}"))
 
 
 def wait_ready(base: str, replicas: int, run: int, timeout_s: float = 300.0) -> None:
@@ -405,6 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:  # one configuration failing does not lose the others
                 print(f"{router:>22} {key:>6}: FAILED {exc!r}", flush=True)
                 results.setdefault(router, {})[key] = {"failed": repr(exc)[:500]}
+            finally:
+                drop_prefix_trees()
     finally:
         serve.delete("llm")
         runtime.stop(NS)

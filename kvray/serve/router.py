@@ -20,9 +20,9 @@ Built on ``ray.serve.request_router`` only (``RequestRouter`` with ``FIFOMixin``
 * **Decision:** kvray's one decision function (``Client.route_keys_async``,
   ``kvray.core.routing``): cached prefix against the work this router has in flight on each
   replica (prompt blocks to prefill plus its decode: the request's ``max_tokens``, capped at
-  ``routing.request_blocks`` blocks; from ``on_request_routed`` / ``on_request_completed``) and each pod's pool fullness; cold prompts spread. The choice is
-  recorded as speculative entries (``record_routes``), in the background: the request does not
-  wait for it.
+  ``routing.request_blocks`` blocks; from ``on_request_routed`` / ``on_request_completed``)
+  and each pod's pool fullness; cold prompts spread. The choice is recorded as speculative
+  entries (``record_routes``), in the background: the request does not wait for it.
 * **Fallback:** power of two choices (Serve probes the two replicas' queues) whenever kvray
   cannot decide in ``timeout_s`` or is down, counted by reason in ``fallbacks``: routing never
   fails because of kvray.
