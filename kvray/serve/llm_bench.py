@@ -79,7 +79,7 @@ class _Timed:
         finally:
             dt = time.perf_counter() - t0
             rid = pending_request.metadata.internal_request_id if pending_request else None
-            self._report(dt, self._tok_by_request.pop(rid, 0.0))
+            self._report(dt, self._tok_by_request.pop(rid, 0.0) if rid is not None else 0.0)
 
     def _tokenized(self, request_id: str, seconds: float) -> None:
         """kvray's router tokenizes inside ``choose_replicas``: its share, per request."""
