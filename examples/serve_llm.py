@@ -192,9 +192,8 @@ def wait_ready(base: str, replicas: int, run: int, timeout_s: float = 300.0) -> 
 
     # Replicas report routing stats every second; the warm-up requests (shorter than a block,
     # so they cache nothing) let every router see every replica's stats. They differ from run
-    # to run: Ray 2.60's PrefixCacheAffinityRouter keeps an earlier deployment's replicas in
-    # its prefix tree, and a prompt matching one of them fails with a KeyError (measured: the
-    # same warm-up prompts in every run made it hang at 16 replicas).
+    # to run, so that no warm-up prompt can match what an earlier run left in a router's state
+    # (``drop_prefix_trees`` removes the one case found: PCA's tree of dead replicas).
     def hello(i: int) -> None:
         body = {
             "model": MODEL,

@@ -96,7 +96,8 @@ def _field(request: Any, name: str, default: Any = None) -> Any:
 def _decode_tokens(request: Any, default: float) -> float:
     """The decode work a request brings, in tokens: the output it asks for (``max_tokens`` /
     ``max_completion_tokens``; each output token is one token of a batch step, as a prefill
-    token is), else ``default`` (``routing.request_blocks`` blocks)."""
+    token is), capped at ``default`` (``routing.request_blocks`` blocks; 0: no cap), else
+    ``default``."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = _field(request, name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -156,8 +157,6 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
         self._kv_client: Any = None
         self.decisions: Counter[str] = Counter()
         """kvray's decisions by reason (cache/load/spread)."""
-        """Seconds spent tokenizing, by internal request id (the latest 1024), for
-        measurements that separate tokenizing from routing."""
         self.fallbacks: Counter[str] = Counter()
         """Power-of-two fallbacks by reason (no_model, no_prompt, timeout, error, ...)."""
         self._work: dict[str, float] = {}  # internal request id -> tokens of work estimated

@@ -75,42 +75,35 @@ def _silent_then_answering_router(
     return endpoint, t, stop
 
 
-def _follow(endpoint: str, attempts: int) -> tuple[StreamFollower, _Queue, PodEndpoint]:
-    links = _Queue()
-    follower = StreamFollower(
-        0, links, Placement(1), replay_timeout_s=0.2, replay_attempts=attempts
-    )
-    origin = PodEndpoint(endpoint="tcp://127.0.0.1:1", replay_endpoint=endpoint, pod="10.1.0.1",
-                         model="m")  # fmt: skip
-    return follower, links, origin
+def _late_joined(silent: int, attempts: int) -> tuple[list[tuple[int, bool]], StreamFollower]:
+    """A pod whose first message kvray sees is seq 3, behind a replay socket that ignores its
+    first ``silent`` requests; the ops queued (seq, contiguous) and the follower."""
+    history = [(s, _payload(s)) for s in range(4)]
+    endpoint, thread, stop = _silent_then_answering_router(silent, history)
+    try:
+        links = _Queue()
+        follower = StreamFollower(
+            0, links, Placement(1), replay_timeout_s=0.2, replay_attempts=attempts
+        )
+        origin = PodEndpoint(endpoint="tcp://127.0.0.1:1", replay_endpoint=endpoint,
+                             pod="10.1.0.1", model="m")  # fmt: skip
+        follower.handle([TOPIC, (3).to_bytes(8, "big"), history[3][1]], origin)
+        return [(op.seq, op.contiguous) for op in links.ops if isinstance(op, BatchOp)], follower
+    finally:
+        stop.set()
+        thread.join(2)
 
 
 def test_a_late_joined_pod_slow_to_answer_is_asked_again() -> None:
-    """The first message kvray sees is seq 3; the pod answers the second replay request."""
-    history = [(s, _payload(s)) for s in range(4)]
-    endpoint, thread, stop = _silent_then_answering_router(1, history)
-    try:
-        follower, links, origin = _follow(endpoint, attempts=3)
-        follower.handle([TOPIC, (3).to_bytes(8, "big"), history[3][1]], origin)
-        seqs = [(op.seq, op.contiguous) for op in links.ops if isinstance(op, BatchOp)]
-        # 0 starts what kvray has of the pod (not contiguous); the rest follow it.
-        assert seqs == [(0, False), (1, True), (2, True), (3, True)]
-        assert follower.counters.replay_requests == 2
-        assert follower.counters.seq_lost == 0
-    finally:
-        stop.set()
-        thread.join(2)
+    """The pod answers the second replay request."""
+    seqs, follower = _late_joined(silent=1, attempts=3)
+    # 0 starts what kvray has of the pod (not contiguous); the rest follow it.
+    assert seqs == [(0, False), (1, True), (2, True), (3, True)]
+    assert follower.counters.replay_requests == 2
+    assert follower.counters.seq_lost == 0
 
 
 def test_a_pod_that_never_answers_is_counted_lost_after_the_attempts() -> None:
-    history = [(s, _payload(s)) for s in range(4)]
-    endpoint, thread, stop = _silent_then_answering_router(10, history)
-    try:
-        follower, links, origin = _follow(endpoint, attempts=2)
-        follower.handle([TOPIC, (3).to_bytes(8, "big"), history[3][1]], origin)
-        seqs = [(op.seq, op.contiguous) for op in links.ops if isinstance(op, BatchOp)]
-        assert seqs == [(3, False)]  # taken as it comes: nothing could heal [0, 3)
-        assert follower.counters.replay_requests == 2
-    finally:
-        stop.set()
-        thread.join(2)
+    seqs, follower = _late_joined(silent=10, attempts=2)
+    assert seqs == [(3, False)]  # taken as it comes: nothing could heal [0, 3)
+    assert follower.counters.replay_requests == 2
