@@ -257,7 +257,10 @@ class KvrayRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):  # type: ign
             self._inflight.setdefault(replica_id, {})[rid] = work
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self._inflight.get(replica_id, {}).pop(internal_request_id, None)
+        if self._inflight.get(replica_id, {}).pop(internal_request_id, None) is None:
+            # A fast request can complete before Serve reports it routed: drop its estimate
+            # now, or ``on_request_routed`` would count it in flight for good.
+            self._work.pop(internal_request_id, None)
 
     def _load(self, replicas: dict[str, RunningReplica]) -> dict[str, float]:
         return {p: sum(self._inflight.get(r.replica_id, {}).values()) for p, r in replicas.items()}

@@ -17,7 +17,7 @@ import kvray
 from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig
-from tests.helpers import sync
+from tests.helpers import sync, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,8 +77,18 @@ def test_repeats_follow_the_cache(stack: tuple[Any, Client]) -> None:
         first = handle.remote({"token_ids": p}).result()
         home[i] = first["pod"]
         assert sync(client, {first["pod"]: first["seq"]})
+    from kvray.serve.router import ROUTERS
+
+    routers = [r for r in ROUTERS if r._deployment_id.name == "SimEngine"]
+
+    def idle(_: Any) -> bool:  # Serve tells the router of a completion after result() returns
+        return not any(work for r in routers for work in r._inflight.values())
+
     for _ in range(3):
         for i, p in enumerate(prompts):
+            # Requests here are one at a time: the previous one's work must be gone from the
+            # router's in-flight estimate, or it counts as load on its pod.
+            assert wait_until(None, idle, timeout_s=10)
             out = handle.remote({"token_ids": p}).result()
             assert out["pod"] == home[i]
             assert out["cached_tokens"] == 640
