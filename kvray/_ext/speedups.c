@@ -1163,16 +1163,25 @@ map_contains(PyObject *m, PyObject *k)
 }
 
 PyDoc_STRVAR(or_bits_doc,
-"or_bits(d, keys, bit, recency) -> int\n\n"
+"or_bits(d, keys, bit, recency[, held]) -> int\n\n"
 "d: a dict or a U64Map; keys: a list or tuple of ints, or an array('Q').\n"
 "d[k] = d.get(k, 0) | bit for every k (with recency, k also moves to a dict's end; a U64Map\n"
-"has no order); returns how many keys were new.");
+"has no order); returns how many keys were new. held: None or a list, to which the position\n"
+"i of every key whose mask already had bit is appended.");
+
+static int dict_keys(PyObject *const *args, const char *name, keys_t *k);
 
 static int
 dict_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, keys_t *k)
 {
     if (check_nargs(name, nargs, want) < 0)
         return -1;
+    return dict_keys(args, name, k);
+}
+
+static int
+dict_keys(PyObject *const *args, const char *name, keys_t *k)
+{
     if (!is_map(args[0])) {
         PyErr_Format(PyExc_TypeError, "%s(): expected a dict or a U64Map", name);
         return -1;
@@ -1180,11 +1189,33 @@ dict_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *
     return keys_open(args[1], k);
 }
 
+/* Append i to held when old | bit (= m) left old unchanged, i.e. old already had the bit. */
+static int
+note_held(PyObject *held, PyObject *old, PyObject *m, Py_ssize_t i)
+{
+    int same = m == old ? 1 : PyObject_RichCompareBool(m, old, Py_EQ);
+    if (same <= 0)
+        return same;
+    PyObject *pos = PyLong_FromSsize_t(i);
+    if (pos == NULL)
+        return -1;
+    int rc = PyList_Append(held, pos);
+    Py_DECREF(pos);
+    return rc;
+}
+
 static PyObject *
 or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     keys_t ks;
-    if (dict_args(args, nargs, 4, "or_bits", &ks) < 0)
+    if (nargs != 5 && check_nargs("or_bits", nargs, 4) < 0)
+        return NULL;
+    PyObject *held = nargs == 5 && args[4] != Py_None ? args[4] : NULL;
+    if (held != NULL && !PyList_CheckExact(held)) {
+        PyErr_SetString(PyExc_TypeError, "or_bits(): held must be a list or None");
+        return NULL;
+    }
+    if (dict_keys(args, "or_bits", &ks) < 0)
         return NULL;
     PyObject *d = args[0], *bit = args[2];
     int recency = PyObject_IsTrue(args[3]);
@@ -1211,6 +1242,10 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyObject *m = PyNumber_Or(*op->val(d, at), bit);
             if (m == NULL)
                 goto fail;
+            if (held != NULL && note_held(held, *op->val(d, at), m, i) < 0) {
+                Py_DECREF(m);
+                goto fail;
+            }
             if (recency && IS_U64DICT(d)) { /* a U64Map has no order to keep */
                 int rc = ud_move_last(d, u, at, m);
                 Py_DECREF(m);
@@ -1240,6 +1275,8 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         else {
             m = PyNumber_Or(old, bit);
+            if (m != NULL && held != NULL && note_held(held, old, m, i) < 0)
+                Py_CLEAR(m);
             if (m == NULL || (recency && PyDict_DelItem(d, k) < 0)) {
                 Py_XDECREF(m);
                 Py_DECREF(k);
@@ -1440,14 +1477,14 @@ fail:
 }
 
 PyDoc_STRVAR(add_engine_doc,
-"add_engine(d, emap, keys, engine, bit, recency) -> int\n\n"
-"or_bits(d, keys, bit, recency), then emap[engine[i]] = keys[i] for every i (keys and engine\n"
-"are lists of equal length); returns how many keys were new in d.");
+"add_engine(d, emap, keys, engine, bit, recency[, held]) -> int\n\n"
+"or_bits(d, keys, bit, recency, held), then emap[engine[i]] = keys[i] for every i (keys and\n"
+"engine are lists of equal length); returns how many keys were new in d.");
 
 static PyObject *
 add_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs("add_engine", nargs, 6) < 0)
+    if (nargs != 7 && check_nargs("add_engine", nargs, 6) < 0)
         return NULL;
     if (!is_map(args[1]) || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3])) {
         PyErr_SetString(PyExc_TypeError, "add_engine(): expected map, map, list, list");
@@ -1457,7 +1494,9 @@ add_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "add_engine(): keys and engine differ in length");
         return NULL;
     }
-    PyObject *added = or_bits(self, (PyObject *const[]){args[0], args[2], args[4], args[5]}, 4);
+    PyObject *held = nargs == 7 ? args[6] : Py_None;
+    PyObject *added =
+        or_bits(self, (PyObject *const[]){args[0], args[2], args[4], args[5], held}, 5);
     if (added == NULL)
         return NULL;
     PyObject *emap = args[1], *keys = args[2], *engine = args[3];

@@ -118,6 +118,7 @@ class IndexShard:
         log.warning("shard %d: backend lost its content; rebuilding", self.shard_id)
         self.applier.positions = {}
         self.journal.restore(MemoryIndex().snapshot())  # start from empty, then restore
+        self.writer.load_copies({})
         self._restore_from_controller()
         self.incarnation = self.changes.stream = uuid.uuid4().hex
         self.rebuilds += 1
@@ -191,6 +192,7 @@ class IndexShard:
         self.journal.restore(snap.index)
         self.applier.restore(snap.positions, snap.models)
         self.writer.pools.load(snap.pools)
+        self.writer.load_copies(snap.copies)
         self._publish()
 
     # --- pods this shard reads itself (forwarded to ``OwnPods``) -----------------------------
@@ -245,7 +247,7 @@ class IndexShard:
         models = {str(k): v for k, v in self.writer.models.items()}
         return msgspec.msgpack.encode(ShardSnapshot(
             self.backend.snapshot(), dict(self.applier.positions), models,
-            self.writer.pools.as_dict(),
+            self.writer.pools.as_dict(), self.writer.copies(),
         ))  # fmt: skip
 
     @locked

@@ -128,18 +128,21 @@ end
 local podset = pfx .. ':pod:' .. pod
 local base, suffix = pfx .. ':b:', ':' .. tier
 local new_pairs, new_keys = 0, 0
+local held = {}
 for i = 1, #blob, 16 do
   local khex = string.sub(blob, i, i + 15)
   local bk = base .. khex .. suffix
   if redis.call('SETBIT', bk, slot, 1) == 0 then
     if redis.call('BITCOUNT', bk) == 1 then new_keys = new_keys + 1 end
     new_pairs = new_pairs + redis.call('SADD', podset, khex .. SEP .. tier)
+  else
+    held[#held + 1] = (i - 1) / 16
   end
   if ttl > 0 then redis.call('PEXPIRE', bk, ttl) end
 end
 if new_pairs ~= 0 then redis.call('HINCRBY', pfx .. ':meta', 'pairs', new_pairs) end
 bump_tier(pfx, tier, new_keys)
-return new_pairs
+return held
 """
 )
 
@@ -628,11 +631,22 @@ class RedisBackend:
             ValueError: ``pod`` or ``tier`` contains a reserved separator, or a key is not u64.
             BackendUnavailable: Redis cannot be reached or failed.
         """
+        self.add_held(pod, tier, keys)
+
+    def add_held(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> list[int]:
+        """``add``; returns the positions of the keys ``pod`` already held in ``tier`` (the
+        script reads each bit as it sets it: no extra round trip).
+
+        Raises:
+            ValueError: ``pod`` or ``tier`` contains a reserved separator, or a key is not u64.
+            BackendUnavailable: Redis cannot be reached or failed.
+        """
         _check_name("pod", pod)
         _check_name("tier", tier)
         blob = _blob(keys)
         with self._guard("add"):
-            self._run(_ADD_S, [self._prefix, pod, tier, self._ttl_ms, blob])
+            held = self._run(_ADD_S, [self._prefix, pod, tier, self._ttl_ms, blob])
+        return [int(i) for i in cast(list[Any], held)]
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         """Record that ``pod`` no longer holds ``keys`` in ``tier`` (one round trip).

@@ -28,6 +28,7 @@ from kvray.core.index.base import (
     IndexStats,
     SpeculativeEntries,
     engine_ops,
+    held_op,
 )
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.snapshot import decode_snapshot
@@ -112,6 +113,7 @@ class Journal:
         self.backend = backend
         self.name = backend.name
         self._add_engine, self._remove_engine = engine_ops(backend)
+        self._add_held = held_op(backend)
         self.ops: list[Op] = []
         self._ttl_s = 0.0
         if isinstance(backend, MemoryIndex):
@@ -145,6 +147,12 @@ class Journal:
         ttl = self._ttl_s if tier == SPECULATIVE else 0.0
         self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
 
+    def add_held(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> list[int]:
+        held = self._add_held(pod, tier, keys)
+        ttl = self._ttl_s if tier == SPECULATIVE else 0.0
+        self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
+        return held
+
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         self.backend.remove(pod, tier, keys)
         self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
@@ -173,10 +181,11 @@ class Journal:
     def get_engine_map(self, engine_keys: Sequence[int]) -> list[int | None]:
         return self.backend.get_engine_map(engine_keys)
 
-    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
-        self._add_engine(pod, tier, keys, engine)
+    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> list[int]:
+        held = self._add_engine(pod, tier, keys, engine)
         ttl = self._ttl_s if tier == SPECULATIVE else 0.0
         self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
+        return held
 
     def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
         keys, unknown = self._remove_engine(pod, tier, engine)

@@ -7,7 +7,11 @@ keys (default; immune to the pods' hash settings) or by the pods' engine keys. I
 * checks each pod's hash contract (re-hashes ``BlockStored`` blocks whose parent digest is known)
   and counts mismatches per holder;
 * holds speculative entries (``record_route``) until their TTL passes;
-* remembers when each holder was last heard from, so silent holders can be dropped.
+* remembers when each holder was last heard from, so silent holders can be dropped;
+* counts a holder's extra copies of a block: vLLM does not de-duplicate (a recomputed block is
+  stored again under the same hash) and publishes one ``BlockRemoved`` per copy, so a removal
+  only drops the block when it was the last copy (backends with ``ReportsHeld``: all of
+  kvray's).
 
 Invariant: nothing here raises on event content; problems are counted in ``ApplyResult``.
 """
@@ -29,12 +33,13 @@ from kvray.core.index.base import (
     IndexBackend,
     SpeculativeEntries,
     engine_ops,
+    held_op,
     normalize_tier,
 )
 from kvray.core.keys import LoRA, MMFeature, extra_keys, model_root, model_tag, request_keys
 from kvray.core.routing import PoolGauges
 from kvray.errors import ConfigError, MalformedFrame
-from kvray.types import GPU, PodId
+from kvray.types import GPU, PodId, Tier
 
 KeyMode = Literal["request", "engine"]
 
@@ -192,6 +197,9 @@ class IndexWriter:
         # Store/remove with engine keys in one pass where the backend can (memory backends,
         # through the journal); any other backend gets the separate calls.
         self._add_engine, self._remove_engine = engine_ops(backend)
+        self._add_held = held_op(backend)
+        self._copies: dict[PodId, dict[tuple[Tier, int], int]] = {}
+        """Holder → (tier, engine key) → copies beyond the first (absent: one copy)."""
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -221,6 +229,7 @@ class IndexWriter:
             elif isinstance(ev, AllBlocksCleared):
                 self.backend.clear_pod(holder)
                 self._spec.forget(holder)
+                self._copies.pop(holder, None)
                 self.pools.cleared(holder)
                 res.cleared += 1
         if removed:
@@ -245,7 +254,9 @@ class IndexWriter:
         if tier == GPU:
             self.pools.stored(holder, n)
         if self.key_mode == "engine":
-            self.backend.add(holder, tier, engine)
+            held = self._add_held(holder, tier, engine)
+            if held:
+                self._copied(holder, tier, engine, held)
             self._settle(holder, engine)
             res.stored_blocks += n
             return
@@ -272,9 +283,36 @@ class IndexWriter:
         except (MalformedFrame, ValueError, msgspec.ValidationError):
             res.reject("schema", n)
             return
-        self._add_engine(holder, tier, keys, engine)
+        held = self._add_engine(holder, tier, keys, engine)
+        if held:
+            self._copied(holder, tier, engine, held)
         self._settle(holder, keys)
         res.stored_blocks += n
+
+    def _copied(self, holder: PodId, tier: Tier, engine: list[int], held: list[int]) -> None:
+        """Count another copy of each block ``holder`` stored while already holding it."""
+        copies = self._copies.setdefault(holder, {})
+        for i in held:
+            ck = (tier, engine[i])
+            copies[ck] = copies.get(ck, 0) + 1
+
+    def _last_copies(self, holder: PodId, tier: Tier, engine: list[int]) -> list[int]:
+        """The engine keys whose removal drops the block: those with no other copy left (the
+        others lose one copy here)."""
+        copies = self._copies[holder]
+        last: list[int] = []
+        for e in engine:
+            ck = (tier, e)
+            c = copies.get(ck)
+            if c is None:
+                last.append(e)
+            elif c > 1:
+                copies[ck] = c - 1
+            else:
+                del copies[ck]
+        if not copies:
+            del self._copies[holder]
+        return last
 
     def _removed(
         self,
@@ -288,6 +326,10 @@ class IndexWriter:
         tier = normalize_tier(medium)
         if tier == GPU:
             self.pools.removed(holder, len(hashes))
+        if holder in self._copies:
+            engine = self._last_copies(holder, tier, engine)
+            if not engine:
+                return
         if self.key_mode == "engine":
             keys = engine
             self.backend.remove(holder, tier, keys)
@@ -305,6 +347,19 @@ class IndexWriter:
             gone = self._spec.discard(holder, keys)
             if gone:
                 self.backend.remove(holder, SPECULATIVE, gone)
+
+    def copies(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Holder → ``(tier, engine key, extra copies)`` for blocks held more than once (shard
+        snapshots carry it, so a restored shard drops such a block at its last removal too)."""
+        return {
+            str(h): [(str(t), e, c) for (t, e), c in cs.items()] for h, cs in self._copies.items()
+        }
+
+    def load_copies(self, copies: Mapping[str, Sequence[tuple[str, int, int]]]) -> None:
+        """Replace the copy counts with ``copies()`` output (shard restore)."""
+        self._copies = {
+            PodId(h): {(Tier(t), e): c for t, e, c in cs} for h, cs in copies.items() if cs
+        }
 
     # --- hash contract ---------------------------------------------------------------------
 
@@ -376,6 +431,7 @@ class IndexWriter:
         """Forget a holder entirely (restart, removal, silence)."""
         self.backend.clear_pod(holder)
         self._spec.forget(holder)
+        self._copies.pop(holder, None)
         self.pools.cleared(holder)
         self.last_seen.pop(holder, None)
 

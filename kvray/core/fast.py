@@ -79,9 +79,25 @@ def _check_u64(v: object) -> int:
     return v
 
 
-def py_or_bits(d: dict[int, int], keys: Sequence[int], bit: int, recency: bool) -> int:
-    """``d[k] = d.get(k, 0) | bit`` for every key (recency: also move k to the end); new keys."""
+def py_or_bits(
+    d: dict[int, int],
+    keys: Sequence[int],
+    bit: int,
+    recency: bool,
+    held: list[int] | None = None,
+) -> int:
+    """``d[k] = d.get(k, 0) | bit`` for every key (recency: also move k to the end); new keys.
+
+    ``held``: when a list, the position of every key whose mask already had ``bit`` is
+    appended to it (a holder storing a block it holds: a second copy)."""
     before = len(d)
+    if held is not None:
+        for i, k in enumerate(keys):
+            old = d.pop(k, 0) if recency else d.get(k, 0)
+            if old & bit:
+                held.append(i)
+            d[k] = old | bit
+        return len(d) - before
     if recency:
         pop = d.pop
         for k in keys:
@@ -141,11 +157,13 @@ def py_add_engine(
     engine: list[int],
     bit: int,
     recency: bool,
+    held: list[int] | None = None,
 ) -> int:
-    """``or_bits(d, keys, bit, recency)``, then ``emap[engine[i]] = keys[i]``; new keys in d."""
+    """``or_bits(d, keys, bit, recency, held)``, then ``emap[engine[i]] = keys[i]``; new keys
+    in d."""
     if len(keys) != len(engine):
         raise ValueError("add_engine(): keys and engine differ in length")
-    added = py_or_bits(d, keys, bit, recency)
+    added = py_or_bits(d, keys, bit, recency, held)
     emap.update(zip(engine, keys, strict=True))
     return added
 

@@ -63,6 +63,8 @@ class ShardSnapshot(msgspec.Struct):
     positions: dict[str, int]
     models: dict[str, str]
     pools: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    copies: dict[str, list[tuple[str, int, int]]] = msgspec.field(default_factory=dict)
+    """Holder → (tier, engine key, extra copies) of blocks held more than once."""
 
 
 class PodInfo(msgspec.Struct, kw_only=True):

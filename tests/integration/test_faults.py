@@ -144,10 +144,11 @@ def test_any_actor_killed_under_load_heals_exactly(deployment: Client) -> None:
     works."""
     rng = random.Random(15)
     pods = [_pod(deployment, f"10.15.0.{i}", n) for i, n in enumerate((12, 32, 96))]
-    # Not block-aligned: no recomputed duplicate blocks (a known limitation, design.md).
+    # Some block-aligned: recomputed duplicate blocks, whose copy counts must heal too.
     heads = [[rng.randrange(9000) for _ in range(32)] for _ in range(6)]
     prompts = [
-        rng.choice(heads) + [rng.randrange(9000) for _ in range(16 * rng.randint(1, 4) + 7)]
+        rng.choice(heads)
+        + [rng.randrange(9000) for _ in range(16 * rng.randint(1, 4) + rng.choice((0, 7, 7)))]
         for _ in range(60)
     ]
     traffic = _Traffic(pods, prompts, seed=16)

@@ -85,6 +85,21 @@ def test_clear_pod_then_reuse(backend: IndexBackend) -> None:
     backend.clear_pod(PodId("never-seen"))
 
 
+def test_add_held_reports_the_keys_already_held(backend: IndexBackend) -> None:
+    """The positions the writer counts as second copies: held by this holder, in this tier."""
+    from kvray.core.index.base import held_op
+
+    add_held = held_op(backend)
+    assert add_held(A, GPU, [1, 2, 3]) == []
+    backend.add(B, GPU, [4])
+    backend.add(A, CPU, [4])
+    # 2 and 3 are A's in GPU; 4 is B's (GPU) and A's in CPU only; 1 repeats within the call.
+    assert add_held(A, GPU, [4, 2, 5, 3, 5]) == [1, 3, 4]
+    assert backend.score([1, 2, 3, 4], W) == {"a": 4.0}
+    backend.remove(A, GPU, [2])
+    assert add_held(A, GPU, [2]) == []
+
+
 def test_engine_map(backend: IndexBackend) -> None:
     backend.add(A, GPU, [500])
     backend.put_engine_map([(1, 500), (2, 501)])

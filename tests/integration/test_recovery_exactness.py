@@ -57,9 +57,11 @@ def pod() -> Iterator[SimPod]:
 def _prompts(n: int = 40, seed: int = 3) -> list[list[int]]:
     rng = random.Random(seed)
     heads = [[rng.randrange(9000) for _ in range(16)] for _ in range(4)]
-    # Never block-aligned: no recomputed duplicate blocks (a known, separate limitation).
+    # A third block-aligned: a fully cached aligned prompt recomputes its last block (a second
+    # copy, whose removal must not drop the block).
     return [
-        rng.choice(heads) + [rng.randrange(9000) for _ in range(16 * rng.randint(1, 3) + 5)]
+        rng.choice(heads)
+        + [rng.randrange(9000) for _ in range(16 * rng.randint(1, 3) + rng.choice((0, 5, 5)))]
         for _ in range(n)
     ]
 
@@ -161,6 +163,41 @@ def test_catch_up_does_not_mistake_live_copies_for_a_restarted_pod(
     assert _wait(lambda: _applied_all(shard, pod))
     assert _wait(lambda: _exact(shard, pod, prompts)), "the holder was cleared"
     assert ing.stats().restarts == 0
+
+
+def test_a_restored_shard_keeps_the_pods_second_copies(shard: IndexShard, pod: SimPod) -> None:
+    """vLLM stores a recomputed block again; the copy count goes into the shard's snapshot, so
+    a restarted shard also keeps the block until the pod removes its last copy."""
+    p = list(range(4000, 4064))  # 4 blocks, block-aligned: served twice, block 4 has 2 copies
+    q = p + list(range(5000, 5019))
+    _first_life(shard, pod, [p, p, q])
+    copies = shard.writer.copies()
+    assert [c for _, _, c in copies[POD]] == [1]
+    restarted = IndexShard(0, shard.config.model_dump(), restore=False)
+    restarted.restore(shard.snapshot())
+    assert restarted.writer.copies() == copies
+    # The pod evicts one copy of block 4 (a long prompt): both shards still score it.
+    long = list(range(6000, 6000 + 5 * 16 + 5))  # 6 blocks: evicts exactly that copy
+    pod.serve(long)
+    assert _wait(lambda: _applied_all(shard, pod))
+    assert pod.cached_prefix_blocks(q) == 5
+    assert _exact(shard, pod, [p, q, long])
+    assert shard.writer.copies() == {}
+    # The restarted shard gets the same batch (a replay from its snapshot's position).
+    after = restarted.get_positions()[1][POD]
+    batch = [op for op in _replayed(pod, shard.get_positions()[1][POD]) if op.seq > after]
+    assert len(batch) == 1 and restarted.apply(batch).behind == {}
+    assert _exact(restarted, pod, [p, q, long])
+
+
+def _replayed(pod: SimPod, upto: int) -> list[BatchOp]:
+    """The pod's batches up to seq ``upto``, as its replay socket would send them."""
+    assert pod.publisher is not None
+    return [
+        BatchOp(POD, MODEL, seq, payload)
+        for _, raw_seq, payload in pod.publisher.history()
+        if (seq := int.from_bytes(raw_seq, "big")) <= upto
+    ]
 
 
 def _stored(seq_tokens: int) -> bytes:

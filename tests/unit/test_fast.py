@@ -240,6 +240,44 @@ def test_bitmask_updates_agree(
 
 @settings(max_examples=300, deadline=None)
 @given(
+    d=mask_dicts,
+    keys=key_lists,
+    bit=bits,
+    recency=st.booleans(),
+    table=TABLES,
+    fused=st.booleans(),
+)
+@needs_c
+def test_held_positions_agree(
+    d: dict[int, int], keys: list[int], bit: int, recency: bool, table: str, fused: bool
+) -> None:
+    """``held``: the positions whose key already had the bit (a key repeated in the list is
+    held the second time), in both implementations, by definition."""
+    want: list[int] = []
+    seen = {k for k, m in d.items() if m & bit}
+    for i, k in enumerate(keys):
+        if k in seen:
+            want.append(i)
+        seen.add(k)
+    py_held: list[int] = []
+    c_held: list[int] = []
+    py_d: Any = dict(d)
+    c_d: Any = dict(d) if table == "dict" else getattr(C, table)(d)
+    if fused:
+        engine = [k + 1000 for k in keys]
+        fast.py_add_engine(py_d, {}, list(keys), engine, bit, recency, py_held)
+        C.add_engine(c_d, C.U64Map(), list(keys), engine, bit, recency, c_held)
+    else:
+        fast.py_or_bits(py_d, keys, bit, recency, py_held)
+        C.or_bits(c_d, keys, bit, recency, c_held)
+    assert py_held == c_held == want
+    assert sorted(c_d.items()) == sorted(py_d.items())
+    with pytest.raises(TypeError):
+        C.or_bits(c_d, keys, bit, recency, ())  # held must be a list or None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
     hashes=st.lists(st.one_of(u64, some_ints, st.binary(max_size=40), st.none()), max_size=20),
     tag=st.one_of(u64, some_ints),
 )

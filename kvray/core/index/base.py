@@ -99,8 +99,11 @@ class SpeculativeEntries:
         return n
 
 
-AddEngine = Callable[[PodId, Tier, list[int], list[int]], None]
-"""``(pod, tier, keys, engine)``: store ``keys`` for ``pod`` and map ``engine[i]`` → ``keys[i]``."""
+AddEngine = Callable[[PodId, Tier, list[int], list[int]], list[int]]
+"""``(pod, tier, keys, engine)``: store ``keys`` for ``pod`` and map ``engine[i]`` → ``keys[i]``;
+returns the positions of the keys ``pod`` already held in ``tier`` (see ``ReportsHeld``)."""
+AddHeld = Callable[[PodId, Tier, Sequence[int]], list[int]]
+"""``(pod, tier, keys)``: ``add``, returning the positions of the keys ``pod`` already held."""
 RemoveEngine = Callable[[PodId, Tier, Sequence[int]], tuple[list[int], int]]
 """``(pod, tier, engine)``: resolve engine keys, remove ``pod`` from those blocks, let the backend
 forget engine keys nobody needs; returns (the request keys resolved, how many were unknown)."""
@@ -111,12 +114,29 @@ class FusedEngineOps(Protocol):
     """Optional capability: store and remove with engine keys in one pass (the memory
     backends, the journal)."""
 
-    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
-        """``add`` of ``keys`` and engine key → key for each pair."""
+    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> list[int]:
+        """``add_held`` of ``keys`` and engine key → key for each pair; returns the positions
+        of the keys ``pod`` already held in ``tier``."""
         ...
 
     def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
         """Resolve ``engine`` keys, ``remove`` them; returns (keys removed, unknown count)."""
+        ...
+
+
+@runtime_checkable
+class ReportsHeld(Protocol):
+    """Optional capability: an ``add`` that says which keys the holder already held.
+
+    vLLM does not de-duplicate blocks: a recomputed block is stored a second time under the same
+    hash, and each copy's eviction publishes its own ``BlockRemoved``. The writer counts the
+    extra copies from these positions so that the first removal does not drop a block the pod
+    still serves. A backend without this capability cannot tell, and the writer then drops the
+    block at the first removal (under-reporting it until it is stored again)."""
+
+    def add_held(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> list[int]:
+        """``add``; returns the positions ``i`` of the keys ``pod`` already held in ``tier``
+        (in order; a key listed twice counts as held the second time)."""
         ...
 
 
@@ -137,6 +157,20 @@ class EpochMarked(Protocol):
     def get_epoch(self) -> str | None: ...
 
 
+def held_op(backend: IndexBackend) -> AddHeld:
+    """The backend's ``add_held`` when it has one, else its ``add`` reporting nothing held."""
+    if isinstance(backend, ReportsHeld):
+        return backend.add_held
+    return functools.partial(_add_reporting_nothing, backend)
+
+
+def _add_reporting_nothing(
+    backend: IndexBackend, pod: PodId, tier: Tier, keys: Sequence[int]
+) -> list[int]:
+    backend.add(pod, tier, keys)
+    return []
+
+
 def engine_ops(backend: IndexBackend) -> tuple[AddEngine, RemoveEngine]:
     """The backend's one-pass ``add_engine``/``remove_engine`` when it has them
     (``FusedEngineOps``), else the same through its ``IndexBackend`` methods."""
@@ -150,10 +184,11 @@ def engine_ops(backend: IndexBackend) -> tuple[AddEngine, RemoveEngine]:
 
 def add_engine_generic(
     backend: IndexBackend, pod: PodId, tier: Tier, keys: list[int], engine: list[int]
-) -> None:
-    """``add_engine`` through the ``IndexBackend`` methods alone."""
-    backend.add(pod, tier, keys)
+) -> list[int]:
+    """``add_engine`` through the ``IndexBackend`` methods (and ``add_held`` when it has it)."""
+    held = held_op(backend)(pod, tier, keys)
     backend.put_engine_map(list(zip(engine, keys, strict=True)))
+    return held
 
 
 def remove_engine_generic(

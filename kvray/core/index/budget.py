@@ -47,17 +47,23 @@ class BudgetIndex(MemoryIndex):
         super().__init__(max_keys=sys.maxsize)
 
     def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        self.add_held(pod, tier, keys)
+
+    def add_held(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> list[int]:
         bit = self._bit(pod)
         d = self._tiers.setdefault(tier, {})
         pop = d.pop
         delta = 0
-        for k in keys:
+        held: list[int] = []
+        for i, k in enumerate(keys):
             old = pop(k, None)
             if old is None:
                 new = bit
                 delta += _KEY_BYTES + _mask_bytes(new)
                 self._nkeys += 1
             else:
+                if old & bit:
+                    held.append(i)
                 new = old | bit
                 delta += _mask_bytes(new) - _mask_bytes(old)
             d[k] = new
@@ -66,6 +72,7 @@ class BudgetIndex(MemoryIndex):
             self._evict_to_budget()
         if self._retired:
             self._sweep_step()
+        return held
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
         slot = self._slot.get(pod)

@@ -132,14 +132,22 @@ class MemoryIndex:
         # With recency, a stored key moves to the dict's end: dict order is recency order.
         self._grew(or_bits(self._tier(tier), keys, self._bit(pod), self.recency))
 
-    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> None:
-        """``add(pod, tier, keys)`` and ``put_engine_map(zip(engine, keys))`` in one pass."""
-        if type(self).add is not MemoryIndex.add:  # a subclass keeps its own accounting
-            add_engine_generic(self, pod, tier, keys, engine)
-            return
+    def add_held(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> list[int]:
+        """``add``; returns the positions of the keys ``pod`` already held in ``tier``."""
+        held: list[int] = []
+        self._grew(or_bits(self._tier(tier), keys, self._bit(pod), self.recency, held))
+        return held
+
+    def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> list[int]:
+        """``add_held(pod, tier, keys)`` and ``put_engine_map(zip(engine, keys))`` in one pass."""
+        if type(self).add_held is not MemoryIndex.add_held:  # a subclass keeps its accounting
+            return add_engine_generic(self, pod, tier, keys, engine)
         bit = self._bit(pod)
-        self._grew(add_engine(self._tier(tier), self._emap, keys, engine, bit, self.recency))
+        held: list[int] = []
+        d = self._tier(tier)
+        self._grew(add_engine(d, self._emap, keys, engine, bit, self.recency, held))
         self._after_engine_put()
+        return held
 
     def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:
         """Resolve engine keys, remove ``pod`` from those blocks and forget the engine keys of
