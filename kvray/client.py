@@ -272,8 +272,21 @@ class Client(KeyedIndex[dict[str, float]]):
         plist = None if pods is None else list(pods)
         if plist is not None:
             await self._refresh_pins_async(plist)
-        parts = await asyncio.gather(*(s.score.remote(klist, plist) for s in self._owners(pods)))
-        return merge_scores(parts)
+        deadline = time.monotonic() + self.timeout_s
+        nap = 0.01
+        while True:
+            try:
+                parts = await asyncio.gather(
+                    *(s.score.remote(klist, plist) for s in self._owners(pods))
+                )
+                return merge_scores(parts)
+            except ray.exceptions.ActorUnavailableError:
+                # A shard restarting (Ray restarts it, restored from its snapshot): a read is
+                # safe to repeat; ask again until it is back, within the client's timeout.
+                if time.monotonic() + nap > deadline:
+                    raise
+                await asyncio.sleep(nap)
+                nap = min(0.5, nap * 2)
 
     def score_keys(
         self, keys: Sequence[int], pods: Sequence[str] | None = None
