@@ -93,6 +93,7 @@ class Indexer(KeyedIndex[dict[PodId, float]]):
             self.hashing,
             key_mode=self.config.keys,
             verify_hashes=self.config.verify_hashes,
+            verify_blocks=self.config.verify_blocks,
             speculative_ttl_s=self.config.speculative_ttl_s,
             clock=clock,
         )

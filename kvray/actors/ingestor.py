@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 import ray
 
+from kvray._proc import release_memory
 from kvray.actors.naming import ask_controller
 from kvray.actors.shipping import LocalShard, ShardLinks
 from kvray.config import Config, PodEndpoint
@@ -39,6 +40,7 @@ log = logging.getLogger("kvray.ingestor")
 
 _POLL_MS = 2  # the loop's poll timeout: bounds flush latency at low rates
 _RESYNC_S = 1.0  # how often idle shards' positions are compared with the streams
+_TRIM_IDLE_S = 2.0  # no message for this long after a burst: return freed heap to the OS
 
 
 class Ingestor:
@@ -92,6 +94,8 @@ class Ingestor:
         self._stop = threading.Event()
         self._last_resync = time.monotonic()
         self._received_total = 0
+        self._trimmed_at = 0  # _received_total when freed heap was last returned to the OS
+        self._last_msg = time.monotonic()
         self._shipped_upto = 0
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
         self._thread.start()
@@ -194,6 +198,15 @@ class Ingestor:
 
     # --- the loop --------------------------------------------------------------------------
 
+    def _idle_after_burst(self) -> bool:
+        """Messages arrived since the last trim and none for ``_TRIM_IDLE_S``: a burst's ZMQ
+        and decode buffers were freed but stay resident until glibc is told (``malloc_trim``
+        costs milliseconds on a small heap; never while messages flow)."""
+        return (
+            self._received_total > self._trimmed_at
+            and time.monotonic() - self._last_msg >= _TRIM_IDLE_S
+        )
+
     def _run(self) -> None:
         if self.follow.known_positions:
             with self._lock:
@@ -208,6 +221,11 @@ class Ingestor:
                     for frames, origin in msgs:
                         self.follow.handle(frames, origin)
                     self._received_total += len(msgs)
+                    if msgs:
+                        self._last_msg = time.monotonic()
+                    elif self._idle_after_burst():
+                        self._trimmed_at = self._received_total
+                        release_memory()
                     self.links.flush(force=False)
                     self.links.reap()
                     if time.monotonic() - self._last_resync >= _RESYNC_S:

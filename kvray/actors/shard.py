@@ -86,7 +86,8 @@ class IndexShard:
         self.journal = Journal(self.backend)
         self.writer = IndexWriter(
             self.journal, cfg.index.hashing_lookup(), key_mode=cfg.index.keys,
-            verify_hashes=cfg.index.verify_hashes, speculative_ttl_s=cfg.index.speculative_ttl_s,
+            verify_hashes=cfg.index.verify_hashes, verify_blocks=cfg.index.verify_blocks,
+            speculative_ttl_s=cfg.index.speculative_ttl_s,
         )  # fmt: skip
         self.decoder = EventDecoder()
         self.applier = OrderedApplier(self.writer, self.decoder.decode)
@@ -239,6 +240,7 @@ class IndexShard:
         return shard_stats(
             self.shard_id, self.backend, self.config.index.backend, self.applier,
             restored_from_snapshot=self.restored_from_snapshot, rebuilds=self.rebuilds,
+            change_bytes=self.changes.bytes_sent,
         )  # fmt: skip
 
     @locked

@@ -37,6 +37,7 @@ def shard_stats(
     *,
     restored_from_snapshot: bool,
     rebuilds: int,
+    change_bytes: int = 0,
 ) -> ShardStats:
     """A shard's ``stats()`` (``kvray.metrics`` renders them); answers while the backend is
     down (``backend_up`` false)."""
@@ -56,5 +57,5 @@ def shard_stats(
         lag_p50_s=quantile(a.lags, 0.50), lag_p99_s=quantile(a.lags, 0.99),
         lag_hist=a.lag_hist.state(),
         hash_mismatched_pods=sum(1 for c in a.writer.contracts.values() if c.status == "mismatch"),
-        write_path="compiled" if fast.COMPILED else "python",
+        write_path="compiled" if fast.COMPILED else "python", change_bytes=change_bytes,
     )  # fmt: skip

@@ -34,6 +34,8 @@ class ChangePublisher:
         self.shard_id = shard_id
         self.stream = stream
         self.seq = 0
+        self.bytes_sent = 0
+        """Bytes of change messages sent (heartbeats included): the stream's bandwidth."""
         self.endpoint: str | None = None
         self._heartbeat_s = heartbeat_s
         self._sock: Any = None
@@ -71,7 +73,9 @@ class ChangePublisher:
 
     def _send(self, msg: ChangeMsg) -> None:
         """Publish one message (caller holds ``_lock``)."""
-        self._sock.send(change_encoder.encode(msg), copy=False)
+        data = change_encoder.encode(msg)
+        self.bytes_sent += len(data)
+        self._sock.send(data, copy=False)
         self._last = time.monotonic()
 
     def start_heartbeat(self, poke: Callable[[], Any] | None) -> None:

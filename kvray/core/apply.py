@@ -89,6 +89,8 @@ class HashContract:
     """Events whose block size differs from the model's configured one (never matchable)."""
     last_mismatch: str = ""
     """A human-readable description of the latest mismatch."""
+    run_checked: int = 0
+    """Blocks re-hashed since the holder last (re)started (``verify_blocks`` bounds it)."""
 
     @property
     def status(self) -> str:
@@ -166,6 +168,7 @@ class IndexWriter:
         hashing: model name → its ``ModelHashing``.
         key_mode: ``"request"`` (default) or ``"engine"``.
         verify_hashes: re-hash ``BlockStored`` blocks to check each pod's hash contract.
+        verify_blocks: blocks re-hashed per holder run (until ``clear_holder``); 0: all.
         speculative_ttl_s: lifetime of ``record_route`` entries.
         clock: time source (injected in tests).
     """
@@ -177,6 +180,7 @@ class IndexWriter:
         *,
         key_mode: KeyMode = "request",
         verify_hashes: bool = True,
+        verify_blocks: int = 0,
         speculative_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -185,6 +189,7 @@ class IndexWriter:
         self.hashing = hashing
         self.key_mode = key_mode
         self.verify_hashes = verify_hashes
+        self.verify_blocks = verify_blocks
         self.speculative_ttl_s = speculative_ttl_s
         self.clock = clock
         self.contracts: dict[PodId, HashContract] = {}
@@ -248,7 +253,12 @@ class IndexWriter:
         engine: list[int] = xor_u64(ev.block_hashes, tag)
         if ev.block_size != h.block_size:
             self._contract(holder).block_size_mismatch += 1
-        if self.verify_hashes and ev.has_tokens and h.hasher is not None:
+        if (
+            self.verify_hashes
+            and ev.has_tokens
+            and h.hasher is not None
+            and self._verifying(holder)
+        ):
             self._check_contract(holder, model, tag, ev, h)
         tier = normalize_tier(ev.medium)
         if tier == GPU:
@@ -363,6 +373,14 @@ class IndexWriter:
 
     # --- hash contract ---------------------------------------------------------------------
 
+    def _verifying(self, holder: PodId) -> bool:
+        """Whether this holder's blocks are still re-hashed: ``verify_blocks`` of them agree
+        per run of the pod (its hash settings cannot change until it restarts)."""
+        if not self.verify_blocks:
+            return True
+        c = self.contracts.get(holder)
+        return c is None or c.run_checked < self.verify_blocks
+
     def _contract(self, holder: PodId) -> HashContract:
         c = self.contracts.get(holder)
         if c is None:
@@ -388,6 +406,7 @@ class IndexWriter:
         digests = hasher.hashes(ev.token_ids, tagged, parent)
         c = self._contract(holder)
         c.checked += len(digests)
+        c.run_checked += len(digests)
         bad = 0
         for i, (d, published) in enumerate(zip(digests, ev.block_hashes, strict=False)):
             want = event_key(d)
@@ -434,6 +453,9 @@ class IndexWriter:
         self._copies.pop(holder, None)
         self.pools.cleared(holder)
         self.last_seen.pop(holder, None)
+        c = self.contracts.get(holder)
+        if c is not None:
+            c.run_checked = 0  # a restarted pod may hash differently: check it again
 
     def drop_silent(self, max_silence_s: float) -> list[PodId]:
         """Clear holders not heard from for longer than ``max_silence_s``; returns them."""

@@ -109,6 +109,8 @@ class ShardStats(msgspec.Struct, kw_only=True):
     """``core.stats.Histogram.state()`` of event-to-visible lags."""
     hash_mismatched_pods: int = 0
     write_path: str = ""
+    change_bytes: int = 0
+    """Bytes this shard incarnation sent on its change stream (what each replica receives)."""
 
 
 class IngestorStats(msgspec.Struct, kw_only=True):

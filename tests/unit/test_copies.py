@@ -153,3 +153,20 @@ def test_index_follows_a_pod_that_stores_duplicates(backend: str, key_mode: KeyM
                 run += 1
             assert _score(w, p) == run, (len(seen), p[:3])
     assert dup_removals > 0  # the stream did exercise removals of a copy
+
+
+def test_hash_checks_stop_after_verify_blocks_per_pod_run() -> None:
+    """The contract check re-hashes ``verify_blocks`` blocks per run of a pod, then stops (a
+    pod's hash settings cannot change until it restarts); a restart arms it again."""
+    w = IndexWriter(MemoryIndex(), lambda _m: ModelHashing(BS, HASHER), verify_blocks=3)
+    for i in range(4):  # 4 chains of 2 blocks: checked until 3 blocks agree (2 events)
+        _apply(w, [_stored(list(range(1000 * i, 1000 * i + 2 * BS)))])
+    assert w.contract("pod")["pod"]["checked"] == 4
+    w.clear_holder(POD)
+    _apply(w, [_stored(list(range(9000, 9000 + 2 * BS)))])
+    assert w.contract("pod")["pod"]["checked"] == 6
+    # verify_blocks=0: every block, as before.
+    every = IndexWriter(MemoryIndex(), lambda _m: ModelHashing(BS, HASHER), verify_blocks=0)
+    for i in range(4):
+        _apply(every, [_stored(list(range(1000 * i, 1000 * i + 2 * BS)))])
+    assert every.contract("pod")["pod"]["checked"] == 8
