@@ -24,8 +24,11 @@ Run it in the Serve LLM environment (``bash scripts/llm_env.sh``, see docs/serve
     .venv-llm/bin/python examples/serve_llm.py --json serve_llm.json
 
 Every router sees the same requests; each run's prompts start with a run-specific salt, so every
-run starts with cold caches. Each router change redeploys the replicas (Serve restarts them);
-replica and ingress counts change in place.
+run starts with cold caches (the previous runs' blocks are never asked for again and are the
+first evicted, as from an empty pool). The ``LLMServer`` deployment has a fixed Serve version:
+a router or replica-count change is applied to the running replicas (Serve reconfigures them),
+and only the ingress restarts, with the new router; each run checks that the configured router
+is the one that routed.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def llm_app(
     """The Serve LLM app: the documented recipe (docs/serve-llm.md) with the router under test."""
     from ray.serve.llm import build_openai_app
 
-    from kvray.serve.llm_bench import TIMED, stand_in_config
+    from kvray.serve.llm_bench import TIMED, keep_llm_servers, stand_in_config
 
     kwargs: dict[str, Any] = {"ledger": LEDGER, "ledger_namespace": NS}
     if router == "kvray":
@@ -91,7 +94,7 @@ def llm_app(
         lora_path=store.path,
         env=store.env,
     )
-    return build_openai_app(
+    app = build_openai_app(
         {
             "llm_configs": [cfg],
             "ingress_deployment_config": {
@@ -101,6 +104,9 @@ def llm_app(
             },
         }
     )
+    # Router and replica-count changes reconfigure the LLMServer replicas instead of
+    # restarting them (the ingress restarts with the new router).
+    return keep_llm_servers(app, "stand-in")
 
 
 class AdapterStore:
@@ -365,12 +371,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     )
-    from kvray.serve.llm_bench import Ledger
+    from kvray.serve.llm_bench import TIMED, Ledger
 
     ledger = Ledger.options(name=LEDGER, namespace=NS).remote()
     base = f"http://127.0.0.1:{args.port}"
     # Configuration by configuration, every router in turn: what else runs on the machine at
-    # the time weighs on all routers alike. (A router change restarts the replicas anyway.)
+    # the time weighs on all routers alike.
     plan = [(r, i) for r in sizes for i in ingresses]
     results: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
@@ -389,11 +395,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 wait_ready(base, replicas, n)
                 ray.get(ledger.take.remote())  # drop the warm-up's rows
+                ray.get(ledger.routers.remote())
                 salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
                 requests = generate(wl, salt=salt)
                 client = asyncio.run(replay(base, requests, args.concurrency))
                 time.sleep(1.0)  # the last fire-and-forget rows
                 rows, overheads, tokenize, fallbacks = ray.get(ledger.take.remote())
+                routed = ray.get(ledger.routers.remote())
+                if routed != [TIMED[router].__name__]:
+                    raise RuntimeError(f"configured {TIMED[router].__name__}, routed by {routed}")
                 okey = (replicas, salt)
                 if okey not in oracle_cache:
                     oracle_cache[okey] = oracle_hit_rate(

@@ -33,6 +33,7 @@ class Ledger:
         self.tokenize: list[float] = []
         self.fallbacks: dict[str, dict[str, int]] = {}  # router instance -> cumulative counts
         self.base: dict[str, dict[str, int]] = {}  # ... as of the last take()
+        self.seen: set[str] = set()  # router classes that routed since the last routers()
 
     def record(self, rows: list[dict[str, Any]]) -> None:
         self.rows.extend(rows)
@@ -43,6 +44,13 @@ class Ledger:
         self.overheads.extend(overheads)
         self.tokenize.extend(tokenize)
         self.fallbacks[router] = fallbacks
+        self.seen.add(router.split("-", 1)[0])
+
+    def routers(self) -> list[str]:
+        """The router classes that reported since the last call (a run checks that the router
+        it configured is the one that routed)."""
+        seen, self.seen = sorted(self.seen), set()
+        return seen
 
     def take(self) -> tuple[list[dict[str, Any]], list[float], list[float], dict[str, int]]:
         """Everything recorded since the last take (fallbacks as counts since then)."""
@@ -179,3 +187,29 @@ TIMED = {
     "kv_aware": TimedKVAwareRouter,
     "power_of_two": TimedPowerOfTwoRouter,
 }
+
+
+def keep_llm_servers(app: Any, version: str) -> Any:
+    """Give the app's ``LLMServer`` deployments a fixed Serve code version (returns ``app``).
+
+    ``serve.run`` gives a deployment without one a random version, so every run restarts its
+    replicas. With a fixed one, Serve applies a change of router or replica count to the running
+    replicas (``request_router_config`` and ``num_replicas`` reconfigure), and only the ingress,
+    which has no fixed version, restarts and builds the new router. Ray 2.60 removed the public
+    ``version`` option, so this sets the deployment's ``_version``: benchmark plumbing, not part
+    of the recipe."""
+    from ray.serve.deployment import Application
+
+    todo = [app]
+    while todo:
+        a = todo.pop()
+        d = a._bound_deployment
+        if d.name.startswith("LLMServer"):
+            d._version = version
+        for arg in [*d._replica_config.init_args, *d._replica_config.init_kwargs.values()]:
+            items = arg.values() if isinstance(arg, dict) else arg
+            if isinstance(arg, Application):
+                todo.append(arg)
+            elif isinstance(arg, dict | list | tuple):
+                todo.extend(x for x in items if isinstance(x, Application))
+    return app
