@@ -203,8 +203,8 @@ class IndexWriter:
         # through the journal); any other backend gets the separate calls.
         self._add_engine, self._remove_engine = engine_ops(backend)
         self._add_held = held_op(backend)
-        self._copies: dict[PodId, dict[tuple[Tier, int], int]] = {}
-        """Holder → (tier, engine key) → copies beyond the first (absent: one copy)."""
+        self._copies: dict[PodId, dict[Tier, dict[int, int]]] = {}
+        """Holder → tier → engine key → copies beyond the first (absent: one copy)."""
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -301,27 +301,31 @@ class IndexWriter:
 
     def _copied(self, holder: PodId, tier: Tier, engine: list[int], held: list[int]) -> None:
         """Count another copy of each block ``holder`` stored while already holding it."""
-        copies = self._copies.setdefault(holder, {})
+        copies = self._copies.setdefault(holder, {}).setdefault(tier, {})
         for i in held:
-            ck = (tier, engine[i])
-            copies[ck] = copies.get(ck, 0) + 1
+            e = engine[i]
+            copies[e] = copies.get(e, 0) + 1
 
     def _last_copies(self, holder: PodId, tier: Tier, engine: list[int]) -> list[int]:
         """The engine keys whose removal drops the block: those with no other copy left (the
         others lose one copy here)."""
-        copies = self._copies[holder]
+        tiers = self._copies[holder]
+        copies = tiers.get(tier)
+        if not copies or copies.keys().isdisjoint(engine):
+            return engine  # the common case, in C
         last: list[int] = []
         for e in engine:
-            ck = (tier, e)
-            c = copies.get(ck)
+            c = copies.get(e)
             if c is None:
                 last.append(e)
             elif c > 1:
-                copies[ck] = c - 1
+                copies[e] = c - 1
             else:
-                del copies[ck]
+                del copies[e]
         if not copies:
-            del self._copies[holder]
+            del tiers[tier]
+            if not tiers:
+                del self._copies[holder]
         return last
 
     def _removed(
@@ -362,14 +366,16 @@ class IndexWriter:
         """Holder → ``(tier, engine key, extra copies)`` for blocks held more than once (shard
         snapshots carry it, so a restored shard drops such a block at its last removal too)."""
         return {
-            str(h): [(str(t), e, c) for (t, e), c in cs.items()] for h, cs in self._copies.items()
+            str(h): [(str(t), e, c) for t, cs in tiers.items() for e, c in cs.items()]
+            for h, tiers in self._copies.items()
         }
 
     def load_copies(self, copies: Mapping[str, Sequence[tuple[str, int, int]]]) -> None:
         """Replace the copy counts with ``copies()`` output (shard restore)."""
-        self._copies = {
-            PodId(h): {(Tier(t), e): c for t, e, c in cs} for h, cs in copies.items() if cs
-        }
+        self._copies = {}
+        for h, cs in copies.items():
+            for t, e, c in cs:
+                self._copies.setdefault(PodId(h), {}).setdefault(Tier(t), {})[e] = c
 
     # --- hash contract ---------------------------------------------------------------------
 
