@@ -1,0 +1,382 @@
+"""kvray at scale, deployed as ``kvray serve`` deploys it: ``python benchmarks/bench_scale.py``.
+
+For each point (pods × live (block, pod) pairs) a fresh kvray (its defaults: 2 shards, one
+ingestor, hash checks, snapshots every 10 s, the Serve application with its read replica, plus
+this process's ``kvray.connect()`` client and its replica) ingests a synthetic vLLM stream and
+is measured:
+
+* ingest: block-events/s from the first frame sent to every batch applied and visible to the
+  ``connect()`` replica;
+* memory per live pair, per copy: the private heap growth (RssAnon) of each kvray process
+  (shards, controller, ingestor, Serve replicas) and of this process (the ``connect()``
+  replica, after ``malloc_trim``), measured after a snapshot cycle, and their sum;
+* queries of 128 and 1,024 blocks, p50/p99, through ``connect()`` and over HTTP;
+* exactness: every query's per-pod scores against the ground truth of the stream;
+* recovery: a shard killed (Ray restarts it from the controller's snapshot) until it holds its
+  pairs again; a new ``connect()`` client until its replica is ready.
+
+The stream is the shape the issue measured Dynamo with: 256 distinct chains of up to 1,024
+blocks in 8 groups that share a 32-block prefix; each pod holds some of them (a pod holding two
+chains of a group stores the shared prefix once, as vLLM's prefix cache does). Block hashes are
+vLLM's (sha256_cbor, computed once per distinct block), every batch a real vLLM 0.33 frame with
+``BlockStored`` events of 128 blocks (a chunked prefill's step). All pods publish through one
+socket connected to kvray's bound central endpoint (the topic names the pod), the topology a
+fleet of thousands uses. Not measured here yet: event-to-visible lag at half the sustained rate,
+and a multi-node cluster (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
+for _k, _v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "HF_HUB_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+import zmq  # noqa: E402
+
+from benchmarks._util import init_local_ray, pct, table, write_report  # noqa: E402
+from benchmarks.dynamo.kvray_side import (  # noqa: E402
+    KVRAY,
+    kvray_runtime,
+    kvray_stop,
+    ray_processes,
+)
+from benchmarks.dynamo.measure import Http, Proc, rss_anon, timed  # noqa: E402
+from kvray.core.events import WireBlockStored, encode_batch  # noqa: E402
+from kvray.core.hashing import BlockHasher  # noqa: E402
+
+BLOCK = 16
+MODEL = "m"
+CHAINS, CHAIN_MAX, GROUPS, SHARED = 256, 1024, 8, 32
+STEP = 128  # blocks per BlockStored (one chunked-prefill step)
+SIZES = (128, 1024)
+
+
+# --- the stream ---------------------------------------------------------------------------------
+
+
+class Corpus:
+    """256 chains of 1,024 blocks (8 groups sharing a 32-block prefix), hashed once."""
+
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed)
+        hasher = BlockHasher(block_size=BLOCK)
+        shared = [[rng.randrange(150_000) for _ in range(SHARED * BLOCK)] for _ in range(GROUPS)]
+        self.tokens: list[list[int]] = []
+        self.keys: list[list[int]] = []
+        for c in range(CHAINS):
+            toks = shared[c % GROUPS] + [
+                rng.randrange(150_000) for _ in range((CHAIN_MAX - SHARED) * BLOCK)
+            ]
+            self.tokens.append(toks)
+            self.keys.append(hasher.event_keys(toks))
+        self._payloads: dict[tuple[int, int, int], bytes] = {}
+
+    def payload(self, chain: int, start: int, length: int) -> tuple[bytes, int]:
+        """The batch storing blocks ``start..length-1`` of ``chain`` (parent: block start-1)."""
+        key = (chain, start, length)
+        p = self._payloads.get(key)
+        if p is None:
+            keys, toks = self.keys[chain], self.tokens[chain]
+            events = []
+            for s in range(start, length, STEP):
+                e = min(length, s + STEP)
+                events.append(
+                    WireBlockStored(
+                        block_hashes=list(keys[s:e]),
+                        parent_block_hash=keys[s - 1] if s else None,
+                        token_ids=toks[s * BLOCK : e * BLOCK],
+                        block_size=BLOCK,
+                        lora_id=None,
+                        medium="GPU",
+                        lora_name=None,
+                    )
+                )
+            p = self._payloads[key] = encode_batch(events, ts=0.0)  # type: ignore[arg-type]
+        return p, length - start
+
+
+@dataclass
+class Stream:
+    pods: int
+    length: int
+    """Blocks per chain held (the first ``length`` of each)."""
+    holdings: list[list[int]]
+    """Per pod, the chains it holds."""
+    frames: list[tuple[int, bytes, int]]
+    """(pod, payload, block-events), in send order (pods interleaved)."""
+    pairs: int
+
+
+def build(corpus: Corpus, pods: int, pairs: int, seed: int) -> Stream:
+    """Each pod holds ``m`` chains' first ``length`` blocks, ~``pairs`` pairs in all."""
+    rng = random.Random(seed)
+    per_pod = max(1, pairs // pods)
+    length = min(CHAIN_MAX, per_pod)
+    m = max(1, per_pod // length)
+    holdings = [rng.sample(range(CHAINS), m) for _ in range(pods)]
+    per_pod_frames: list[list[tuple[int, bytes, int]]] = []
+    live = 0
+    for pod, chains in enumerate(holdings):
+        groups: set[int] = set()
+        out = []
+        for c in chains:
+            start = SHARED if c % GROUPS in groups and length > SHARED else 0
+            groups.add(c % GROUPS)
+            payload, n = corpus.payload(c, start, length)
+            out.append((pod, payload, n))
+            live += n
+        per_pod_frames.append(out)
+    frames = [f for rnd in zip(*per_pod_frames, strict=True) for f in rnd]
+    return Stream(pods, length, holdings, frames, live)
+
+
+def queries(corpus: Corpus, n: int, seed: int) -> dict[int, list[tuple[int, list[int]]]]:
+    """Per size: ``(chain, prompt)``, the prompt being the chain's first ``size`` blocks."""
+    rng = random.Random(seed)
+    return {
+        size: [
+            (c, corpus.tokens[c][: size * BLOCK]) for c in (rng.randrange(CHAINS) for _ in range(n))
+        ]
+        for size in SIZES
+    }
+
+
+def truth(s: Stream, chain: int, size: int) -> dict[str, float]:
+    """Per pod: leading blocks of ``chain``'s first ``size`` blocks it holds, from the stream's
+    holdings (not from kvray): the chain itself, else the group's shared prefix, else none."""
+    want: dict[str, float] = {}
+    group = chain % GROUPS
+    for pod, chains in enumerate(s.holdings):
+        if chain in chains:
+            run = min(size, s.length)
+        elif any(c % GROUPS == group for c in chains):
+            run = min(size, s.length, SHARED)
+        else:
+            continue
+        want[f"pod{pod}"] = float(run)
+    return want
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _send(endpoint: str, s: Stream) -> dict[str, int]:
+    """Publish every frame through one XPUB connected to kvray's bound endpoint."""
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.XPUB)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+    sock.connect(endpoint)
+    if not sock.poll(20_000, zmq.POLLIN):
+        raise RuntimeError(f"kvray did not subscribe at {endpoint}")
+    sock.recv()
+    seqs = [0] * s.pods
+    topics = [f"kv@pod{i}@{MODEL}".encode() for i in range(s.pods)]
+    for pod, payload, _ in s.frames:
+        sock.send_multipart([topics[pod], seqs[pod].to_bytes(8, "big"), payload], copy=False)
+        seqs[pod] += 1
+    sock.close()
+    return {f"pod{i}": n for i, n in enumerate(seqs) if n}
+
+
+def _anon(roles: dict[str, list[Proc]]) -> dict[str, int]:
+    return {r: rss_anon(ps) for r, ps in roles.items() if r != "ray-system"}
+
+
+def _self_anon() -> int:
+    return rss_anon([Proc(os.getpid())])
+
+
+def run_point(corpus: Corpus, pods: int, pairs: int, n_queries: int, seed: int) -> dict[str, Any]:
+    import ray
+
+    import kvray
+    from kvray.sim.applied import wait_applied
+
+    s = build(corpus, pods, pairs, seed)
+    qs = queries(corpus, n_queries, seed + 1)
+    want = {size: [truth(s, c, size) for c, _ in qs[size]] for size in SIZES}
+    prompts = {size: [p for _, p in qs[size]] for size in SIZES}
+    res: dict[str, Any] = {"pods": pods, "pairs": s.pairs, "chain_blocks": s.length}
+    ns = f"kvray-scale-{pods}-{pairs}"
+    _, client, base = kvray_runtime(ns)
+    try:
+        roles = ray_processes()
+        _trim()
+        anon0, self0 = _anon(roles), _self_anon()
+        t0 = time.perf_counter()
+        expect = _send(client.endpoints[0][0], s)
+        if not wait_applied(client, expect, timeout_s=1800):
+            raise RuntimeError("kvray did not apply the stream in 30 min")
+        res["ingest_s"] = time.perf_counter() - t0
+        res["ingest_rate"] = s.pairs / res["ingest_s"]
+        done = time.monotonic()
+        res["snapshot_wait_s"] = _until(lambda: _snapshotted_since(client, done))
+        ray.get([sh.release_memory.remote() for sh in client.shards])
+        _trim()
+        anon1 = _anon(roles)
+        res["anon_delta"] = {r: anon1[r] - anon0.get(r, 0) for r in anon1}
+        res["anon_delta"]["connect() replica"] = _self_anon() - self0
+        st = client.stats()
+        res["shard_pairs"] = sum(x.pairs for x in st.shards)
+        res["change_bytes"] = sum(x.change_bytes for x in st.shards)
+        res["shard_bytes_estimate"] = sum(x.bytes_estimate for x in st.shards)
+        rep = client.replica.stats() if client.replica is not None else None
+        res["replica_bytes_estimate"] = rep.bytes_estimate if rep else 0
+        res["rejected"] = {k: v for x in st.shards for k, v in x.rejected.items()}
+        # Queries: exactness, then latency.
+        h = Http(base)
+        wrong = 0
+        for size in SIZES:
+            bodies = [json.dumps({"model": MODEL, "token_ids": p}).encode() for p in prompts[size]]
+            for p, b, w in zip(prompts[size], bodies, want[size], strict=True):
+                got = client.score_tokens(p, MODEL)
+                got_http = {k: v for k, v in h.post("/score_tokens", b)["scores"].items() if v}
+                wrong += (got != w) + (got_http != w)
+            lat_c = timed(lambda p: client.score_tokens(p, MODEL), prompts[size], 3)
+            lat_h = timed(lambda b: h.post("/score_tokens", b), bodies, 3)
+            res[f"q{size}_connect"] = (pct(lat_c, 50) * 1e3, pct(lat_c, 99) * 1e3)
+            res[f"q{size}_http"] = (pct(lat_h, 50) * 1e3, pct(lat_h, 99) * 1e3)
+        res["wrong"] = wrong
+        res["checked"] = 2 * len(SIZES) * n_queries
+        # Recovery: a shard killed (restored from the controller's snapshot), a new replica.
+        before = st.shards[0].pairs
+        t0 = time.perf_counter()
+        ray.kill(client.shards[0], no_restart=False)
+        res["shard_recovery_s"] = _until(lambda: _pairs(client.shards[0]) == before)
+        t0 = time.perf_counter()
+        fresh = kvray.connect(ns)
+        res["replica_start_s"] = time.perf_counter() - t0
+        fresh.close()
+    finally:
+        kvray_stop(ns)
+    return res
+
+
+def _snapshotted_since(client: Any, t: float) -> bool:
+    """Whether the controller holds a snapshot of every shard taken after ``t``."""
+    ages = client.controller_status().get("snapshot_ages_s") or {}
+    vals = list(ages.values()) if isinstance(ages, dict) else list(ages)
+    now = time.monotonic()
+    return bool(vals) and all(a is not None and now - a > t for a in vals)
+
+
+def _pairs(shard: Any) -> int | None:
+    import ray
+
+    try:
+        return int(ray.get(shard.stats.remote(), timeout=5).pairs)
+    except Exception:  # still restarting
+        return None
+
+
+def _until(pred: Any, timeout_s: float = 600.0) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if pred():
+            return time.perf_counter() - t0
+        time.sleep(0.05)
+    return float("nan")
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def render(points: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    roles = ["IndexShard", "Controller", "Ingestor", "ServeReplica", "connect() replica"]
+    rows = []
+    for r in points:
+        per = {k: r["anon_delta"].get(k, 0) / r["pairs"] for k in roles}
+        total = sum(max(0.0, v) for v in per.values())
+        rows.append(
+            [
+                f"{r['pods']:,}",
+                f"{r['pairs']:,}",
+                f"{r['ingest_rate'] / 1e3:,.0f} k",
+                *(f"{per[k]:.0f}" for k in roles),
+                f"**{total:.0f}**",
+                "{:.2f} / {:.2f}".format(*r["q128_connect"]),
+                "{:.2f} / {:.2f}".format(*r["q1024_connect"]),
+                "{:.2f} / {:.2f}".format(*r["q128_http"]),
+                "{:.2f} / {:.2f}".format(*r["q1024_http"]),
+                f"{r['change_bytes'] / r['pairs']:.1f}",
+                f"{r['wrong']} of {r['checked']}",
+                f"{r['shard_recovery_s']:.1f}",
+                f"{r['replica_start_s']:.1f}",
+            ]
+        )
+    headers = [
+        "pods", "live pairs", "ingest (block-events/s)",
+        *(f"B/pair {k}" for k in roles), "B/pair all copies",
+        "128 p50/p99 ms connect()", "1024 p50/p99 ms connect()",
+        "128 p50/p99 ms HTTP", "1024 p50/p99 ms HTTP",
+        "change stream B/block-event", "wrong scores", "shard recovery s", "new replica s",
+    ]  # fmt: skip
+    setup = (
+        f"Command: `python benchmarks/bench_scale.py {' '.join(sys.argv[1:])}`. kvray as `kvray "
+        "serve` deploys it (defaults: 2 shards, 1 ingestor, hash checks on, snapshots every "
+        "10 s, the Serve application with direct ingress), plus this process's `kvray.connect()`"
+        " client. Memory: RssAnon growth per process role from before the stream to after a "
+        "snapshot cycle (shards `malloc_trim`med); 'all copies' sums them. Stream: 256 chains "
+        "of ≤ 1,024 blocks in 8 groups sharing a 32-block prefix, real vLLM hashes and frames, "
+        "all pods through kvray's bound central socket. Machine: 2 cores."
+    )
+    return "\n\n".join(["## Results", setup, table(headers, rows)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", default="16:1e6,1024:1e6,4096:1e6,1024:1e7,4096:1e7",
+                    help="pods:pairs points, comma-separated")  # fmt: skip
+    ap.add_argument("--queries", type=int, default=30, help="prompts per size")
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/scale.md")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    init_local_ray()
+    # The fleet's pods connect to kvray (the llm-d topology): kvray binds its central socket.
+    KVRAY.events = {"bind": ["tcp://127.0.0.1:0"]}
+    t0 = time.perf_counter()
+    corpus = Corpus(args.seed)
+    print(f"corpus: {CHAINS} chains hashed in {time.perf_counter() - t0:.1f} s", flush=True)
+    points = []
+    for spec in args.points.split(","):
+        pods_s, pairs_s = spec.split(":")
+        r = run_point(corpus, int(pods_s), int(float(pairs_s)), args.queries, args.seed)
+        points.append(r)
+        print(json.dumps(r, default=str), flush=True)
+    text = write_report(args.out, "kvray at scale", [render(points, args)])
+    if args.json:
+        Path(args.json).write_text(json.dumps(points, indent=1, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
