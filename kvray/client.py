@@ -21,7 +21,7 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -211,7 +211,7 @@ class Client(KeyedIndex[dict[str, float]]):
         if not isinstance(prompt, str):
             raise BadRequest("prompt must be a string")
         actor = self._tokenizer(prompt)
-        return await actor.encode.remote(model, prompt, add_special_tokens)  # type: ignore[no-any-return]
+        return await self._read(lambda: actor.encode.remote(model, prompt, add_special_tokens))  # type: ignore[no-any-return]
 
     def tokenize(self, prompt: str, model: str, *, add_special_tokens: bool = True) -> list[int]:
         return self._run(self.tokenize_async(prompt, model, add_special_tokens=add_special_tokens))
@@ -230,8 +230,10 @@ class Client(KeyedIndex[dict[str, float]]):
         if messages and isinstance(messages[0], dict):
             first = str(messages[0].get("content", ""))
         actor = self._tokenizer(first)
-        return await actor.encode_chat.remote(  # type: ignore[no-any-return]
-            model, messages, tools, add_generation_prompt, chat_template_kwargs
+        return await self._read(  # type: ignore[no-any-return]
+            lambda: actor.encode_chat.remote(
+                model, messages, tools, add_generation_prompt, chat_template_kwargs
+            )
         )
 
     def tokenize_chat(
@@ -272,17 +274,23 @@ class Client(KeyedIndex[dict[str, float]]):
         plist = None if pods is None else list(pods)
         if plist is not None:
             await self._refresh_pins_async(plist)
+        owners = self._owners(pods)
+
+        async def ask() -> list[dict[str, float]]:
+            return list(await asyncio.gather(*(s.score.remote(klist, plist) for s in owners)))
+
+        return merge_scores(await self._read(ask))
+
+    async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, asked again while its actor is restarting (``ActorUnavailableError``:
+        Ray restarts a killed shard or tokenizer). Only for reads, which are safe to repeat;
+        gives up within the client's timeout."""
         deadline = time.monotonic() + self.timeout_s
         nap = 0.01
         while True:
             try:
-                parts = await asyncio.gather(
-                    *(s.score.remote(klist, plist) for s in self._owners(pods))
-                )
-                return merge_scores(parts)
+                return await call()
             except ray.exceptions.ActorUnavailableError:
-                # A shard restarting (Ray restarts it, restored from its snapshot): a read is
-                # safe to repeat; ask again until it is back, within the client's timeout.
                 if time.monotonic() + nap > deadline:
                     raise
                 await asyncio.sleep(nap)
