@@ -142,15 +142,18 @@ class Journal:
 
     # --- IndexBackend ----------------------------------------------------------------------
 
-    def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
-        self.backend.add(pod, tier, keys)
+    def _added(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        """Record an add (speculative ones carry their TTL, for the replicas to expire)."""
         ttl = self._ttl_s if tier == SPECULATIVE else 0.0
         self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
 
+    def add(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
+        self.backend.add(pod, tier, keys)
+        self._added(pod, tier, keys)
+
     def add_held(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> list[int]:
         held = self._add_held(pod, tier, keys)
-        ttl = self._ttl_s if tier == SPECULATIVE else 0.0
-        self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
+        self._added(pod, tier, keys)
         return held
 
     def remove(self, pod: PodId, tier: Tier, keys: Sequence[int]) -> None:
@@ -183,8 +186,7 @@ class Journal:
 
     def add_engine(self, pod: PodId, tier: Tier, keys: list[int], engine: list[int]) -> list[int]:
         held = self._add_engine(pod, tier, keys, engine)
-        ttl = self._ttl_s if tier == SPECULATIVE else 0.0
-        self.ops.append((OP_ADD, pod, tier, pack_keys(keys), ttl))
+        self._added(pod, tier, keys)
         return held
 
     def remove_engine(self, pod: PodId, tier: Tier, engine: Sequence[int]) -> tuple[list[int], int]:

@@ -207,9 +207,8 @@ def keep_llm_servers(app: Any, version: str) -> Any:
         if d.name.startswith("LLMServer"):
             d._version = version
         for arg in [*d._replica_config.init_args, *d._replica_config.init_kwargs.values()]:
-            items = arg.values() if isinstance(arg, dict) else arg
-            if isinstance(arg, Application):
-                todo.append(arg)
-            elif isinstance(arg, dict | list | tuple):
-                todo.extend(x for x in items if isinstance(x, Application))
+            # Bound deployments appear as arguments, or inside a dict/list of them.
+            inner = arg.values() if isinstance(arg, dict) else arg
+            candidates = inner if isinstance(arg, dict | list | tuple) else [arg]
+            todo.extend(x for x in candidates if isinstance(x, Application))
     return app
