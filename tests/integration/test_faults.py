@@ -70,7 +70,7 @@ def test_killed_ingestor_rebinds_and_recovers_by_replay(deployment: Client) -> N
         pods[i % 3].serve(p)
     assert wait_until(
         deployment, lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
-    )
+    ), f"scores did not converge after the ingestor was killed: {deployment.stats().ingestors}"
     # The restarted ingestor rebound the ports it had (asked once its handle reaches it).
     assert wait_until(deployment, lambda c: _endpoints(ing) == c.endpoints[0], timeout_s=30)
     for pod in pods:
