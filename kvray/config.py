@@ -114,7 +114,11 @@ class IndexConfig(_Strict):
         5.0, gt=0, description="Lifetime of speculative entries recorded by /route."
     )
     pod_ttl_s: float | None = Field(
-        None, gt=0, description="Drop pods silent for longer than this; null: never."
+        None,
+        gt=0,
+        description="Drop pods silent for longer than this; null: never. Silence is counted "
+        "while the pod's reader listens: an ingestor's outage is not its pods' silence (its "
+        "restart replays what they sent meanwhile).",
     )
 
     def model(self, name: str) -> ModelConfig:

@@ -26,7 +26,7 @@ import msgspec
 import ray
 
 from kvray._proc import release_memory
-from kvray.actors.naming import ask_controller
+from kvray.actors.naming import ask_controller, ingestor_name, shard_name
 from kvray.actors.shipping import LocalShard, ShardLinks
 from kvray.config import Config, PodEndpoint
 from kvray.core.messages import IngestorStats
@@ -64,6 +64,7 @@ class Ingestor:
             flush_interval_s=ev.flush_interval_s, max_inflight=ev.max_inflight,
             on_reply=lambda i, r: self.follow.applied(i, r),
             on_failure=lambda i, e: self.follow.failed(i, e),
+            reader=shard_name(local.shard_id) if local else ingestor_name(ingestor_id),
         )  # fmt: skip
         self.placement = cfg.placement()
         self.follow = StreamFollower(

@@ -147,15 +147,17 @@ class IndexShard:
 
     @locked
     @_guarded
-    def apply(self, ops: list[Op]) -> ApplyReply:
+    def apply(self, ops: list[Op], reader: str | None = None) -> ApplyReply:
         """Apply ops in order (``core.ordering``); ``behind`` names holders needing a replay.
+        ``reader``: the sending ingestor; its pods' silence counts only while it calls
+        (``core.ordering.ListenClocks``).
 
         Raises:
             BackendUnavailable: the backend is down; ops from the failing one on are not
                 applied (positions say where to resume).
         """
         self._last_apply = time.monotonic()
-        res, behind = self.applier.apply(ops)
+        res, behind = self.applier.apply(ops, reader)
         self._maybe_drop_silent()
         return ApplyReply(
             res.stored_blocks, res.removed_blocks, res.cleared, res.rejected, behind,
@@ -221,8 +223,11 @@ class IndexShard:
     # --- read-only answers ------------------------------------------------------------------
 
     @locked
-    def get_positions(self) -> tuple[str, dict[str, int]]:
-        """This incarnation's id and the last applied seq per holder."""
+    def get_positions(self, reader: str | None = None) -> tuple[str, dict[str, int]]:
+        """This incarnation's id and the last applied seq per holder (an idle ``reader``
+        asks every second: it is still listening)."""
+        if reader is not None:
+            self.applier.listening.heard(reader)
         return self.incarnation, dict(self.applier.positions)
 
     @locked

@@ -71,6 +71,7 @@ class ShardLinks:
         names: shard actor names, by shard id.
         on_reply: ``(shard, ApplyReply)`` for every call that returned.
         on_failure: ``(shard, exception)`` for every call that failed.
+        reader: this reader's name, sent with every call (``IndexShard.apply``).
     """
 
     def __init__(
@@ -84,8 +85,11 @@ class ShardLinks:
         max_inflight: int,
         on_reply: Callable[[int, ApplyReply], None],
         on_failure: Callable[[int, Exception], None],
+        reader: str | None = None,
     ) -> None:
         self.local = local
+        self.reader = reader
+        """Named in every call to a shard actor (its pods' silence counts while it calls)."""
         self.handles = _ShardHandles(names, namespace, local.shard_id if local else None)
         n = len(names)
         self.pending: list[list[Op]] = [[] for _ in range(n)]
@@ -131,7 +135,7 @@ class ShardLinks:
         inflight = self.inflight[shard]
         while len(inflight) >= self._max_inflight:
             self._settle(shard, block=True)
-        inflight.append((self.handles[shard].apply.remote(ops), ops))
+        inflight.append((self.handles[shard].apply.remote(ops, self.reader), ops))
 
     def reap(self) -> None:
         """Collect every finished call (never blocks)."""
@@ -182,7 +186,7 @@ class ShardLinks:
                 if handle is None:
                     assert self.local is not None
                     return self.local.get_positions()
-                return ray.get(handle.get_positions.remote(), timeout=30)  # type: ignore[no-any-return]
+                return ray.get(handle.get_positions.remote(self.reader), timeout=30)  # type: ignore[no-any-return]
             except Exception:
                 time.sleep(0.5)
         return None
@@ -193,7 +197,7 @@ class ShardLinks:
         if not self._resync_refs:
             self._resync_at = time.monotonic()
             self._resync_refs = [
-                (i, handle.get_positions.remote())
+                (i, handle.get_positions.remote(self.reader))
                 for i, handle in enumerate(self.handles)
                 if handle is not None and not self.busy(i)
             ]

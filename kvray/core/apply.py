@@ -19,7 +19,7 @@ Invariant: nothing here raises on event content; problems are counted in ``Apply
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -465,13 +465,21 @@ class IndexWriter:
 
     def drop_silent(self, max_silence_s: float) -> list[PodId]:
         """Clear holders not heard from for longer than ``max_silence_s``; returns them."""
+        gone = self.silent(max_silence_s)
+        self.drop(gone)
+        return gone
+
+    def silent(self, max_silence_s: float) -> list[PodId]:
+        """Holders not heard from for longer than ``max_silence_s`` (this writer's clock)."""
         cutoff = self.clock() - max_silence_s
-        gone = [p for p, t in self.last_seen.items() if t < cutoff]
-        for p in gone:
+        return [p for p, t in self.last_seen.items() if t < cutoff]
+
+    def drop(self, holders: Iterable[PodId]) -> None:
+        """Forget ``holders`` and what was learned of them (model, pool size)."""
+        for p in holders:
             self.clear_holder(p)
             self.pools.forget(p)
             self.models.pop(p, None)
-        return gone
 
     def score(
         self,

@@ -29,6 +29,46 @@ from kvray.types import PodId
 SILENCE_CHECK_S = 1.0
 """How often ``drop_silent`` looks for silent holders."""
 
+READER_GAP_S = 5.0
+"""A reader that calls again within this long was listening in between (ingestors call every
+shard at least once a second); a longer gap is an outage, during which no pod was heard."""
+
+
+class ListenClocks:
+    """Per reader, the seconds it has been *listening*: a pod is silent only while the
+    reader of its stream was there to hear it. A killed ingestor's pods are not silent, they
+    are unheard; counting its restart as their silence (``pod_ttl_s``) would drop pods whose
+    missed events the restarted ingestor is about to replay.
+
+    Each call from a reader (``heard``) adds the time since its previous call when that gap
+    is at most ``max_gap_s``; a longer gap adds nothing. Between calls a reader's clock stands
+    still, so silence is counted only up to the reader's last call: a pod's expiry can come
+    one reader call (≤ ~1 s) later than by the wall clock, never earlier.
+    """
+
+    def __init__(
+        self, max_gap_s: float = READER_GAP_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._max_gap_s = max_gap_s
+        self._clock = clock
+        self._listened: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+
+    def heard(self, reader: str) -> float:
+        """``reader`` called now; returns its listening clock."""
+        now = self._clock()
+        last = self._last.get(reader)
+        total = self._listened.get(reader, 0.0)
+        if last is not None and now - last <= self._max_gap_s:
+            total += now - last
+        self._listened[reader] = total
+        self._last[reader] = now
+        return total
+
+    def now(self, reader: str) -> float:
+        """``reader``'s listening clock (as of its last call)."""
+        return self._listened.get(reader, 0.0)
+
 
 class Order(Enum):
     """What a holder's position says of an op's seq."""
@@ -85,12 +125,21 @@ class OrderedApplier:
         self.lag_hist = lag_histogram()  # cumulative, for /metrics
         self._advanced: dict[str, int] = {}
         self._silence_checked = time.monotonic()
+        self.listening = ListenClocks()
+        self._heard: dict[str, tuple[str, float]] = {}
+        """Holder → (its reader, that reader's listening clock at the holder's last op), for
+        holders read by a named reader (others' silence is the writer's wall clock)."""
 
-    def apply(self, ops: Iterable[Op]) -> tuple[ApplyResult, dict[str, int]]:
+    def apply(
+        self, ops: Iterable[Op], reader: str | None = None
+    ) -> tuple[ApplyResult, dict[str, int]]:
         """Apply ``ops`` in order; returns what was done and, per holder whose op did not
         follow its position, that position (an earlier refusal holds the holder's later ops
-        back too, so order is kept)."""
+        back too, so order is kept). ``reader`` names the sender when it is another process
+        (an ingestor): its holders' silence is counted only while it is listening
+        (``ListenClocks``)."""
         t0 = time.perf_counter()
+        heard = (reader, self.listening.heard(reader)) if reader is not None else None
         res = ApplyResult()
         behind: dict[str, int] = {}
         n = 0
@@ -119,6 +168,10 @@ class OrderedApplier:
                 res.reject("out_of_order")
                 continue
             self._apply_batch(holder, op, batch, res)
+            if heard is not None:
+                self._heard[holder] = heard
+            elif self._heard:
+                self._heard.pop(holder, None)
         self.applied.merge(res)
         self.ops += n
         self.apply_seconds += time.perf_counter() - t0
@@ -137,6 +190,7 @@ class OrderedApplier:
         """Forget a holder: its blocks and its position."""
         self.writer.clear_holder(PodId(holder))
         self.positions.pop(holder, None)
+        self._heard.pop(holder, None)
 
     def drop_silent(self, max_silence_s: float | None, *, force: bool = False) -> list[PodId]:
         """Clear holders not heard from for longer than ``max_silence_s`` (None: never);
@@ -145,10 +199,20 @@ class OrderedApplier:
         if max_silence_s is None or (not force and now - self._silence_checked < SILENCE_CHECK_S):
             return []
         self._silence_checked = now
-        gone = self.writer.drop_silent(max_silence_s)
+        gone = [h for h in self.writer.silent(max_silence_s) if self._unheard_for(h, max_silence_s)]
+        self.writer.drop(gone)
         for holder in gone:
             self.positions.pop(holder, None)
+            self._heard.pop(holder, None)
         return gone
+
+    def _unheard_for(self, holder: str, max_silence_s: float) -> bool:
+        """Wall-clock silent ``holder``: was its reader listening for that long too?"""
+        heard = self._heard.get(holder)
+        if heard is None:
+            return True
+        reader, at = heard
+        return self.listening.now(reader) - at > max_silence_s
 
     def take_advanced(self) -> dict[str, int]:
         """Holder → position, for the holders advanced since the last call."""

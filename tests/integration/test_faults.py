@@ -28,9 +28,7 @@ def deployment(ray_session: None) -> Iterator[Client]:
     cfg = Config(
         namespace=NS,
         num_shards=2,
-        index=IndexConfig(
-            pod_ttl_s=1.5, models={"m": ModelConfig(tokenizer=str(find_bundled_qwen3()))}
-        ),
+        index=IndexConfig(models={"m": ModelConfig(tokenizer=str(find_bundled_qwen3()))}),
         events=EventsConfig(bind=["tcp://127.0.0.1:0"]),
     )
     runtime.start(cfg, snapshot_interval_s=3600)
@@ -69,7 +67,7 @@ def test_killed_ingestor_rebinds_and_recovers_by_replay(deployment: Client) -> N
     for i, p in enumerate(prompts[15:]):  # published while the ingestor is down or restarting
         pods[i % 3].serve(p)
     assert wait_until(
-        deployment, lambda c: _truth_matches(c, pods, prompts), timeout_s=60, interval_s=0.25
+        deployment, lambda c: _truth_matches(c, pods, prompts), timeout_s=120, interval_s=0.25
     ), f"scores did not converge after the ingestor was killed: {deployment.stats().ingestors}"
     # The restarted ingestor rebound the ports it had (asked once its handle reaches it).
     assert wait_until(deployment, lambda c: _endpoints(ing) == c.endpoints[0], timeout_s=30)
@@ -85,26 +83,19 @@ def _endpoints(ingestor: Any) -> list[str] | None:
         return None  # still restarting
 
 
-def test_silent_pod_is_dropped(deployment: Client) -> None:
-    loud, quiet = _pod(deployment, "10.12.0.1"), _pod(deployment, "10.12.0.2")
-    toks = list(range(3000, 3032))
-    loud.serve(toks)
-    quiet.serve(toks)
-    assert sync(deployment, {"10.12.0.1": 1, "10.12.0.2": 1})
-    assert set(deployment.score_tokens(toks, "m")) >= {"10.12.0.1", "10.12.0.2"}
+def _said(shard: Any) -> Any:
+    """What a shard says of its pods and its own reader (a failing test's message)."""
+    try:
+        return ray.get([shard.pods_info.remote(), shard.ingest_stats.remote()], timeout=10)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+        return repr(exc)
 
-    fresh = iter(range(10_000, 10**6, 16))
 
-    def dropped(c: Client) -> bool:
-        start = next(fresh)
-        loud.serve(list(range(start, start + 16)))  # a new block: the loud pod keeps talking
-        return "10.12.0.2" not in c.score_tokens(toks, "m")
-
-    assert wait_until(deployment, dropped, timeout_s=15, interval_s=0.3)
-    assert "10.12.0.1" in deployment.score_tokens(toks, "m")
-    for pod in (loud, quiet):
-        pod.publisher.close()  # type: ignore[union-attr]
-        deployment.remove_pod(pod.pod_id)
+def _tokenizes(tokenizer: Any) -> bool:
+    try:
+        return bool(ray.get(tokenizer.encode.remote("m", "hello"), timeout=10))
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return False  # still restarting
 
 
 class _Traffic:
@@ -165,7 +156,7 @@ def test_any_actor_killed_under_load_heals_exactly(deployment: Client) -> None:
             ray.kill(victim, no_restart=False)
             time.sleep(1.0)  # traffic goes on while it restarts
             if name == "controller":  # a new scheduler connects while it comes back
-                fresh = kvray.connect(NS, timeout_s=60)
+                fresh = kvray.connect(NS, timeout_s=120)
                 assert fresh.controller_status()["restarted"]
                 assert isinstance(
                     fresh.score_tokens(prompts[0], "m", pods=[p.pod_id for p in pods]), dict
@@ -174,14 +165,16 @@ def test_any_actor_killed_under_load_heals_exactly(deployment: Client) -> None:
             assert wait_until(
                 deployment,
                 lambda c: _truth_matches(c, pods, prompts),
-                timeout_s=60,
+                timeout_s=120,
                 interval_s=0.25,
             ), f"scores did not converge after the {name} was killed"
             if name == "controller":
                 assert _truth_matches(fresh, pods, prompts)
                 assert cli.main(["status", "--namespace", NS]) == 0
                 fresh.close()
-        # The restarted tokenizer answers (the pool's actor is the same name, a new process).
+        # The restarted tokenizer answers (the pool's actor is the same name, a new process,
+        # which loads its tokenizer again: on a loaded machine that can take a minute).
+        assert wait_until(victims["tokenizer"], _tokenizes, timeout_s=180, interval_s=0.5)
         scores = deployment.score_prompt("You are a helpful assistant.", "m")
         assert isinstance(scores, dict)
     finally:
@@ -211,7 +204,7 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
         st = c.controller_status()
         return bool(st["restarted"]) and len(st["snapshot_ages_s"]) == len(c.shards)
 
-    assert wait_until(deployment, back, timeout_s=60, interval_s=0.25)
+    assert wait_until(deployment, back, timeout_s=180, interval_s=0.25)
     st = deployment.controller_status()
     assert st["owner"] == "owner-15" and st["pods"] >= 1
     assert ray.get(ctl.pins.remote()) == pins
@@ -221,8 +214,8 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
         pod.serve(p)
     try:
         assert wait_until(
-            deployment, lambda c: _truth_matches(c, [pod], prompts), timeout_s=60, interval_s=0.25
-        )
+            deployment, lambda c: _truth_matches(c, [pod], prompts), timeout_s=120, interval_s=0.25
+        ), f"not converged: pod at seq {pub.seq}, shards say {_said(victim)}"
 
         def restored(_: Client) -> bool:  # the victim may still be restarting: wait for it
             try:
@@ -230,7 +223,7 @@ def test_restarted_controller_keeps_pods_pins_owner_and_snapshots(deployment: Cl
             except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                 return False
 
-        assert wait_until(deployment, restored, timeout_s=60, interval_s=0.25)
+        assert wait_until(deployment, restored, timeout_s=120, interval_s=0.25)
     finally:
         pub.close()
         deployment.remove_pod("10.16.0.1")

@@ -11,7 +11,7 @@ from kvray.core.events import EventDecoder, WireBlockStored, encode_batch
 from kvray.core.holders import Holder, base_pod, holder_id, parse_holder
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.messages import ApplyReply, BatchOp, ClearOp
-from kvray.core.ordering import Order, OrderedApplier, check_order
+from kvray.core.ordering import ListenClocks, Order, OrderedApplier, check_order
 from kvray.core.replay_plan import (
     OPEN,
     ReplaySockets,
@@ -107,6 +107,49 @@ def test_applier_mine_and_restore() -> None:
     b = _applier()
     b.restore({"p#dp1": 0}, {"p#dp1": MODEL})
     assert b.positions == {"p#dp1": 0} and b.writer.models == {"p#dp1": MODEL}
+
+
+def test_listen_clocks_count_only_gaps_a_reader_bridged() -> None:
+    now = [100.0]
+    lc = ListenClocks(max_gap_s=5.0, clock=lambda: now[0])
+    assert lc.heard("r") == 0.0
+    now[0] += 1.0
+    assert lc.heard("r") == 1.0
+    now[0] += 60.0  # an outage: nothing heard, nothing counted
+    assert lc.heard("r") == 1.0 and lc.now("r") == 1.0
+    now[0] += 4.0
+    assert lc.heard("r") == 5.0 and lc.now("other") == 0.0
+
+
+def _applier_at(now: list[float]) -> OrderedApplier:
+    writer = IndexWriter(MemoryIndex(), lambda _m: ModelHashing(block_size=4), clock=lambda: now[0])
+    a = OrderedApplier(writer, EventDecoder().decode, clock=lambda: 0.0)
+    a.listening = ListenClocks(clock=lambda: now[0])
+    return a
+
+
+def test_a_pod_is_silent_only_while_its_reader_listens() -> None:
+    now = [0.0]
+    a = _applier_at(now)
+    a.apply([BatchOp("p", MODEL, 0, _stored(0))], reader="ing-0")
+    a.apply([BatchOp("q", MODEL, 0, _stored(4))], reader="ing-1")
+    a.apply([BatchOp("local", MODEL, 0, _stored(8))])  # a reader in the shard itself
+    # ing-0 goes down for 30 s; ing-1 calls every second (its pod q says nothing).
+    for _ in range(30):
+        now[0] += 1.0
+        a.listening.heard("ing-1")
+    gone = a.drop_silent(10.0, force=True)
+    assert sorted(gone) == ["local", "q"]  # p was unheard, not silent
+    assert "p" in a.positions and "q" not in a.positions
+    # ing-0 is back (its first call ends the outage, which adds nothing); p is dropped once
+    # ing-0 has listened for more than 10 s.
+    for _ in range(11):
+        now[0] += 1.0
+        a.listening.heard("ing-0")
+        assert a.drop_silent(10.0, force=True) == []
+    now[0] += 1.0
+    a.listening.heard("ing-0")
+    assert a.drop_silent(10.0, force=True) == ["p"] and a.positions == {}
 
 
 def test_messages_pickle_as_ray_ships_them() -> None:
