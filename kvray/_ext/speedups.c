@@ -1618,6 +1618,152 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(slot_keys_doc,
+"slot_keys(d, live) -> dict\n\n"
+"Slot → the keys whose mask in d has that slot's bit, within live (keys in d's order): the\n"
+"index inverted, per key rather than per (key, slot) pair in Python.");
+
+/* The set bits of a non-negative int, as little-endian bytes in *buf (grown as needed);
+ * returns the byte count, or -1 with an exception. */
+static Py_ssize_t
+mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap)
+{
+    size_t nbits = _PyLong_NumBits(bits);
+    if (nbits == (size_t)-1 && PyErr_Occurred())
+        return -1;
+    Py_ssize_t n = (Py_ssize_t)((nbits + 7) / 8);
+    if (n > *cap) {
+        unsigned char *grown = PyMem_Realloc(*buf, (size_t)n);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        *buf = grown;
+        *cap = n;
+    }
+    if (n == 0)
+        return 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyLong_AsNativeBytes(bits, *buf, n,
+                             Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER) < 0)
+        return -1;
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)bits, *buf, (size_t)n, 1, 0) < 0)
+        return -1;
+#endif
+    return n;
+}
+
+/* Append key `k` (created on first use in *key) to the list of every slot set in bytes
+ * `mb[0..nb)` & `lb[0..nl)`; lists by slot in `lists` (grown), owned by `out`. */
+static int
+slot_keys_add(PyObject *out, PyObject ***lists, Py_ssize_t *nlists, uint64_t k, PyObject **key,
+              const unsigned char *mb, Py_ssize_t nb, const unsigned char *lb, Py_ssize_t nl)
+{
+    Py_ssize_t n = nb < nl ? nb : nl;
+    for (Py_ssize_t b = 0; b < n; b++) {
+        unsigned int byte = mb[b] & lb[b];
+        while (byte) {
+            Py_ssize_t slot = b * 8 + __builtin_ctz(byte);
+            byte &= byte - 1;
+            if (slot >= *nlists) {
+                Py_ssize_t want = n * 8;
+                PyObject **grown = PyMem_Realloc(*lists, (size_t)want * sizeof(PyObject *));
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                memset(grown + *nlists, 0, (size_t)(want - *nlists) * sizeof(PyObject *));
+                *lists = grown;
+                *nlists = want;
+            }
+            if ((*lists)[slot] == NULL) {
+                PyObject *lst = PyList_New(0), *sk = PyLong_FromSsize_t(slot);
+                int rc = lst == NULL || sk == NULL ? -1 : PyDict_SetItem(out, sk, lst);
+                Py_XDECREF(sk);
+                Py_XDECREF(lst); /* `out` holds it */
+                if (rc < 0)
+                    return -1;
+                (*lists)[slot] = lst;
+            }
+            if (*key == NULL && (*key = PyLong_FromUnsignedLongLong(k)) == NULL)
+                return -1;
+            if (PyList_Append((*lists)[slot], *key) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("slot_keys", nargs, 2) < 0)
+        return NULL;
+    PyObject *d = args[0], *live = args[1];
+    if (!PyLong_Check(live) || _PyLong_Sign(live) < 0) {
+        PyErr_SetString(PyExc_TypeError, "slot_keys: live must be a non-negative int");
+        return NULL;
+    }
+    if (!IS_TABLE(d) && !PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "slot_keys: expected a dict or a kvray table");
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    PyObject **lists = NULL; /* by slot: the list in `out`, borrowed */
+    Py_ssize_t nlists = 0, cap = 0, lcap = 0;
+    unsigned char *buf = NULL, *lbuf = NULL;
+    Py_ssize_t nl = out == NULL ? -1 : mask_bytes(live, &lbuf, &lcap);
+    if (nl < 0)
+        goto fail;
+    if (IS_TABLE(d)) {
+        Py_ssize_t n;
+        u64slot *slots = tb_slots(d, &n);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (slots[i].val == NULL)
+                continue;
+            PyObject *key = NULL;
+            Py_ssize_t nb = mask_bytes(slots[i].val, &buf, &cap);
+            int rc = nb < 0 ? -1
+                            : slot_keys_add(out, &lists, &nlists, slots[i].key, &key, buf, nb,
+                                            lbuf, nl);
+            Py_XDECREF(key);
+            if (rc < 0)
+                goto fail;
+        }
+    }
+    else {
+        Py_ssize_t pos = 0;
+        PyObject *k, *m;
+        while (PyDict_Next(d, &pos, &k, &m)) {
+            uint64_t u;
+            if (get_u64(k, &u) < 0)
+                goto fail;
+            if (!PyLong_Check(m) || _PyLong_Sign(m) < 0) {
+                PyErr_SetString(PyExc_ValueError, "slot_keys: masks must be non-negative ints");
+                goto fail;
+            }
+            PyObject *key = Py_NewRef(k);
+            Py_ssize_t nb = mask_bytes(m, &buf, &cap);
+            int rc = nb < 0 ? -1
+                            : slot_keys_add(out, &lists, &nlists, u, &key, buf, nb, lbuf, nl);
+            Py_XDECREF(key);
+            if (rc < 0)
+                goto fail;
+        }
+    }
+    PyMem_Free(lists);
+    PyMem_Free(buf);
+    PyMem_Free(lbuf);
+    return out;
+fail:
+    Py_XDECREF(out);
+    PyMem_Free(lists);
+    PyMem_Free(buf);
+    PyMem_Free(lbuf);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"msgpack_u32_count", (PyCFunction)msgpack_u32_count, METH_O, msgpack_u32_count_doc},
     {"chain_u32", (PyCFunction)(void (*)(void))chain_u32, METH_FASTCALL, chain_u32_doc},
@@ -1632,6 +1778,7 @@ static PyMethodDef methods[] = {
     {"remove_engine", (PyCFunction)(void (*)(void))remove_engine, METH_FASTCALL,
      remove_engine_doc},
     {"xor_u64", (PyCFunction)(void (*)(void))xor_u64, METH_FASTCALL, xor_u64_doc},
+    {"slot_keys", (PyCFunction)(void (*)(void))slot_keys, METH_FASTCALL, slot_keys_doc},
     {NULL, NULL, 0, NULL},
 };
 

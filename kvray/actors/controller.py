@@ -43,6 +43,10 @@ log = logging.getLogger("kvray.controller")
 
 
 _SHARD_CPU = 0.01
+_SNAPSHOT_DUTY = 20
+"""Pulls are spaced at least this many times the slowest shard's last snapshot: a shard spends
+at most ~1/20 of its time snapshotting (the snapshot holds its write lock; at tens of millions
+of pairs it takes seconds, and every write waits)."""
 _KV_NAMESPACE = "kvray"
 _STATE_VERSION = 1
 
@@ -175,6 +179,7 @@ class Controller:
         self._snapshots: dict[int, bytes] = {}
         self._snapshot_times: dict[int, float] = {}
         self._interval = snapshot_interval_s
+        self._snapshot_took = 0.0  # the slowest shard's last snapshot, seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._snapshot_loop, daemon=True)
         self._thread.start()
@@ -320,19 +325,22 @@ class Controller:
     def _snapshot_loop(self) -> None:
         if self.restarted:  # the snapshots were in the previous life's memory: pull them now
             self.snapshot_now()
-        while not self._stop.wait(self._interval):
+        while not self._stop.wait(max(self._interval, _SNAPSHOT_DUTY * self._snapshot_took)):
             self.snapshot_now()
 
     def snapshot_now(self) -> int:
         """Snapshot every shard now; returns how many answered."""
-        done = 0
+        done, took = 0, 0.0
         for i, shard in enumerate(self.shards):
+            t0 = time.monotonic()
             try:
                 self._snapshots[i] = ray.get(shard.snapshot.remote(), timeout=60)
                 self._snapshot_times[i] = time.time()
                 done += 1
+                took = max(took, time.monotonic() - t0)
             except Exception as exc:  # a shard restarting: keep its previous snapshot
                 log.warning("snapshot of shard %d failed: %s", i, exc)
+        self._snapshot_took = took
         return done
 
     def latest_snapshot(self, shard_id: int) -> bytes | None:

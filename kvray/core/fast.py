@@ -201,6 +201,23 @@ def py_xor_u64(hashes: Sequence[int | bytes], tag: int) -> list[int]:
     return out
 
 
+def py_slot_keys(d: dict[int, int], live: int) -> dict[int, list[int]]:
+    """Slot → the keys whose mask in ``d`` has that slot's bit, within ``live`` (keys in
+    ``d``'s order): the index inverted (snapshots)."""
+    if live < 0:
+        raise TypeError("slot_keys: live must be a non-negative int")
+    out: dict[int, list[int]] = {}
+    for k, m in d.items():
+        if m < 0:
+            raise ValueError("slot_keys: masks must be non-negative ints")
+        bits = m & live
+        while bits:
+            low = bits & -bits
+            out.setdefault(low.bit_length() - 1, []).append(k)
+            bits ^= low
+    return out
+
+
 PYTHON: dict[str, Any] = {
     "msgpack_u32_count": py_msgpack_u32_count,
     "chain_u32": py_chain_u32,
@@ -212,6 +229,7 @@ PYTHON: dict[str, Any] = {
     "add_engine": py_add_engine,
     "remove_engine": py_remove_engine,
     "xor_u64": py_xor_u64,
+    "slot_keys": py_slot_keys,
     "U64Map": dict,
     "U64Dict": dict,
 }
@@ -240,6 +258,7 @@ forget_unindexed = _impl.forget_unindexed if _impl else py_forget_unindexed
 add_engine = _impl.add_engine if _impl else py_add_engine
 remove_engine = _impl.remove_engine if _impl else py_remove_engine
 xor_u64 = _impl.xor_u64 if _impl else py_xor_u64
+slot_keys = _impl.slot_keys if _impl else py_slot_keys
 
 U64Map: Callable[[], dict[int, int]] = _impl.U64Map if _impl else dict
 """A table of u64 keys to int values for the index (engine map, unordered tiers).

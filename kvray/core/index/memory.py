@@ -45,6 +45,7 @@ from kvray.core.fast import (
     lookup,
     or_bits,
     remove_engine,
+    slot_keys,
 )
 from kvray.core.index.base import IndexStats, add_engine_generic, remove_engine_generic
 from kvray.core.snapshot import decode_snapshot, encode_snapshot
@@ -390,11 +391,7 @@ class MemoryIndex:
     def snapshot(self) -> bytes:
         holders: dict[str, dict[str, list[int]]] = {}
         for tier, d in self._tiers.items():
-            per_slot: dict[int, list[int]] = {}
-            for k, m in d.items():
-                for slot in _slots(m & self._live):
-                    per_slot.setdefault(slot, []).append(k)
-            for slot, ks in per_slot.items():
+            for slot, ks in slot_keys(d, self._live).items():
                 holders.setdefault(self._slot_pod[slot], {})[tier] = ks
         return encode_snapshot(holders, self._emap.items())
 
