@@ -395,8 +395,10 @@ def run_point(
         res["wrong"] = wrong
         res["checked"] = 2 * len(SIZES) * n_queries
         # Recovery: a shard killed (restored from the controller's snapshot), a new replica.
-        before = st.shards[0].pairs
-        t0 = time.perf_counter()
+        # The stream's pods have no replay socket: the snapshot must be the shard's last state
+        # (one pulled mid-churn would miss what was stored after it, for good).
+        ray.get(client.controller.snapshot_now.remote())
+        before = _pairs(client.shards[0])
         ray.kill(client.shards[0], no_restart=False)
         res["shard_recovery_s"] = _until(lambda: _pairs(client.shards[0]) == before)
         t0 = time.perf_counter()
