@@ -332,12 +332,16 @@ class Controller:
         """Snapshot every shard now; returns how many answered."""
         done, took = 0, 0.0
         for i, shard in enumerate(self.shards):
-            t0 = time.monotonic()
             try:
-                self._snapshots[i] = ray.get(shard.snapshot.remote(), timeout=60)
+                # The ping answers when the shard starts on the snapshot (calls run in order),
+                # so `took` is the snapshot's own time, not the writes queued before it.
+                started, ref = shard.ping.remote(), shard.snapshot.remote()
+                ray.get(started, timeout=60)
+                t0 = time.monotonic()
+                self._snapshots[i] = ray.get(ref, timeout=60)
+                took = max(took, time.monotonic() - t0)
                 self._snapshot_times[i] = time.time()
                 done += 1
-                took = max(took, time.monotonic() - t0)
             except Exception as exc:  # a shard restarting: keep its previous snapshot
                 log.warning("snapshot of shard %d failed: %s", i, exc)
         self._snapshot_took = took
