@@ -225,12 +225,17 @@ def _send(endpoint: str, s: Stream) -> dict[str, int]:
     """Publish every frame through one XPUB connected to kvray's bound endpoint."""
     sock = _xpub(endpoint)
     seqs = [0] * s.pods
-    topics = [f"kv@pod{i}@{MODEL}".encode() for i in range(s.pods)]
+    topics = _topics(s.pods)
     for pod, payload, _ in s.frames:
         sock.send_multipart([topics[pod], seqs[pod].to_bytes(8, "big"), payload], copy=False)
         seqs[pod] += 1
     sock.close()
     return {f"pod{i}": n for i, n in enumerate(seqs) if n}
+
+
+def _topics(pods: int) -> list[bytes]:
+    """Each pod's ZMQ topic (the topic names the pod: all share one socket)."""
+    return [f"kv@pod{i}@{MODEL}".encode() for i in range(pods)]
 
 
 def _xpub(endpoint: str) -> zmq.Socket[Any]:
@@ -253,7 +258,7 @@ def _churn(
     for ``seconds`` (pods and chains round-robin); advances ``seqs``; returns block-events."""
     sock = _xpub(endpoint)
     cycles = [(pod, *corpus.churn(chains[0], s.length)) for pod, chains in enumerate(s.holdings)]
-    topics = [f"kv@pod{i}@{MODEL}".encode() for i in range(s.pods)]
+    topics = _topics(s.pods)
     sent, t0, i = 0, time.perf_counter(), 0
     while (elapsed := time.perf_counter() - t0) < seconds:
         ahead = sent / rate - elapsed

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from kvray.sim import SimPod, SimPublisher
 from kvray.sim.applied import wait_applied
 
 T = TypeVar("T")
@@ -27,3 +28,14 @@ def wait_until(
             return True
         time.sleep(interval_s)
     return False
+
+
+def replaying_pod(client: Any, pod_id: str, num_blocks: int, model: str = "m") -> SimPod:
+    """A simulated pod publishing to the deployment's first bound endpoint, its replay socket
+    registered (so a restarted reader can catch up from it)."""
+    pub = SimPublisher(
+        client.endpoints[0][0], f"kv@{pod_id}@{model}", replay_endpoint="tcp://127.0.0.1:0"
+    )
+    assert pub.wait_connected()
+    client.register_replay(pod_id, pub.replay_endpoint)
+    return SimPod(pod_id, model, num_blocks=num_blocks, publisher=pub)

@@ -18,7 +18,7 @@ from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
 from kvray.sim import SimPod, SimPublisher
 from kvray.tokenization import find_bundled_qwen3
-from tests.helpers import sync, wait_until
+from tests.helpers import replaying_pod, sync, wait_until
 
 NS = "kvray-it-faults"
 
@@ -37,12 +37,7 @@ def deployment(ray_session: None) -> Iterator[Client]:
 
 
 def _pod(client: Client, pod_id: str, num_blocks: int = 48) -> SimPod:
-    pub = SimPublisher(
-        client.endpoints[0][0], f"kv@{pod_id}@m", replay_endpoint="tcp://127.0.0.1:0"
-    )
-    assert pub.wait_connected()
-    client.register_replay(pod_id, pub.replay_endpoint)  # type: ignore[arg-type]
-    return SimPod(pod_id, "m", num_blocks=num_blocks, publisher=pub)
+    return replaying_pod(client, pod_id, num_blocks)
 
 
 def _truth_matches(client: Client, pods: list[SimPod], prompts: list[list[int]]) -> bool:

@@ -15,9 +15,9 @@ import kvray
 from kvray import runtime
 from kvray.client import Client
 from kvray.config import Config, EventsConfig, IndexConfig, ModelConfig
-from kvray.sim import SimPod, SimPublisher
+from kvray.sim import SimPod
 from kvray.tokenization import find_bundled_qwen3
-from tests.helpers import sync, wait_until
+from tests.helpers import replaying_pod, sync, wait_until
 
 NS = "kvray-it-ttl"
 TTL_S = 1.5
@@ -38,15 +38,6 @@ def deployment(ray_session: None) -> Iterator[Client]:
     runtime.stop(NS)
 
 
-def _pod(client: Client, pod_id: str) -> SimPod:
-    pub = SimPublisher(
-        client.endpoints[0][0], f"kv@{pod_id}@m", replay_endpoint="tcp://127.0.0.1:0"
-    )
-    assert pub.wait_connected()
-    client.register_replay(pod_id, pub.replay_endpoint)  # type: ignore[arg-type]
-    return SimPod(pod_id, "m", num_blocks=64, publisher=pub)
-
-
 def _positions(client: Client) -> dict[str, int | None]:
     return {p["pod"]: p["last_seq"] for p in client.pods()}
 
@@ -58,7 +49,7 @@ def _close(client: Client, pods: list[SimPod]) -> None:
 
 
 def test_silent_pod_is_dropped(deployment: Client) -> None:
-    loud, quiet = _pod(deployment, "10.12.0.1"), _pod(deployment, "10.12.0.2")
+    loud, quiet = (replaying_pod(deployment, f"10.12.0.{i}", num_blocks=64) for i in (1, 2))
     toks = list(range(3000, 3032))
     loud.serve(toks)
     quiet.serve(toks)
@@ -88,7 +79,7 @@ def test_pods_outlive_their_ingestors_outage(deployment: Client) -> None:
     """While the ingestor is down its pods are unheard, not silent: the shard keeps them (and
     their positions, from which the restarted ingestor replays what it missed). Once it
     listens again, their silence counts and they are dropped."""
-    pods = [_pod(deployment, f"10.13.0.{i}") for i in range(2)]
+    pods = [replaying_pod(deployment, f"10.13.0.{i}", num_blocks=64) for i in range(2)]
     for i, pod in enumerate(pods):
         pod.serve(list(range(20_000 + 64 * i, 20_000 + 64 * i + 48)))
     before = {pod.pod_id: pod.publisher.seq for pod in pods}  # type: ignore[union-attr]

@@ -213,12 +213,7 @@ class MemoryIndex:
         """Tell ``evict_listener`` which live holder lost which keys."""
         if self.evict_listener is None or not victims:
             return
-        per_slot: dict[int, list[int]] = {}
-        live = self._live
-        for k, m in victims:
-            for slot in _slots(m & live):
-                per_slot.setdefault(slot, []).append(k)
-        for slot, ks in per_slot.items():
+        for slot, ks in slot_keys(dict(victims), self._live).items():
             self.evict_listener(self._slot_pod[slot], tier, ks)
 
     def _sweep_step(self) -> None:
