@@ -291,8 +291,7 @@ class ReplicaIndex:
     def load(self, snap: ReplicaSnapshot, speculative_ttl_s: float) -> None:
         """Replace ``snap.shard``'s holders with the snapshot's content."""
         st = self.shards[snap.shard]
-        for holder in st.holders:
-            self.index.clear_pod(PodId(holder))
+        self.index.clear_pods([PodId(h) for h in st.holders])
         st.holders = set()
         content = decode_snapshot(snap.index)
         now = self.clock()

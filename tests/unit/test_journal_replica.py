@@ -160,3 +160,29 @@ def test_snapshot_replaces_only_that_shards_holders() -> None:
     rep.load(a.snapshot(), 5.0)
     assert rep.score([1, 2, 3], W) == {"a2": 3.0, "b": 2.0}
     assert rep.positions() == {}
+
+
+@pytest.mark.parametrize("recency", [True, False])
+def test_clear_pods_at_once_equals_one_by_one_and_frees_the_slots(recency: bool) -> None:
+    rng = random.Random(7)
+    pods = [PodId(f"p{i}") for i in range(300)]
+    bulk, single = MemoryIndex(recency=recency), MemoryIndex(recency=recency, sweep_batch=7)
+    for _ in range(2_000):
+        pod, tier = rng.choice(pods), Tier(rng.choice(["GPU", "CPU"]))
+        keys = _chain(rng, rng.randrange(1, 30))
+        bulk.add(pod, tier, keys)
+        single.add(pod, tier, keys)
+    gone = rng.sample(pods, 200)
+    bulk.clear_pods(gone)
+    for pod in gone:
+        single.clear_pod(pod)
+    keys = sorted({k for d in bulk._tiers.values() for k in d} | set(range(40_000)))
+    assert bulk.holders(keys) == single.holders(keys)
+    assert not any(set(h) & set(gone) for h in bulk.holders(keys))
+    assert bulk.stats().keys == sum(len(d) for d in bulk._tiers.values())
+    # The cleared holders' slots are free now: as many new holders need no wider masks.
+    width = bulk._next_slot
+    for i in range(200):
+        bulk.add(PodId(f"new{i}"), GPU, _chain(rng, 5))
+    assert bulk._next_slot == width
+    assert max(m.bit_length() for d in bulk._tiers.values() for m in d.values()) <= width
