@@ -1618,6 +1618,120 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(clear_slots_doc,
+"clear_slots(d, clear) -> int\n\n"
+"Clear the bits of clear (a non-negative int) from every mask in d, deleting keys whose mask\n"
+"becomes 0; returns how many were deleted. One pass over d: per key, not per (key, slot).");
+
+/* The mask at *vp without the bits of `clear`: 1 when it became 0 (left in place for the caller
+ * to delete), 0 otherwise, -1 on error. Only positive ints are built (an AND with ~clear would
+ * build a complement of clear's width per key). */
+static int
+clear_one(PyObject **vp, PyObject *clear)
+{
+    PyObject *x = PyNumber_And(*vp, clear);
+    if (x == NULL)
+        return -1;
+    int has = PyObject_IsTrue(x);
+    if (has <= 0) {
+        Py_DECREF(x);
+        return has;
+    }
+    PyObject *m = PyNumber_Xor(*vp, x);
+    Py_DECREF(x);
+    if (m == NULL)
+        return -1;
+    int nonzero = PyObject_IsTrue(m);
+    if (nonzero <= 0) {
+        Py_DECREF(m);
+        return nonzero < 0 ? -1 : 1;
+    }
+    Py_SETREF(*vp, m);
+    return 0;
+}
+
+static PyObject *
+clear_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("clear_slots", nargs, 2) < 0)
+        return NULL;
+    PyObject *d = args[0], *clear = args[1];
+    if (!PyLong_Check(clear) || _PyLong_Sign(clear) < 0) {
+        PyErr_SetString(PyExc_TypeError, "clear_slots: clear must be a non-negative int");
+        return NULL;
+    }
+    if (!IS_TABLE(d) && !PyDict_Check(d)) {
+        PyErr_SetString(PyExc_TypeError, "clear_slots: expected a dict or a kvray table");
+        return NULL;
+    }
+    /* Keys to delete are collected and deleted after the pass: a deletion moves entries. */
+    Py_ssize_t ndead = 0;
+    if (IS_TABLE(d)) {
+        uint64_t *dead = NULL;
+        Py_ssize_t cap = 0;
+        Py_ssize_t n;
+        u64slot *slots = tb_slots(d, &n);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (slots[i].val == NULL)
+                continue;
+            int gone = clear_one(&slots[i].val, clear);
+            if (gone < 0) {
+                PyMem_Free(dead);
+                return NULL;
+            }
+            if (gone) {
+                if (ndead == cap) {
+                    Py_ssize_t grown_cap = cap ? 2 * cap : 1024;
+                    uint64_t *grown = PyMem_Realloc(dead, (size_t)grown_cap * sizeof(uint64_t));
+                    if (grown == NULL) {
+                        PyMem_Free(dead);
+                        return PyErr_NoMemory();
+                    }
+                    dead = grown;
+                    cap = grown_cap;
+                }
+                dead[ndead++] = slots[i].key;
+            }
+        }
+        const table_ops *op = ops_of(d);
+        for (Py_ssize_t i = 0; i < ndead; i++) {
+            Py_ssize_t at = op->find(d, dead[i]);
+            if (at >= 0)
+                op->del_at(d, at);
+        }
+        PyMem_Free(dead);
+        return PyLong_FromSsize_t(ndead);
+    }
+    PyObject *dead = PyList_New(0);
+    if (dead == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *k, *m;
+    while (PyDict_Next(d, &pos, &k, &m)) {
+        PyObject *v = Py_NewRef(m);
+        int gone = clear_one(&v, clear);
+        /* Replacing a present key's value is allowed while iterating (the keys stay). */
+        int rc = gone < 0                ? -1
+                 : gone                  ? PyList_Append(dead, k)
+                 : v != m                ? PyDict_SetItem(d, k, v)
+                                         : 0;
+        Py_DECREF(v);
+        if (rc < 0) {
+            Py_DECREF(dead);
+            return NULL;
+        }
+    }
+    ndead = PyList_GET_SIZE(dead);
+    for (Py_ssize_t i = 0; i < ndead; i++) {
+        if (PyDict_DelItem(d, PyList_GET_ITEM(dead, i)) < 0) {
+            Py_DECREF(dead);
+            return NULL;
+        }
+    }
+    Py_DECREF(dead);
+    return PyLong_FromSsize_t(ndead);
+}
+
 PyDoc_STRVAR(slot_keys_doc,
 "slot_keys(d, live) -> dict\n\n"
 "Slot → the keys whose mask in d has that slot's bit, within live (keys in d's order): the\n"
@@ -1779,6 +1893,7 @@ static PyMethodDef methods[] = {
      remove_engine_doc},
     {"xor_u64", (PyCFunction)(void (*)(void))xor_u64, METH_FASTCALL, xor_u64_doc},
     {"slot_keys", (PyCFunction)(void (*)(void))slot_keys, METH_FASTCALL, slot_keys_doc},
+    {"clear_slots", (PyCFunction)(void (*)(void))clear_slots, METH_FASTCALL, clear_slots_doc},
     {NULL, NULL, 0, NULL},
 };
 

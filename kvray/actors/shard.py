@@ -298,8 +298,11 @@ class IndexShard:
     def replica_snapshot(self) -> bytes:
         """This shard's content at the current seq of its stream (replica bootstrap)."""
         seq = self._publish()  # everything applied so far is at or before ``seq``
+        # A replica never resolves engine keys: leave the engine map out where the backend can.
+        b = self.backend
+        index = b.snapshot(engine_map=False) if isinstance(b, MemoryIndex) else b.snapshot()
         return change_encoder.encode(ReplicaSnapshot(
-            self.shard_id, self.incarnation, seq, self.backend.snapshot(),
+            self.shard_id, self.incarnation, seq, index,
             dict(self.applier.positions), self.writer.pools.as_dict(),
         ))  # fmt: skip
 

@@ -31,7 +31,7 @@ from kvray.core.index.base import (
     held_op,
 )
 from kvray.core.index.memory import MemoryIndex
-from kvray.core.snapshot import decode_snapshot
+from kvray.core.snapshot import decode_holders
 from kvray.types import PodId, Tier
 
 OP_ADD = 0
@@ -293,7 +293,7 @@ class ReplicaIndex:
         st = self.shards[snap.shard]
         self.index.clear_pods([PodId(h) for h in st.holders])
         st.holders = set()
-        content = decode_snapshot(snap.index)
+        content = decode_holders(snap.index)
         now = self.clock()
         for holder, tiers in content.holders.items():
             for tier, keys in tiers.items():

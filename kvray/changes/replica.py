@@ -193,7 +193,12 @@ class Replica:
                     continue
                 if sub.poll(10):
                     self._drain(sub, heard, pending, want_snapshot)
-                self._finish_snapshots(pending, want_snapshot)
+                if self._finish_snapshots(pending, want_snapshot):
+                    # A load takes seconds at millions of pairs, and nothing was drained
+                    # meanwhile: this thread was busy, not the shards silent. Without the grace
+                    # every shard looked silent after each long load and was loaded again.
+                    after = time.monotonic()
+                    heard[:] = [after if h else 0.0 for h in heard]
                 self.cpu_s = time.thread_time()
                 now = time.monotonic()
                 for i in range(n):
@@ -258,9 +263,11 @@ class Replica:
 
     def _finish_snapshots(
         self, pending: dict[int, tuple[Any, list[ChangeMsg]]], want_snapshot: Any
-    ) -> None:
+    ) -> bool:
+        """Load the snapshots that arrived; whether any was loaded."""
         import ray
 
+        loaded = False
         for i in list(pending):
             ref, buffered = pending[i]
             done, _ = ray.wait([ref], timeout=0)
@@ -280,3 +287,5 @@ class Replica:
                         want_snapshot(i, [])
                         break
                 self._cond.notify_all()
+            loaded = True
+        return loaded

@@ -218,6 +218,26 @@ def py_slot_keys(d: dict[int, int], live: int) -> dict[int, list[int]]:
     return out
 
 
+def py_clear_slots(d: dict[int, int], clear: int) -> int:
+    """Clear the bits of ``clear`` from every mask in ``d``, deleting keys whose mask becomes
+    0; returns how many were deleted (one pass per key: a read replica dropping a shard's
+    holders)."""
+    if not isinstance(clear, int) or clear < 0:
+        raise TypeError("clear_slots: clear must be a non-negative int")
+    dead: list[int] = []
+    for k, m in list(d.items()):
+        x = m & clear
+        if x:
+            m ^= x
+            if m:
+                d[k] = m
+            else:
+                dead.append(k)
+    for k in dead:
+        del d[k]
+    return len(dead)
+
+
 PYTHON: dict[str, Any] = {
     "msgpack_u32_count": py_msgpack_u32_count,
     "chain_u32": py_chain_u32,
@@ -230,6 +250,7 @@ PYTHON: dict[str, Any] = {
     "remove_engine": py_remove_engine,
     "xor_u64": py_xor_u64,
     "slot_keys": py_slot_keys,
+    "clear_slots": py_clear_slots,
     "U64Map": dict,
     "U64Dict": dict,
 }
@@ -259,6 +280,7 @@ add_engine = _impl.add_engine if _impl else py_add_engine
 remove_engine = _impl.remove_engine if _impl else py_remove_engine
 xor_u64 = _impl.xor_u64 if _impl else py_xor_u64
 slot_keys = _impl.slot_keys if _impl else py_slot_keys
+clear_slots = _impl.clear_slots if _impl else py_clear_slots
 
 U64Map: Callable[[], dict[int, int]] = _impl.U64Map if _impl else dict
 """A table of u64 keys to int values for the index (engine map, unordered tiers).

@@ -277,6 +277,26 @@ def test_held_positions_agree(
 
 
 @settings(max_examples=300, deadline=None)
+@given(d=mask_dicts, clear=st.one_of(st.just(2**600 - 1), st.integers(0, 2**300)), table=TABLES)
+@needs_c
+def test_clear_slots_agree(d: dict[int, int], clear: int, table: str) -> None:
+    """Every mask without ``clear``'s bits, masks it empties deleted, by definition, in both
+    implementations, and in a table the survivors keep their order."""
+    want = {k: m & ~clear for k, m in d.items() if m & ~clear or not m & clear}
+    py_d = dict(d)
+    c_d = dict(d) if table == "dict" else getattr(C, table)(d)
+    assert fast.py_clear_slots(py_d, clear) == C.clear_slots(c_d, clear) == len(d) - len(want)
+    assert py_d == want
+    assert sorted(c_d.items()) == sorted(want.items())
+    if table != "U64Map":
+        assert list(c_d.keys()) == list(want)
+    with pytest.raises(TypeError):
+        C.clear_slots(c_d, -1)
+    with pytest.raises(TypeError):
+        fast.py_clear_slots(py_d, -1)
+
+
+@settings(max_examples=300, deadline=None)
 @given(d=mask_dicts, live=st.one_of(st.just(2**600 - 1), st.integers(0, 2**300)), table=TABLES)
 @needs_c
 def test_slot_keys_agree(d: dict[int, int], live: int, table: str) -> None:

@@ -186,3 +186,19 @@ def test_clear_pods_at_once_equals_one_by_one_and_frees_the_slots(recency: bool)
         bulk.add(PodId(f"new{i}"), GPU, _chain(rng, 5))
     assert bulk._next_slot == width
     assert max(m.bit_length() for d in bulk._tiers.values() for m in d.values()) <= width
+
+
+def test_replica_snapshots_leave_the_engine_map_out_and_replicas_skip_it() -> None:
+    from kvray.core.snapshot import decode_holders, decode_snapshot
+
+    idx = MemoryIndex()
+    idx.add_engine(PodId("a"), GPU, [1, 2, 3], [11, 12, 13])
+    full, lean = idx.snapshot(), idx.snapshot(engine_map=False)
+    assert decode_snapshot(full).engine_map == [(11, 1), (12, 2), (13, 3)]
+    assert decode_snapshot(lean).engine_map == []
+    assert len(lean) < len(full)
+    # A replica reads the holders of either; the shard restores the map from the full one.
+    assert decode_holders(full).holders == decode_holders(lean).holders == {"a": {"GPU": [1, 2, 3]}}
+    back = MemoryIndex()
+    back.restore(full)
+    assert back.get_engine_map([12, 99]) == [2, None]

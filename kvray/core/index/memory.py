@@ -41,6 +41,7 @@ from kvray.core.fast import (
     U64Map,
     add_engine,
     and_bits,
+    clear_slots,
     forget_unindexed,
     lookup,
     or_bits,
@@ -201,11 +202,10 @@ class MemoryIndex:
     def clear_pods(self, pods: Iterable[PodId]) -> None:
         """``clear_pod`` for many holders at once, done now rather than swept a batch per call.
 
-        One C pass over each tier finds every key the holders hold (``slot_keys``), then each
-        holder's bit is cleared from exactly those keys (``and_bits``), and the slots are free at
-        once. A read replica re-loading a shard's snapshot clears hundreds or thousands of
-        holders; one sweep step each would keep their slots retired for thousands of calls and
-        push new holders into ever wider masks.
+        One C pass over each tier clears all their bits from every key (``clear_slots``: per
+        key, not per pair) and the slots are free at once. A read replica re-loading a shard's
+        snapshot clears hundreds or thousands of holders; one sweep step each would keep their
+        slots retired for thousands of calls and push new holders into ever wider masks.
         """
         mask = 0
         for pod in pods:
@@ -217,8 +217,7 @@ class MemoryIndex:
             return
         self._live &= ~mask
         for d in self._tiers.values():
-            for slot, keys in slot_keys(d, mask).items():
-                self._nkeys -= and_bits(d, keys, ~(1 << slot))
+            self._nkeys -= clear_slots(d, mask)
         self._free.extend(_slots(mask))
 
     def _evict(self) -> None:
@@ -406,12 +405,15 @@ class MemoryIndex:
             per_tier={t: len(d) for t, d in self._tiers.items()},
         )
 
-    def snapshot(self) -> bytes:
+    def snapshot(self, *, engine_map: bool = True) -> bytes:
+        """The portable snapshot; ``engine_map=False`` leaves the engine map out (a read
+        replica never resolves engine keys, and at millions of keys the map is most of the
+        document's encode and decode time)."""
         holders: dict[str, dict[str, list[int]]] = {}
         for tier, d in self._tiers.items():
             for slot, ks in slot_keys(d, self._live).items():
                 holders.setdefault(self._slot_pod[slot], {})[tier] = ks
-        return encode_snapshot(holders, self._emap.items())
+        return encode_snapshot(holders, self._emap.items() if engine_map else ())
 
     def restore(self, data: bytes) -> None:
         snap = decode_snapshot(data)
