@@ -146,6 +146,11 @@ def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
         return type(exc).__name__, None
 
 
+def _sorted_lists(outcome: tuple[str, Any]) -> tuple[str, Any]:
+    kind, value = outcome
+    return kind, {k: sorted(v) for k, v in value.items()} if kind == "ok" else value
+
+
 def _any_int(rng: random.Random) -> Any:
     """Ints of every size and sign around the u64 boundaries, and bools."""
     return rng.choice(
@@ -244,6 +249,7 @@ def _native_case(rng: random.Random, C: Any, pool: list[bytes]) -> str | None:
         else:
             seq = keys
         bit = 1 << rng.randrange(70)
+        clear = rng.choice([bit, rng.getrandbits(70), -1 if rng.random() < 0.05 else 0])
         recency = rng.random() < 0.5
         emap = {key(): rng.choice(keys) if keys else 0 for _ in range(rng.randrange(30))}
         other = {k: 1 for k in keys[:: rng.randint(1, 4)]}
@@ -254,6 +260,7 @@ def _native_case(rng: random.Random, C: Any, pool: list[bytes]) -> str | None:
             ("or_bits", (c_d, seq, bit, recency), (py_d, seq, bit, recency)),
             ("lookup", (c_d, seq), (py_d, seq)),
             ("and_bits", (c_d, seq, ~bit), (py_d, seq, ~bit)),
+            ("clear_slots", (c_d, clear), (py_d, clear)),
             (
                 "add_engine",
                 (c_d, c_e, keys, engine, bit, recency),
@@ -267,6 +274,10 @@ def _native_case(rng: random.Random, C: Any, pool: list[bytes]) -> str | None:
             ),
         ]
         rng.shuffle(calls)
+        # slot_keys: a U64Map has no order, so each slot's keys are compared as sets.
+        a, b = _outcome(C.slot_keys, c_d, clear), _outcome(py["slot_keys"], py_d, clear)
+        if _sorted_lists(a) != _sorted_lists(b):
+            return f"slot_keys on {kind}: C {a} != Python {b}"
         for name, c_args, py_args in calls:
             a, b = _outcome(getattr(C, name), *c_args), _outcome(py[name], *py_args)
             if a != b:

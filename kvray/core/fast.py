@@ -208,7 +208,8 @@ def py_slot_keys(d: dict[int, int], live: int) -> dict[int, list[int]]:
         raise TypeError("slot_keys: live must be a non-negative int")
     out: dict[int, list[int]] = {}
     for k, m in d.items():
-        if m < 0:
+        _check_u64(k)
+        if not isinstance(m, int) or m < 0:
             raise ValueError("slot_keys: masks must be non-negative ints")
         bits = m & live
         while bits:
