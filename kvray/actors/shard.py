@@ -27,7 +27,7 @@ from kvray.actors._locking import locked
 from kvray.actors.naming import ask_controller
 from kvray.actors.own_pods import OwnPods
 from kvray.actors.shard_status import pods_info, shard_stats
-from kvray.changes.journal import Journal, ReplicaSnapshot, change_encoder
+from kvray.changes.journal import Journal, ReplicaSnapshot, change_encoder, packed_holders
 from kvray.changes.publisher import ChangePublisher, actor_poke
 from kvray.config import Config, PodEndpoint
 from kvray.core import fast
@@ -298,11 +298,8 @@ class IndexShard:
     def replica_snapshot(self) -> bytes:
         """This shard's content at the current seq of its stream (replica bootstrap)."""
         seq = self._publish()  # everything applied so far is at or before ``seq``
-        # A replica never resolves engine keys: leave the engine map out where the backend can.
-        b = self.backend
-        index = b.snapshot(engine_map=False) if isinstance(b, MemoryIndex) else b.snapshot()
         return change_encoder.encode(ReplicaSnapshot(
-            self.shard_id, self.incarnation, seq, index,
+            self.shard_id, self.incarnation, seq, packed_holders(self.backend),
             dict(self.applier.positions), self.writer.pools.as_dict(),
         ))  # fmt: skip
 

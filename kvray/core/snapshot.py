@@ -13,7 +13,6 @@ back, and so that a shard with a different slot layout (after a restart) can loa
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
 
 import msgspec
 
@@ -33,16 +32,8 @@ class Snapshot(msgspec.Struct, frozen=True):
     """(engine key, request key) pairs."""
 
 
-class HolderSnapshot(msgspec.Struct, frozen=True):
-    """A snapshot read without its engine map (skipped by the decoder, never built)."""
-
-    v: int
-    holders: dict[str, dict[str, list[int]]]
-
-
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Snapshot)
-_holders_decoder = msgspec.msgpack.Decoder(HolderSnapshot)
 
 
 def encode_snapshot(
@@ -56,20 +47,8 @@ def encode_snapshot(
 
 def decode_snapshot(data: bytes) -> Snapshot:
     """Decode a snapshot, raising ``MalformedFrame`` (reason ``snapshot``) when it is not one."""
-    return _decode(data, _decoder)
-
-
-def decode_holders(data: bytes) -> HolderSnapshot:
-    """``decode_snapshot`` without the engine map (what a read replica loads)."""
-    return _decode(data, _holders_decoder)
-
-
-_S = TypeVar("_S", Snapshot, HolderSnapshot)
-
-
-def _decode(data: bytes, decoder: msgspec.msgpack.Decoder[_S]) -> _S:
     try:
-        snap = decoder.decode(data)
+        snap = _decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise MalformedFrame(f"not a kvray snapshot: {exc}", reason="snapshot") from exc
     if snap.v != SNAPSHOT_VERSION:

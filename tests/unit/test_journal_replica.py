@@ -14,7 +14,9 @@ from kvray.changes.journal import (
     ReplicaSnapshot,
     change_decoder,
     change_encoder,
+    packed_holders,
     snapshot_decoder,
+    unpack_keys,
 )
 from kvray.core.index.base import SPECULATIVE, IndexBackend
 from kvray.core.index.budget import BudgetIndex
@@ -52,7 +54,7 @@ class Shard:
 
     def snapshot(self) -> ReplicaSnapshot:
         raw = change_encoder.encode(
-            ReplicaSnapshot(self.id, self.stream, self.seq, self.backend.snapshot(), {})
+            ReplicaSnapshot(self.id, self.stream, self.seq, packed_holders(self.backend), {})
         )
         return snapshot_decoder.decode(raw)
 
@@ -188,17 +190,19 @@ def test_clear_pods_at_once_equals_one_by_one_and_frees_the_slots(recency: bool)
     assert max(m.bit_length() for d in bulk._tiers.values() for m in d.values()) <= width
 
 
-def test_replica_snapshots_leave_the_engine_map_out_and_replicas_skip_it() -> None:
-    from kvray.core.snapshot import decode_holders, decode_snapshot
-
+def test_replica_snapshots_carry_packed_holders_from_any_backend() -> None:
+    """A replica snapshot holds each holder's keys as u64 bytes, the same through a backend's
+    own inversion (MemoryIndex) and through the portable snapshot (any other backend)."""
     idx = MemoryIndex()
     idx.add_engine(PodId("a"), GPU, [1, 2, 3], [11, 12, 13])
-    full, lean = idx.snapshot(), idx.snapshot(engine_map=False)
-    assert decode_snapshot(full).engine_map == [(11, 1), (12, 2), (13, 3)]
-    assert decode_snapshot(lean).engine_map == []
-    assert len(lean) < len(full)
-    # A replica reads the holders of either; the shard restores the map from the full one.
-    assert decode_holders(full).holders == decode_holders(lean).holders == {"a": {"GPU": [1, 2, 3]}}
-    back = MemoryIndex()
-    back.restore(full)
-    assert back.get_engine_map([12, 99]) == [2, None]
+    idx.add(PodId("b"), Tier("CPU"), [2**64 - 1])
+    own, portable = packed_holders(idx), packed_holders(Journal(idx))
+    assert own == portable
+    assert {h: {t: list(unpack_keys(r)) for t, r in ts.items()} for h, ts in own.items()} == {
+        "a": {"GPU": [1, 2, 3]},
+        "b": {"CPU": [2**64 - 1]},
+    }
+    rep = ReplicaIndex(1)
+    rep.load(snapshot_decoder.decode(change_encoder.encode(ReplicaSnapshot(0, "s", 4, own, {}))), 5)
+    assert rep.score([1, 2, 3], W) == {"a": 3.0}
+    assert rep.score([2**64 - 1], W) == {"b": 0.8}

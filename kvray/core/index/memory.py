@@ -405,15 +405,16 @@ class MemoryIndex:
             per_tier={t: len(d) for t, d in self._tiers.items()},
         )
 
-    def snapshot(self, *, engine_map: bool = True) -> bytes:
-        """The portable snapshot; ``engine_map=False`` leaves the engine map out (a read
-        replica never resolves engine keys, and at millions of keys the map is most of the
-        document's encode and decode time)."""
+    def holder_keys(self) -> dict[str, dict[str, list[int]]]:
+        """Holder → tier → the keys it holds: the tables inverted, in C (``slot_keys``)."""
         holders: dict[str, dict[str, list[int]]] = {}
         for tier, d in self._tiers.items():
             for slot, ks in slot_keys(d, self._live).items():
                 holders.setdefault(self._slot_pod[slot], {})[tier] = ks
-        return encode_snapshot(holders, self._emap.items() if engine_map else ())
+        return holders
+
+    def snapshot(self) -> bytes:
+        return encode_snapshot(self.holder_keys(), self._emap.items())
 
     def restore(self, data: bytes) -> None:
         snap = decode_snapshot(data)
