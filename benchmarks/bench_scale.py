@@ -407,8 +407,15 @@ def run_point(
         # (one pulled mid-churn would miss what was stored after it, for good).
         ray.get(client.controller.snapshot_now.remote())
         before = _pairs(client.shards[0])
+        old = _incarnation(client.shards[0])
         ray.kill(client.shards[0], no_restart=False)
-        res["shard_recovery_s"] = _until(lambda: _pairs(client.shards[0]) == before)
+        # The kill is asynchronous: the old process may still answer; wait for the new one.
+        res["shard_recovery_s"] = _until(
+            lambda: (
+                _incarnation(client.shards[0]) not in (None, old)
+                and _pairs(client.shards[0]) == before
+            )
+        )
         t0 = time.perf_counter()
         fresh = kvray.connect(ns)
         res["replica_start_s"] = time.perf_counter() - t0
@@ -431,6 +438,15 @@ def _pairs(shard: Any) -> int | None:
 
     try:
         return int(ray.get(shard.stats.remote(), timeout=5).pairs)
+    except Exception:  # still restarting
+        return None
+
+
+def _incarnation(shard: Any) -> str | None:
+    import ray
+
+    try:
+        return str(ray.get(shard.replica_endpoint.remote(), timeout=5)[1])
     except Exception:  # still restarting
         return None
 
