@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -64,7 +65,9 @@ class Ingestor:
             flush_interval_s=ev.flush_interval_s, max_inflight=ev.max_inflight,
             on_reply=lambda i, r: self.follow.applied(i, r),
             on_failure=lambda i, e: self.follow.failed(i, e),
-            reader=shard_name(local.shard_id) if local else ingestor_name(ingestor_id),
+            # "#life": a restart, however quick, is an outage to the shards' ListenClocks.
+            reader=(shard_name(local.shard_id) if local else ingestor_name(ingestor_id))
+            + f"#{uuid.uuid4().hex[:12]}",
         )  # fmt: skip
         self.placement = cfg.placement()
         self.follow = StreamFollower(

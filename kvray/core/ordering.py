@@ -41,7 +41,9 @@ class ListenClocks:
     missed events the restarted ingestor is about to replay.
 
     Each call from a reader (``heard``) adds the time since its previous call when that gap
-    is at most ``max_gap_s``; a longer gap adds nothing. Between calls a reader's clock stands
+    is at most ``max_gap_s`` and came from the same life of the reader; a longer gap, or a
+    call from a new life (``"name#life"``: a restarted ingestor, however quick its restart),
+    adds nothing. Between calls a reader's clock stands
     still, so silence is counted only up to the reader's last call: a pod's expiry can come
     one reader call (≤ ~1 s) later than by the wall clock, never earlier.
     """
@@ -52,22 +54,24 @@ class ListenClocks:
         self._max_gap_s = max_gap_s
         self._clock = clock
         self._listened: dict[str, float] = {}
-        self._last: dict[str, float] = {}
+        self._last: dict[str, tuple[str, float]] = {}
 
     def heard(self, reader: str) -> float:
-        """``reader`` called now; returns its listening clock."""
+        """``reader`` (``"name"`` or ``"name#life"``) called now; returns the listening clock
+        of its name."""
+        name, _, life = reader.partition("#")
         now = self._clock()
-        last = self._last.get(reader)
-        total = self._listened.get(reader, 0.0)
-        if last is not None and now - last <= self._max_gap_s:
-            total += now - last
-        self._listened[reader] = total
-        self._last[reader] = now
+        last = self._last.get(name)
+        total = self._listened.get(name, 0.0)
+        if last is not None and last[0] == life and now - last[1] <= self._max_gap_s:
+            total += now - last[1]
+        self._listened[name] = total
+        self._last[name] = (life, now)
         return total
 
     def now(self, reader: str) -> float:
-        """``reader``'s listening clock (as of its last call)."""
-        return self._listened.get(reader, 0.0)
+        """The listening clock of ``reader``'s name (as of its last call)."""
+        return self._listened.get(reader.partition("#")[0], 0.0)
 
 
 class Order(Enum):

@@ -121,6 +121,19 @@ def test_listen_clocks_count_only_gaps_a_reader_bridged() -> None:
     assert lc.heard("r") == 5.0 and lc.now("other") == 0.0
 
 
+def test_listen_clocks_count_nothing_across_a_quick_restart() -> None:
+    """A reader restarted within ``max_gap_s`` (a new life) was not listening meanwhile."""
+    now = [100.0]
+    lc = ListenClocks(max_gap_s=5.0, clock=lambda: now[0])
+    assert lc.heard("ing#a") == 0.0
+    now[0] += 1.0
+    assert lc.heard("ing#a") == 1.0
+    now[0] += 3.0  # killed and back within the gap: a new life
+    assert lc.heard("ing#b") == 1.0 and lc.now("ing#a") == lc.now("ing") == 1.0
+    now[0] += 2.0
+    assert lc.heard("ing#b") == 3.0
+
+
 def _applier_at(now: list[float]) -> OrderedApplier:
     writer = IndexWriter(MemoryIndex(), lambda _m: ModelHashing(block_size=4), clock=lambda: now[0])
     a = OrderedApplier(writer, EventDecoder().decode, clock=lambda: 0.0)
