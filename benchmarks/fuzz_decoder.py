@@ -151,6 +151,16 @@ def _sorted_lists(outcome: tuple[str, Any]) -> tuple[str, Any]:
     return kind, {k: sorted(v) for k, v in value.items()} if kind == "ok" else value
 
 
+def _unpacked(outcome: tuple[str, Any]) -> tuple[str, Any]:
+    kind, value = outcome
+    if kind != "ok":
+        return outcome
+    return kind, {
+        s: [int.from_bytes(b[i : i + 8], "little") for i in range(0, len(b), 8)]
+        for s, b in value.items()
+    }
+
+
 def _any_int(rng: random.Random) -> Any:
     """Ints of every size and sign around the u64 boundaries, and bools."""
     return rng.choice(
@@ -278,6 +288,10 @@ def _native_case(rng: random.Random, C: Any, pool: list[bytes]) -> str | None:
         a, b = _outcome(C.slot_keys, c_d, clear), _outcome(py["slot_keys"], py_d, clear)
         if _sorted_lists(a) != _sorted_lists(b):
             return f"slot_keys on {kind}: C {a} != Python {b}"
+        a = _outcome(C.slot_keys, c_d, clear, True)
+        b = _outcome(py["slot_keys"], py_d, clear, True)
+        if _sorted_lists(_unpacked(a)) != _sorted_lists(_unpacked(b)):
+            return f"slot_keys(packed) on {kind}: C {a} != Python {b}"
         for name, c_args, py_args in calls:
             a, b = _outcome(getattr(C, name), *c_args), _outcome(py[name], *py_args)
             if a != b:

@@ -1754,9 +1754,10 @@ clear_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 PyDoc_STRVAR(slot_keys_doc,
-"slot_keys(d, live) -> dict\n\n"
+"slot_keys(d, live[, packed]) -> dict\n\n"
 "Slot → the keys whose mask in d has that slot's bit, within live (keys in d's order): the\n"
-"index inverted, per key rather than per (key, slot) pair in Python.");
+"index inverted, per key rather than per (key, slot) pair in Python. With packed true, each\n"
+"slot's keys come as bytes, u64 little-endian (no int object per key: snapshots).");
 
 /* The set bits of a non-negative int, as little-endian bytes in *buf (grown as needed);
  * returns the byte count, or -1 with an exception. */
@@ -1830,12 +1831,91 @@ slot_keys_add(PyObject *out, PyObject ***lists, Py_ssize_t *nlists, uint64_t k, 
     return 0;
 }
 
+/* Packed mode: per slot, a growable u64 buffer; turned into bytes at the end. */
+typedef struct {
+    uint64_t *v;
+    Py_ssize_t n, cap;
+} u64vec;
+
+static int
+slot_keys_push(u64vec **vecs, Py_ssize_t *nvecs, uint64_t k, const unsigned char *mb,
+               Py_ssize_t nb, const unsigned char *lb, Py_ssize_t nl)
+{
+    Py_ssize_t n = nb < nl ? nb : nl;
+    for (Py_ssize_t b = 0; b < n; b++) {
+        unsigned int byte = mb[b] & lb[b];
+        while (byte) {
+            Py_ssize_t slot = b * 8 + __builtin_ctz(byte);
+            byte &= byte - 1;
+            if (slot >= *nvecs) {
+                Py_ssize_t want = n * 8;
+                u64vec *grown = PyMem_Realloc(*vecs, (size_t)want * sizeof(u64vec));
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                memset(grown + *nvecs, 0, (size_t)(want - *nvecs) * sizeof(u64vec));
+                *vecs = grown;
+                *nvecs = want;
+            }
+            u64vec *v = &(*vecs)[slot];
+            if (v->n == v->cap) {
+                Py_ssize_t cap = v->cap ? v->cap * 2 : 64;
+                uint64_t *g = PyMem_Realloc(v->v, (size_t)cap * sizeof(uint64_t));
+                if (g == NULL) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                v->v = g;
+                v->cap = cap;
+            }
+            v->v[v->n++] = k;
+        }
+    }
+    return 0;
+}
+
+/* out[slot] = the slot's keys as u64 little-endian bytes, for every non-empty vector; frees
+ * the vectors. */
+static int
+slot_keys_flush(PyObject *out, u64vec *vecs, Py_ssize_t nvecs, int ok)
+{
+    int rc = ok ? 0 : -1;
+    for (Py_ssize_t s = 0; s < nvecs; s++) {
+        u64vec *v = &vecs[s];
+        if (rc == 0 && v->n) {
+            PyObject *b = PyBytes_FromStringAndSize(NULL, v->n * 8);
+            PyObject *sk = b == NULL ? NULL : PyLong_FromSsize_t(s);
+            if (sk != NULL) {
+                unsigned char *p = (unsigned char *)PyBytes_AS_STRING(b);
+                for (Py_ssize_t i = 0; i < v->n; i++)
+                    for (int j = 0; j < 8; j++)
+                        p[i * 8 + j] = (unsigned char)(v->v[i] >> (8 * j));
+                rc = PyDict_SetItem(out, sk, b);
+            }
+            else {
+                rc = -1;
+            }
+            Py_XDECREF(sk);
+            Py_XDECREF(b);
+        }
+        PyMem_Free(v->v);
+    }
+    PyMem_Free(vecs);
+    return rc;
+}
+
 static PyObject *
 slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs("slot_keys", nargs, 2) < 0)
+    if (nargs != 2 && nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "slot_keys() takes 2 or 3 arguments (%zd given)", nargs);
         return NULL;
+    }
     PyObject *d = args[0], *live = args[1];
+    int packed = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (packed < 0)
+        return NULL;
     if (!PyLong_Check(live) || _PyLong_Sign(live) < 0) {
         PyErr_SetString(PyExc_TypeError, "slot_keys: live must be a non-negative int");
         return NULL;
@@ -1846,7 +1926,8 @@ slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *out = PyDict_New();
     PyObject **lists = NULL; /* by slot: the list in `out`, borrowed */
-    Py_ssize_t nlists = 0, cap = 0, lcap = 0;
+    u64vec *vecs = NULL;     /* packed: by slot, the keys so far */
+    Py_ssize_t nlists = 0, nvecs = 0, cap = 0, lcap = 0;
     unsigned char *buf = NULL, *lbuf = NULL;
     Py_ssize_t nl = out == NULL ? -1 : mask_bytes(live, &lbuf, &lcap);
     if (nl < 0)
@@ -1859,9 +1940,10 @@ slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 continue;
             PyObject *key = NULL;
             Py_ssize_t nb = mask_bytes(slots[i].val, &buf, &cap);
-            int rc = nb < 0 ? -1
-                            : slot_keys_add(out, &lists, &nlists, slots[i].key, &key, buf, nb,
-                                            lbuf, nl);
+            int rc = nb < 0    ? -1
+                     : packed ? slot_keys_push(&vecs, &nvecs, slots[i].key, buf, nb, lbuf, nl)
+                              : slot_keys_add(out, &lists, &nlists, slots[i].key, &key, buf, nb,
+                                              lbuf, nl);
             Py_XDECREF(key);
             if (rc < 0)
                 goto fail;
@@ -1880,8 +1962,9 @@ slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             PyObject *key = Py_NewRef(k);
             Py_ssize_t nb = mask_bytes(m, &buf, &cap);
-            int rc = nb < 0 ? -1
-                            : slot_keys_add(out, &lists, &nlists, u, &key, buf, nb, lbuf, nl);
+            int rc = nb < 0    ? -1
+                     : packed ? slot_keys_push(&vecs, &nvecs, u, buf, nb, lbuf, nl)
+                              : slot_keys_add(out, &lists, &nlists, u, &key, buf, nb, lbuf, nl);
             Py_XDECREF(key);
             if (rc < 0)
                 goto fail;
@@ -1890,12 +1973,17 @@ slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyMem_Free(lists);
     PyMem_Free(buf);
     PyMem_Free(lbuf);
+    if (slot_keys_flush(out, vecs, nvecs, 1) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
     return out;
 fail:
     Py_XDECREF(out);
     PyMem_Free(lists);
     PyMem_Free(buf);
     PyMem_Free(lbuf);
+    slot_keys_flush(NULL, vecs, nvecs, 0);
     return NULL;
 }
 

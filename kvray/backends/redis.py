@@ -54,7 +54,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from kvray.core.index.base import IndexStats
-from kvray.core.snapshot import decode_snapshot, encode_snapshot
+from kvray.core.snapshot import decode_snapshot, encode_snapshot, engine_pairs, holder_keys
 from kvray.errors import BackendUnavailable, ConfigError
 from kvray.types import PodId, Tier
 
@@ -866,10 +866,11 @@ class RedisBackend:
             _check_name("pod", pod)
             # An add without keys gives the holder its slot even if it holds nothing.
             adds.append((pod, "GPU", ""))
-            for tier, keys in tiers.items():
+            for tier in tiers:
                 _check_name("tier", tier)
-                adds += [(pod, tier, _blob(part)) for part in _chunks(keys, _KEYS_PER_CALL)]
-        emap = [(_hex(e), _hex(r)) for e, r in snap.engine_map]
+        for pod, tier, keys in holder_keys(snap):
+            adds += [(pod, tier, _blob(part)) for part in _chunks(keys, _KEYS_PER_CALL)]
+        emap = [(_hex(e), _hex(r)) for e, r in engine_pairs(snap)]
         # EVAL rather than EVALSHA in the pipelines below: a NOSCRIPT inside a pipeline could
         # not be retried, and the body's size is small next to the keys each call carries.
         with self._guard("restore"):

@@ -14,9 +14,7 @@ the shards do: same keys, same tiers, same longest-prefix walk (``MemoryIndex.sc
 
 from __future__ import annotations
 
-import sys
 import time
-from array import array
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -31,7 +29,7 @@ from kvray.core.index.base import (
     held_op,
 )
 from kvray.core.index.memory import MemoryIndex
-from kvray.core.snapshot import decode_snapshot
+from kvray.core.snapshot import decode_snapshot, holder_keys, pack_keys, unpack_keys
 from kvray.types import PodId, Tier
 
 OP_ADD = 0
@@ -46,34 +44,17 @@ a replica then decodes one bytes object per op instead of an int per key); ``ttl
 for speculative adds."""
 
 
-def pack_keys(keys: Sequence[int]) -> bytes:
-    """Keys as u64 little-endian bytes (the change stream's key format)."""
-    a = array("Q", keys)
-    if _BIG_ENDIAN:
-        a.byteswap()
-    return a.tobytes()
-
-
 def packed_holders(backend: IndexBackend) -> dict[str, dict[str, bytes]]:
     """A backend's holders for a ``ReplicaSnapshot``: its own inversion where it has one
     (``MemoryIndex.holder_keys``), else its portable snapshot's."""
     if isinstance(backend, MemoryIndex):
-        holders = backend.holder_keys()
-    else:
-        holders = decode_snapshot(backend.snapshot()).holders
-    return {h: {t: pack_keys(ks) for t, ks in tiers.items()} for h, tiers in holders.items()}
+        return backend.holder_keys(packed=True)
+    out: dict[str, dict[str, bytes]] = {}
+    for h, t, keys in holder_keys(decode_snapshot(backend.snapshot())):
+        out.setdefault(h, {})[t] = pack_keys(keys)
+    return out
 
 
-def unpack_keys(raw: bytes) -> array[int]:
-    """The keys of ``pack_keys`` bytes (an array: a ``Sequence[int]``)."""
-    a = array("Q")
-    a.frombytes(raw)
-    if _BIG_ENDIAN:
-        a.byteswap()
-    return a
-
-
-_BIG_ENDIAN = sys.byteorder == "big"
 _NO_KEYS = b""
 
 

@@ -201,9 +201,10 @@ def py_xor_u64(hashes: Sequence[int | bytes], tag: int) -> list[int]:
     return out
 
 
-def py_slot_keys(d: dict[int, int], live: int) -> dict[int, list[int]]:
+def py_slot_keys(d: dict[int, int], live: int, packed: bool = False) -> dict[int, Any]:
     """Slot → the keys whose mask in ``d`` has that slot's bit, within ``live`` (keys in
-    ``d``'s order): the index inverted (snapshots)."""
+    ``d``'s order): the index inverted (snapshots). ``packed``: each slot's keys as bytes,
+    u64 little-endian."""
     if live < 0:
         raise TypeError("slot_keys: live must be a non-negative int")
     out: dict[int, list[int]] = {}
@@ -216,6 +217,8 @@ def py_slot_keys(d: dict[int, int], live: int) -> dict[int, list[int]]:
             low = bits & -bits
             out.setdefault(low.bit_length() - 1, []).append(k)
             bits ^= low
+    if packed:
+        return {s: b"".join(k.to_bytes(8, "little") for k in ks) for s, ks in out.items()}
     return out
 
 

@@ -24,7 +24,7 @@ from redis.connection import UnixDomainSocketConnection
 from kvray.backends.redis import RedisBackend
 from kvray.core.index.base import IndexBackend
 from kvray.core.scoring import score_from_holders
-from kvray.core.snapshot import decode_snapshot, encode_snapshot
+from kvray.core.snapshot import decode_snapshot, encode_snapshot, holder_keys
 from kvray.errors import BackendUnavailable, MalformedFrame
 from kvray.types import PodId, Tier
 from tests.redis_server import RedisServerInfo, redis_server_binary, start_redis_server
@@ -529,6 +529,13 @@ def _fill(backend: RedisBackend) -> None:
     backend.put_engine_map([(2**64 - 1 - i, i) for i in range(30)])
 
 
+def _holder_lists(data: bytes) -> dict[str, dict[str, list[int]]]:
+    out: dict[str, dict[str, list[int]]] = {}
+    for h, t, ks in holder_keys(decode_snapshot(data)):
+        out.setdefault(h, {})[t] = list(ks)
+    return out
+
+
 def test_snapshot_restores_into_a_fresh_prefix(make_backend: Callable[..., RedisBackend]) -> None:
     src, dst = make_backend(), make_backend()
     _fill(src)
@@ -537,9 +544,7 @@ def test_snapshot_restores_into_a_fresh_prefix(make_backend: Callable[..., Redis
     data = src.snapshot()
     dst.restore(data)
 
-    keys = sorted(
-        {k for h in decode_snapshot(data).holders.values() for ks in h.values() for k in ks}
-    )
+    keys = sorted({k for _h, _t, ks in holder_keys(decode_snapshot(data)) for k in ks})
     keys += [999_999, 123]
     assert dst.holders(keys) == src.holders(keys)
     assert dst.pods() == src.pods()
@@ -559,7 +564,7 @@ def test_restore_of_a_foreign_snapshot(backend: RedisBackend) -> None:
     assert backend.score([1, 2, 3], WEIGHTS) == {PodId("a"): 3.0, PodId("b"): 1.6}
     assert backend.pods() == [PodId("a"), PodId("b"), PodId("idle")]
     assert backend.get_engine_map([7]) == [8]
-    assert decode_snapshot(backend.snapshot()).holders == {
+    assert _holder_lists(backend.snapshot()) == {
         "a": {"GPU": [1, 2, 3], "CPU": [1]},
         "b": {"CPU": [1, 2]},
     }
@@ -579,7 +584,7 @@ def test_large_restore_in_bounded_round_trips(backend: RedisBackend) -> None:
         {PodId("pod0"): {GPU}},
         {PodId("pod1"): {GPU}},
     ]
-    assert decode_snapshot(backend.snapshot()).holders == {
+    assert _holder_lists(backend.snapshot()) == {
         p: {"CPU": [7, 8], "GPU": ks["GPU"]} for p, ks in big.items()
     }
     backend.restore(encode_snapshot({"new": {"GPU": [0]}}, []))  # wipes in several trips
@@ -643,7 +648,7 @@ def test_key_ttl_expires_blocks(
         assert time.monotonic() < deadline, "block keys never expired"
         time.sleep(0.05)
     assert backend.score([1, 2], WEIGHTS) == {}
-    assert decode_snapshot(backend.snapshot()).holders == {}
+    assert _holder_lists(backend.snapshot()) == {}
     # The holder can re-add, remove and be cleared normally afterwards.
     backend.add(PodId("a"), CPU, [1])
     assert backend.score([1], WEIGHTS) == {PodId("a"): 0.8}

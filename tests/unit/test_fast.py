@@ -313,8 +313,23 @@ def test_slot_keys_agree(d: dict[int, int], live: int, table: str) -> None:
     assert py == want
     if table != "U64Map":  # a U64Map has no order
         assert c == want
+    # packed: the same keys, as u64 little-endian bytes
+    c_packed = C.slot_keys(dict(d) if table == "dict" else getattr(C, table)(d), live, True)
+    py_packed = fast.py_slot_keys(dict(d), live, True)
+
+    def unpacked(out: dict[int, bytes]) -> dict[int, list[int]]:
+        return {
+            s: sorted(int.from_bytes(b[i : i + 8], "little") for i in range(0, len(b), 8))
+            for s, b in out.items()
+        }
+
+    assert unpacked(c_packed) == unpacked(py_packed) == {s: sorted(ks) for s, ks in want.items()}
+    if table != "U64Map":
+        assert c_packed == py_packed
     with pytest.raises(TypeError):
         C.slot_keys(d, -1)
+    with pytest.raises(TypeError):
+        C.slot_keys(d, 1, True, None)
 
 
 @settings(max_examples=300, deadline=None)

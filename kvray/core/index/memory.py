@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
+from typing import Any
 
 from kvray.core.fast import (
     U64Dict,
@@ -49,7 +50,7 @@ from kvray.core.fast import (
     slot_keys,
 )
 from kvray.core.index.base import IndexStats, add_engine_generic, remove_engine_generic
-from kvray.core.snapshot import decode_snapshot, encode_snapshot
+from kvray.core.snapshot import decode_snapshot, encode_snapshot, engine_pairs, holder_keys
 from kvray.types import PodId, Tier
 
 _DICT_ENTRY_BYTES = 42  # measured sys.getsizeof(dict)/len at 250 k-1 M int keys (3.11)
@@ -405,24 +406,24 @@ class MemoryIndex:
             per_tier={t: len(d) for t, d in self._tiers.items()},
         )
 
-    def holder_keys(self) -> dict[str, dict[str, list[int]]]:
-        """Holder → tier → the keys it holds: the tables inverted, in C (``slot_keys``)."""
-        holders: dict[str, dict[str, list[int]]] = {}
+    def holder_keys(self, packed: bool = False) -> dict[str, dict[str, Any]]:
+        """Holder → tier → the keys it holds (``packed``: as u64 little-endian bytes, no int
+        object per pair): the tables inverted, in C (``slot_keys``)."""
+        holders: dict[str, dict[str, Any]] = {}
         for tier, d in self._tiers.items():
-            for slot, ks in slot_keys(d, self._live).items():
+            for slot, ks in slot_keys(d, self._live, packed).items():
                 holders.setdefault(self._slot_pod[slot], {})[tier] = ks
         return holders
 
     def snapshot(self) -> bytes:
-        return encode_snapshot(self.holder_keys(), self._emap.items())
+        return encode_snapshot(self.holder_keys(packed=True), self._emap.items())
 
     def restore(self, data: bytes) -> None:
         snap = decode_snapshot(data)
         self._reset()
-        for pod, tiers in snap.holders.items():
-            for tier, keys in tiers.items():
-                self.add(PodId(pod), Tier(tier), keys)
-        self._emap.update(snap.engine_map)
+        for pod, tier, keys in holder_keys(snap):  # v2: u64 buffers, read by or_bits in place
+            self.add(PodId(pod), Tier(tier), keys)
+        self._emap.update(engine_pairs(snap))
 
     def close(self) -> None:
         self._tiers.clear()
