@@ -1790,6 +1790,21 @@ mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap)
     return n;
 }
 
+/* Grow the array *arr of *n elements of `size` bytes to `want` (> *n), zeroing the new ones. */
+static int
+grow_zeroed(void **arr, Py_ssize_t *n, Py_ssize_t want, size_t size)
+{
+    char *grown = PyMem_Realloc(*arr, (size_t)want * size);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(grown + (size_t)*n * size, 0, (size_t)(want - *n) * size);
+    *arr = grown;
+    *n = want;
+    return 0;
+}
+
 /* Append key `k` (created on first use in *key) to the list of every slot set in bytes
  * `mb[0..nb)` & `lb[0..nl)`; lists by slot in `lists` (grown), owned by `out`. */
 static int
@@ -1802,17 +1817,9 @@ slot_keys_add(PyObject *out, PyObject ***lists, Py_ssize_t *nlists, uint64_t k, 
         while (byte) {
             Py_ssize_t slot = b * 8 + __builtin_ctz(byte);
             byte &= byte - 1;
-            if (slot >= *nlists) {
-                Py_ssize_t want = n * 8;
-                PyObject **grown = PyMem_Realloc(*lists, (size_t)want * sizeof(PyObject *));
-                if (grown == NULL) {
-                    PyErr_NoMemory();
-                    return -1;
-                }
-                memset(grown + *nlists, 0, (size_t)(want - *nlists) * sizeof(PyObject *));
-                *lists = grown;
-                *nlists = want;
-            }
+            if (slot >= *nlists
+                && grow_zeroed((void **)lists, nlists, n * 8, sizeof(PyObject *)) < 0)
+                return -1;
             if ((*lists)[slot] == NULL) {
                 PyObject *lst = PyList_New(0), *sk = PyLong_FromSsize_t(slot);
                 int rc = lst == NULL || sk == NULL ? -1 : PyDict_SetItem(out, sk, lst);
@@ -1847,17 +1854,8 @@ slot_keys_push(u64vec **vecs, Py_ssize_t *nvecs, uint64_t k, const unsigned char
         while (byte) {
             Py_ssize_t slot = b * 8 + __builtin_ctz(byte);
             byte &= byte - 1;
-            if (slot >= *nvecs) {
-                Py_ssize_t want = n * 8;
-                u64vec *grown = PyMem_Realloc(*vecs, (size_t)want * sizeof(u64vec));
-                if (grown == NULL) {
-                    PyErr_NoMemory();
-                    return -1;
-                }
-                memset(grown + *nvecs, 0, (size_t)(want - *nvecs) * sizeof(u64vec));
-                *vecs = grown;
-                *nvecs = want;
-            }
+            if (slot >= *nvecs && grow_zeroed((void **)vecs, nvecs, n * 8, sizeof(u64vec)) < 0)
+                return -1;
             u64vec *v = &(*vecs)[slot];
             if (v->n == v->cap) {
                 Py_ssize_t cap = v->cap ? v->cap * 2 : 64;

@@ -29,7 +29,7 @@ from kvray.core.index.base import (
     held_op,
 )
 from kvray.core.index.memory import MemoryIndex
-from kvray.core.snapshot import decode_snapshot, holder_keys, pack_keys, unpack_keys
+from kvray.core.snapshot import decode_snapshot, pack_keys, packed, unpack_keys
 from kvray.types import PodId, Tier
 
 OP_ADD = 0
@@ -49,10 +49,8 @@ def packed_holders(backend: IndexBackend) -> dict[str, dict[str, bytes]]:
     (``MemoryIndex.holder_keys``), else its portable snapshot's."""
     if isinstance(backend, MemoryIndex):
         return backend.holder_keys(packed=True)
-    out: dict[str, dict[str, bytes]] = {}
-    for h, t, keys in holder_keys(decode_snapshot(backend.snapshot())):
-        out.setdefault(h, {})[t] = pack_keys(keys)
-    return out
+    holders = decode_snapshot(backend.snapshot()).holders  # v2: packed already
+    return {h: {t: packed(ks) for t, ks in tiers.items()} for h, tiers in holders.items()}
 
 
 _NO_KEYS = b""
@@ -82,10 +80,10 @@ class ReplicaSnapshot(msgspec.Struct, array_like=True):
     stream: str
     seq: int
     holders: dict[str, dict[str, bytes]]
-    """Holder → tier → its keys as ``pack_keys`` bytes. Not ``core.snapshot``'s lists of ints:
-    at tens of millions of pairs those are an int object per pair on both sides, and the
-    replica's process kept ~1.5 GB of their freed small-object arenas (1,024 pods × 48 M
-    pairs). No engine map (replicas do not resolve engine keys)."""
+    """Holder → tier → its keys as ``pack_keys`` bytes (as in ``core.snapshot``'s version 2:
+    lists of ints are an int object per pair on both sides, and at 1,024 pods × 48 M pairs
+    the replica's process kept ~1.5 GB of their freed small-object arenas). No engine map
+    (replicas do not resolve engine keys)."""
     positions: dict[str, int]
     pools: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
     """Holder → ``(blocks held, learned pool size)`` (``core.routing.PoolGauges``)."""

@@ -30,12 +30,17 @@ _READABLE = (1, 2)
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
-def pack_keys(keys: Sequence[int]) -> bytes:
+def pack_keys(keys: Iterable[int]) -> bytes:
     """Keys as u64 little-endian bytes (snapshots' and the change stream's key format)."""
     a = array("Q", keys)
     if _BIG_ENDIAN:
         a.byteswap()
     return a.tobytes()
+
+
+def packed(keys: Sequence[int] | bytes) -> bytes:
+    """Keys as ``pack_keys`` bytes; bytes are taken as packed already."""
+    return keys if isinstance(keys, bytes) else pack_keys(keys)
 
 
 def unpack_keys(raw: bytes) -> array[int]:
@@ -84,14 +89,16 @@ def encode_snapshot(
 ) -> bytes:
     """Encode a snapshot document (version 2: keys packed; ``holders`` may give them packed
     already, as ``pack_keys`` bytes)."""
-    flat = array("Q", chain.from_iterable(engine_map))
-    if _BIG_ENDIAN:
-        flat.byteswap()
-    packed: dict[str, dict[str, bytes | list[int]]] = {
-        h: {t: ks if isinstance(ks, bytes) else pack_keys(ks) for t, ks in tiers.items()}
-        for h, tiers in holders.items()
+    by_holder: dict[str, dict[str, bytes | list[int]]] = {
+        h: {t: packed(ks) for t, ks in tiers.items()} for h, tiers in holders.items()
     }
-    return _encoder.encode(Snapshot(v=SNAPSHOT_VERSION, holders=packed, engine_map=flat.tobytes()))
+    return _encoder.encode(
+        Snapshot(
+            v=SNAPSHOT_VERSION,
+            holders=by_holder,
+            engine_map=pack_keys(chain.from_iterable(engine_map)),
+        )
+    )
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
