@@ -72,18 +72,31 @@ mp_u32(const unsigned char **pp, const unsigned char *end, uint32_t *out)
     if (p >= end)
         return -1;
     unsigned char b = *p++;
-    uint64_t v;
-    int n = 0;
-    int is_signed = 0;
     if (b <= 0x7f) {
         *out = b;
         *pp = p;
         return 0;
     }
+    /* tokens are mostly 0xcd / 0xce (vocabularies of 2^16 - 2^18) */
+    if (b == 0xcd) {
+        if (end - p < 2)
+            return -1;
+        *out = ((uint32_t)p[0] << 8) | p[1];
+        *pp = p + 2;
+        return 0;
+    }
+    if (b == 0xce) {
+        if (end - p < 4)
+            return -1;
+        *out = ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+        *pp = p + 4;
+        return 0;
+    }
+    uint64_t v;
+    int n = 0;
+    int is_signed = 0;
     switch (b) {
     case 0xcc: n = 1; break;
-    case 0xcd: n = 2; break;
-    case 0xce: n = 4; break;
     case 0xcf: n = 8; break;
     case 0xd0: n = 1; is_signed = 1; break;
     case 0xd1: n = 2; is_signed = 1; break;
@@ -1985,6 +1998,822 @@ fail:
     return NULL;
 }
 
+/* --- whole vLLM batches: scan_frame / apply_frame -------------------------------------------
+ *
+ * A shard decoded every batch into a Python object per event and walked them in Python: most of
+ * its write time. Almost every frame has the shape real pods publish: BlockStored events with u64
+ * hashes and their tokens, and runs of one-block BlockRemoved events, all on the GPU tier. These
+ * functions take such a frame straight from its msgpack bytes.
+ *
+ * "Fast form" is a strict subset of what kvray.core.events.EventDecoder accepts, so a frame
+ * accepted here is never malformed for the Python decoder and decodes to the same events:
+ * a batch [ts (float32/64), events, rank (nil or an int < 2^31)]; events BlockStored /
+ * BlockRemoved, all as maps whose first key is "type" (vLLM >= 0.24) or all as positional
+ * arrays (older vLLM, trailing fields skipped); block hashes ints in [0, 2^64), at least one; a BlockStored
+ * with a nil or int parent, its tokens (u32 ints, exactly n * block_size) and no LoRA name or
+ * extra keys (an array of nils is none); medium nil or "GPU"; lora_id and group_idx nil or
+ * ints; other map fields skipped (no ext types, no non-ASCII strings, nesting < 32); no field
+ * twice; within the decoder's limits. For anything else the functions return None and the
+ * Python path decodes the frame (and says what is malformed). */
+
+typedef struct {
+    const unsigned char *hashes; /* the first block hash */
+    const unsigned char *tokens; /* the first token (BlockStored) */
+    Py_ssize_t n;                /* block hashes */
+    Py_ssize_t ntok;
+    Py_ssize_t block_size;
+    uint64_t parent;
+    char stored;     /* 1 BlockStored, 0 BlockRemoved */
+    char has_parent;
+    char has_tokens;
+    char medium;     /* 0 nil, 1 "GPU" (a run of removals ends where it changes, as in Python) */
+    char is_map;     /* the event's form */
+} fev;
+
+typedef struct {
+    Py_ssize_t max_payload, max_events, max_blocks;
+} flimits;
+
+static int
+mp_skip(const unsigned char **pp, const unsigned char *end, int depth)
+{
+    const unsigned char *p = *pp;
+    if (p >= end || depth > 32)
+        return -1;
+    unsigned char b = *p++;
+    Py_ssize_t n = 0, items = 0;
+    int is_str = 0;
+    if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
+        n = 0;
+    }
+    else if (b >= 0xa0 && b <= 0xbf) {
+        n = b & 0x1f;
+        is_str = 1;
+    }
+    else if (b >= 0x90 && b <= 0x9f) {
+        items = b & 0x0f;
+    }
+    else if (b >= 0x80 && b <= 0x8f) {
+        items = 2 * (Py_ssize_t)(b & 0x0f);
+    }
+    else {
+        int w = 0;
+        switch (b) {
+        case 0xcc: case 0xd0: n = 1; break;
+        case 0xcd: case 0xd1: n = 2; break;
+        case 0xce: case 0xd2: case 0xca: n = 4; break;
+        case 0xcf: case 0xd3: case 0xcb: n = 8; break;
+        case 0xc4: w = 1; break;
+        case 0xc5: w = 2; break;
+        case 0xc6: w = 4; break;
+        case 0xd9: w = 1; is_str = 1; break;
+        case 0xda: w = 2; is_str = 1; break;
+        case 0xdb: w = 4; is_str = 1; break;
+        case 0xdc: case 0xde: w = 2; break;
+        case 0xdd: case 0xdf: w = 4; break;
+        default: return -1; /* 0xc1 and the ext types */
+        }
+        if (w) {
+            if (end - p < w)
+                return -1;
+            Py_ssize_t v = (Py_ssize_t)be(p, w);
+            p += w;
+            if (b == 0xdc || b == 0xdd)
+                items = v;
+            else if (b == 0xde || b == 0xdf)
+                items = 2 * v;
+            else
+                n = v;
+        }
+    }
+    if (n > end - p || items > end - p)
+        return -1;
+    if (is_str) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (p[i] & 0x80)
+                return -1; /* non-ASCII: the decoder checks its UTF-8 */
+    }
+    p += n;
+    for (Py_ssize_t i = 0; i < items; i++)
+        if (mp_skip(&p, end, depth + 1) < 0)
+            return -1;
+    *pp = p;
+    return 0;
+}
+
+/* An ASCII str: its bytes in *s, *len. */
+static int
+mp_str(const unsigned char **pp, const unsigned char *end, const unsigned char **s, Py_ssize_t *len)
+{
+    const unsigned char *p = *pp;
+    if (p >= end)
+        return -1;
+    unsigned char b = *p++;
+    Py_ssize_t n;
+    if (b >= 0xa0 && b <= 0xbf) {
+        n = b & 0x1f;
+    }
+    else if (b == 0xd9 || b == 0xda || b == 0xdb) {
+        int w = b == 0xd9 ? 1 : b == 0xda ? 2 : 4;
+        if (end - p < w)
+            return -1;
+        n = (Py_ssize_t)be(p, w);
+        p += w;
+    }
+    else {
+        return -1;
+    }
+    if (n > end - p)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i] & 0x80)
+            return -1;
+    *s = p;
+    *len = n;
+    *pp = p + n;
+    return 0;
+}
+
+static inline int
+str_is(const unsigned char *s, Py_ssize_t len, const char *want)
+{
+    size_t n = strlen(want);
+    return (size_t)len == n && memcmp(s, want, n) == 0;
+}
+
+/* An int in [0, 2^64), in any msgpack int encoding. */
+static int
+mp_u64(const unsigned char **pp, const unsigned char *end, uint64_t *out)
+{
+    const unsigned char *p = *pp;
+    if (p >= end)
+        return -1;
+    unsigned char b = *p++;
+    if (b <= 0x7f) {
+        *out = b;
+        *pp = p;
+        return 0;
+    }
+    if (b == 0xcf) { /* hashes are mostly full-width */
+        if (end - p < 8)
+            return -1;
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        uint64_t v = 0;
+        memcpy(&v, p, 8);
+        *out = __builtin_bswap64(v);
+#else
+        *out = be(p, 8);
+#endif
+        *pp = p + 8;
+        return 0;
+    }
+    int n = 0, is_signed = 0;
+    switch (b) {
+    case 0xcc: n = 1; break;
+    case 0xcd: n = 2; break;
+    case 0xce: n = 4; break;
+    case 0xd0: n = 1; is_signed = 1; break;
+    case 0xd1: n = 2; is_signed = 1; break;
+    case 0xd2: n = 4; is_signed = 1; break;
+    case 0xd3: n = 8; is_signed = 1; break;
+    default: return -1;
+    }
+    if (end - p < n || (is_signed && (p[0] & 0x80)))
+        return -1;
+    *out = be(p, n);
+    *pp = p + n;
+    return 0;
+}
+
+/* nil, or any msgpack int (every one fits msgspec's int). */
+static int
+mp_nil_or_int(const unsigned char **pp, const unsigned char *end)
+{
+    const unsigned char *p = *pp;
+    if (p >= end)
+        return -1;
+    unsigned char b = *p;
+    if (b == 0xc0 || b <= 0x7f || b >= 0xe0) {
+        *pp = p + 1;
+        return 0;
+    }
+    if ((b >= 0xcc && b <= 0xcf) || (b >= 0xd0 && b <= 0xd3))
+        return mp_skip(pp, end, 0);
+    return -1;
+}
+
+/* A map header (*n pairs) or an array header (*n items); *is_map says which. */
+static int
+mp_container(const unsigned char **pp, const unsigned char *end, Py_ssize_t *n, int *is_map)
+{
+    const unsigned char *p = *pp;
+    if (p >= end)
+        return -1;
+    unsigned char b = *p;
+    if ((b >= 0x80 && b <= 0x8f) || b == 0xde || b == 0xdf) {
+        p++;
+        if (b <= 0x8f) {
+            *n = b & 0x0f;
+        }
+        else {
+            int w = b == 0xde ? 2 : 4;
+            if (end - p < w)
+                return -1;
+            *n = (Py_ssize_t)be(p, w);
+            p += w;
+        }
+        if (*n > (end - p) / 2)
+            return -1;
+        *is_map = 1;
+        *pp = p;
+        return 0;
+    }
+    *is_map = 0;
+    return mp_array_head(pp, end, n);
+}
+
+enum { F_HASHES, F_PARENT, F_TOKENS, F_BLOCK_SIZE, F_LORA_ID, F_MEDIUM, F_LORA_NAME, F_EXTRA,
+       F_GROUP, F_OTHER };
+
+/* BlockStored's fields in vLLM's order (the positional form); BlockRemoved's are a subset. */
+static const char *const field_names[] = {"block_hashes", "parent_block_hash", "token_ids",
+    "block_size", "lora_id", "medium", "lora_name", "extra_keys", "group_idx"};
+static const int removed_order[] = {F_HASHES, F_MEDIUM, F_GROUP};
+
+static int
+field_of(const unsigned char *s, Py_ssize_t len, int stored)
+{
+    int f;
+    switch (len) { /* the names' lengths tell all but two apart */
+    case 12: f = s[0] == 'b' ? F_HASHES : F_OTHER; break;
+    case 17: f = F_PARENT; break;
+    case 9: f = s[0] == 't' ? F_TOKENS : s[0] == 'l' ? F_LORA_NAME : F_GROUP; break;
+    case 10: f = s[0] == 'b' ? F_BLOCK_SIZE : F_EXTRA; break;
+    case 7: f = F_LORA_ID; break;
+    case 6: f = F_MEDIUM; break;
+    default: return F_OTHER;
+    }
+    if (f == F_OTHER || !str_is(s, len, field_names[f]))
+        return F_OTHER;
+    if (!stored && f != F_HASHES && f != F_MEDIUM && f != F_GROUP)
+        return F_OTHER;
+    return f;
+}
+
+/* One field's value into ev: 0, or -1 when it is not fast form. */
+static int
+fev_value(const unsigned char **pp, const unsigned char *end, fev *ev, int f, const flimits *lim)
+{
+    Py_ssize_t n;
+    const unsigned char *s;
+    uint64_t v;
+    switch (f) {
+    case F_HASHES:
+        if (mp_array_head(pp, end, &n) < 0 || n == 0 || n > lim->max_blocks)
+            return -1;
+        ev->hashes = *pp;
+        ev->n = n;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (mp_u64(pp, end, &v) < 0)
+                return -1;
+        return 0;
+    case F_PARENT:
+        if (*pp < end && **pp == 0xc0) {
+            (*pp)++;
+            ev->has_parent = 0;
+            return 0;
+        }
+        ev->has_parent = 1;
+        return mp_u64(pp, end, &ev->parent);
+    case F_TOKENS:
+        if (mp_array_head(pp, end, &n) < 0)
+            return -1;
+        ev->tokens = *pp;
+        ev->ntok = n;
+        ev->has_tokens = 1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t t;
+            if (mp_u32(pp, end, &t) < 0)
+                return -1;
+        }
+        return 0;
+    case F_BLOCK_SIZE:
+        if (mp_u64(pp, end, &v) < 0 || v == 0 || v > (1 << 24))
+            return -1;
+        ev->block_size = (Py_ssize_t)v;
+        return 0;
+    case F_LORA_ID:
+    case F_GROUP:
+        return mp_nil_or_int(pp, end);
+    case F_MEDIUM:
+        if (*pp < end && **pp == 0xc0) {
+            (*pp)++;
+            ev->medium = 0;
+            return 0;
+        }
+        if (mp_str(pp, end, &s, &n) < 0 || !str_is(s, n, "GPU"))
+            return -1;
+        ev->medium = 1;
+        return 0;
+    case F_LORA_NAME:
+        if (*pp >= end || **pp != 0xc0)
+            return -1;
+        (*pp)++;
+        return 0;
+    case F_EXTRA:
+        if (*pp < end && **pp == 0xc0) {
+            (*pp)++;
+            return 0;
+        }
+        if (mp_array_head(pp, end, &n) < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (**pp != 0xc0) /* n <= the bytes left: *pp < end */
+                return -1;
+            (*pp)++;
+        }
+        return 0;
+    default:
+        return mp_skip(pp, end, 0);
+    }
+}
+
+static int
+fev_parse(const unsigned char **pp, const unsigned char *end, fev *ev, const flimits *lim)
+{
+    Py_ssize_t n, len;
+    int is_map;
+    const unsigned char *s;
+    memset(ev, 0, sizeof(*ev));
+    ev->block_size = 16; /* BlockStored's default */
+    if (mp_container(pp, end, &n, &is_map) < 0 || n < (is_map ? 1 : 2))
+        return -1;
+    if (is_map && (mp_str(pp, end, &s, &len) < 0 || !str_is(s, len, "type")))
+        return -1;
+    if (mp_str(pp, end, &s, &len) < 0)
+        return -1;
+    if (str_is(s, len, "BlockStored"))
+        ev->stored = 1;
+    else if (!str_is(s, len, "BlockRemoved"))
+        return -1; /* AllBlocksCleared and unknown types: the Python path */
+    unsigned seen = 0;
+    for (Py_ssize_t i = 1; i < n; i++) {
+        int f;
+        if (is_map) {
+            if (mp_str(pp, end, &s, &len) < 0)
+                return -1;
+            f = field_of(s, len, ev->stored);
+            if (f != F_OTHER) {
+                if (seen & (1u << f))
+                    return -1;
+                seen |= 1u << f;
+            }
+        }
+        else {
+            Py_ssize_t at = i - 1;
+            if (ev->stored)
+                f = at < F_OTHER ? (int)at : F_OTHER;
+            else
+                f = at < 3 ? removed_order[at] : F_OTHER;
+            if (f != F_OTHER)
+                seen |= 1u << f;
+        }
+        if (fev_value(pp, end, ev, f, lim) < 0)
+            return -1;
+    }
+    if (!(seen & (1u << F_HASHES)))
+        return -1;
+    if (ev->stored && (!ev->has_tokens || ev->ntok != ev->n * ev->block_size))
+        return -1;
+    return 0;
+}
+
+/* A fast-form frame into its ts, rank (-1: nil) and events (*evs: PyMem, freed by the caller).
+ * 1 fast form, 0 not, -1 out of memory (an exception set). */
+static int
+frame_parse(const unsigned char *p, Py_ssize_t len, const flimits *lim, double *ts,
+            long *rank, fev **evs, Py_ssize_t *nev)
+{
+    const unsigned char *end = p + len;
+    Py_ssize_t n, count;
+    *evs = NULL;
+    if (len > lim->max_payload || mp_array_head(&p, end, &n) < 0 || n < 2 || n > 3)
+        return 0;
+    if (end - p >= 9 && *p == 0xcb) {
+        uint64_t bits = be(p + 1, 8);
+        memcpy(ts, &bits, 8);
+        p += 9;
+    }
+    else if (end - p >= 5 && *p == 0xca) {
+        uint32_t bits = (uint32_t)be(p + 1, 4);
+        float f;
+        memcpy(&f, &bits, 4);
+        *ts = f;
+        p += 5;
+    }
+    else {
+        return 0;
+    }
+    if (mp_array_head(&p, end, &count) < 0 || count > lim->max_events)
+        return 0;
+    fev *out = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(fev));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        /* the decoder takes a batch of map events or of array events, not a mixture */
+        unsigned char b = p < end ? *p : 0;
+        int is_map = (b >= 0x80 && b <= 0x8f) || b == 0xde || b == 0xdf;
+        if ((i && is_map != out[0].is_map) || fev_parse(&p, end, &out[i], lim) < 0) {
+            PyMem_Free(out);
+            return 0;
+        }
+        out[i].is_map = (char)is_map;
+    }
+    *rank = -1;
+    if (n == 3) {
+        uint64_t r;
+        if (p < end && *p == 0xc0)
+            p++;
+        else if (mp_u64(&p, end, &r) < 0 || r >= (1u << 31)) {
+            PyMem_Free(out);
+            return 0;
+        }
+        else
+            *rank = (long)r;
+    }
+    if (p != end) {
+        PyMem_Free(out);
+        return 0;
+    }
+    *evs = out;
+    *nev = count;
+    return 1;
+}
+
+static int
+limits_of(PyObject *const *args, flimits *lim)
+{
+    Py_ssize_t *v[] = {&lim->max_payload, &lim->max_events, &lim->max_blocks};
+    for (int i = 0; i < 3; i++) {
+        *v[i] = PyLong_AsSsize_t(args[i]);
+        if (*v[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(scan_frame_doc,
+"scan_frame(payload, max_payload, max_events, max_blocks) -> (ts, rank) | None\n\n"
+"The batch's ts and data-parallel rank (None when nil) when the payload is in fast form (see\n"
+"kvray/_ext/speedups.c), else None: decode it with EventDecoder.");
+
+static PyObject *
+scan_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    flimits lim;
+    if (check_nargs("scan_frame", nargs, 4) < 0 || limits_of(args + 1, &lim) < 0)
+        return NULL;
+    Py_buffer view;
+    if (get_buffer(args[0], &view) < 0)
+        return NULL;
+    double ts;
+    long rank;
+    fev *evs;
+    Py_ssize_t nev;
+    int ok = frame_parse(view.buf, view.len, &lim, &ts, &rank, &evs, &nev);
+    PyBuffer_Release(&view);
+    if (ok <= 0)
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    PyMem_Free(evs);
+    if (rank < 0)
+        return Py_BuildValue("(dO)", ts, Py_None);
+    return Py_BuildValue("(dl)", ts, rank);
+}
+
+/* u64 keys as little-endian bytes (kvray.core.snapshot.pack_keys). */
+static PyObject *
+packed_bytes(const uint64_t *keys, Py_ssize_t n)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (out == NULL)
+        return NULL;
+    unsigned char *b = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++)
+        for (int j = 0; j < 8; j++)
+            b[i * 8 + j] = (unsigned char)(keys[i] >> (8 * j));
+    return out;
+}
+
+/* Append (kind, packed keys) to ops. */
+static int
+push_op(PyObject *ops, long kind, const uint64_t *keys, Py_ssize_t n)
+{
+    PyObject *packed = packed_bytes(keys, n);
+    PyObject *op = packed == NULL ? NULL : Py_BuildValue("(lN)", kind, packed);
+    int rc = op == NULL ? -1 : PyList_Append(ops, op);
+    Py_XDECREF(op);
+    return rc;
+}
+
+static int
+push_int(PyObject *list, long long v)
+{
+    PyObject *x = PyLong_FromLongLong(v);
+    int rc = x == NULL ? -1 : PyList_Append(list, x);
+    Py_XDECREF(x);
+    return rc;
+}
+
+/* 1 when some tier holds r, 0 when none does, -1 on error. */
+static int
+indexed_u64(PyObject *tiers, uint64_t r)
+{
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(tiers); j++) {
+        PyObject *t = PySequence_Fast_GET_ITEM(tiers, j);
+        int rc;
+        if (IS_TABLE(t)) {
+            rc = ops_of(t)->find(t, r) >= 0;
+        }
+        else {
+            PyObject *k = PyLong_FromUnsignedLongLong(r);
+            rc = k == NULL ? -1 : PyDict_Contains(t, k);
+            Py_XDECREF(k);
+        }
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+typedef struct {
+    uint64_t *v;
+    Py_ssize_t n, cap;
+} u64buf;
+
+static int
+u64buf_push(u64buf *b, uint64_t x)
+{
+    if (b->n == b->cap) {
+        Py_ssize_t cap = b->cap ? b->cap * 2 : 64;
+        uint64_t *v = PyMem_Realloc(b->v, (size_t)cap * sizeof(uint64_t));
+        if (v == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->v = v;
+        b->cap = cap;
+    }
+    b->v[b->n++] = x;
+    return 0;
+}
+
+/* A holder's extra copy of engine key e (a dict of engine key -> copies beyond the first):
+ * add one (delta 1), or take one away when there is one (delta -1: 1 when taken, 0 when e has
+ * no extra copy). -1 on error. */
+static int
+copies_step(PyObject *copies, uint64_t e, int delta)
+{
+    if (delta < 0 && PyDict_GET_SIZE(copies) == 0)
+        return 0;
+    PyObject *k = PyLong_FromUnsignedLongLong(e);
+    if (k == NULL)
+        return -1;
+    PyObject *c = PyDict_GetItemWithError(copies, k); /* borrowed */
+    int rc;
+    if (c == NULL && PyErr_Occurred()) {
+        rc = -1;
+    }
+    else if (delta > 0) {
+        long long n = c == NULL ? 0 : PyLong_AsLongLong(c);
+        PyObject *v = n == -1 && PyErr_Occurred() ? NULL : PyLong_FromLongLong(n + 1);
+        rc = v == NULL ? -1 : PyDict_SetItem(copies, k, v);
+        Py_XDECREF(v);
+    }
+    else if (c == NULL) {
+        rc = 0;
+    }
+    else {
+        long long n = PyLong_AsLongLong(c);
+        if (n == -1 && PyErr_Occurred()) {
+            rc = -1;
+        }
+        else if (n > 1) {
+            PyObject *v = PyLong_FromLongLong(n - 1);
+            rc = v == NULL ? -1 : PyDict_SetItem(copies, k, v);
+            Py_XDECREF(v);
+            rc = rc < 0 ? -1 : 1;
+        }
+        else {
+            rc = PyDict_DelItem(copies, k) < 0 ? -1 : 1;
+        }
+    }
+    Py_DECREF(k);
+    return rc;
+}
+
+PyDoc_STRVAR(apply_frame_doc,
+"apply_frame(payload, d, emap, tiers, bit, keep, recency, tag, root, block_size, copies,\n"
+"            max_payload, max_events, max_blocks) -> tuple | None\n\n"
+"Apply one holder's fast-form frame (see kvray/_ext/speedups.c) to a memory index, as\n"
+"IndexWriter.apply_batch does with its events: d is the GPU tier (a table), emap the engine\n"
+"map, tiers every tier, bit / keep the holder's bit and its complement, tag / root the model's\n"
+"engine-key tag and request-key root, copies the holder's GPU copy counts (a dict: engine key\n"
+"-> copies beyond the first; a store of a held block adds one, a removal takes one before it\n"
+"removes the block). None, with nothing changed, when the frame is not in fast form or a\n"
+"BlockStored's block_size differs. Else (ops, pools, stored, removed, unknown_removed,\n"
+"unknown_parent, added, deleted): ops the change-stream ops (0 add / 1 remove, packed keys),\n"
+"one per BlockStored and per run of removals that removes anything; pools the pool-gauge\n"
+"steps (+n stored, -n removed); then the counts.");
+
+static PyObject *
+apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    flimits lim;
+    if (check_nargs("apply_frame", nargs, 14) < 0 || limits_of(args + 11, &lim) < 0)
+        return NULL;
+    PyObject *d = args[1], *emap = args[2], *bit = args[4], *keep = args[5], *copies = args[10];
+    if (!IS_TABLE(d) || !IS_U64MAP(emap) || !PyDict_CheckExact(copies)) {
+        PyErr_SetString(PyExc_TypeError, "apply_frame(): d, emap must be tables, copies a dict");
+        return NULL;
+    }
+    if (tb_check_val(bit) < 0 || tb_check_val(keep) < 0)
+        return NULL;
+    int recency = PyObject_IsTrue(args[6]);
+    uint64_t tag, root;
+    if (recency < 0 || get_u64(args[7], &tag) < 0 || get_u64(args[8], &root) < 0)
+        return NULL;
+    Py_ssize_t bs = PyLong_AsSsize_t(args[9]);
+    if (bs == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (get_buffer(args[0], &view) < 0)
+        return NULL;
+    const unsigned char *end = (const unsigned char *)view.buf + view.len;
+    double ts;
+    long rank;
+    fev *evs = NULL;
+    Py_ssize_t nev = 0, maxn = 0;
+    int ok = frame_parse(view.buf, view.len, &lim, &ts, &rank, &evs, &nev);
+    for (Py_ssize_t i = 0; ok > 0 && i < nev; i++) {
+        if (evs[i].stored && evs[i].block_size != bs)
+            ok = 0; /* the contract's block_size_mismatch: the Python path counts it */
+        if (evs[i].stored && evs[i].n > maxn)
+            maxn = evs[i].n;
+    }
+    if (ok <= 0) {
+        PyMem_Free(evs);
+        PyBuffer_Release(&view);
+        return ok < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *tiers = tiers_open(args[3], "apply_frame");
+    PyObject *ops = PyList_New(0), *pools = PyList_New(0);
+    uint64_t *keys = PyMem_Malloc((size_t)(maxn ? maxn : 1) * sizeof(uint64_t));
+    uint32_t *block = PyMem_Malloc((size_t)bs * sizeof(uint32_t));
+    u64buf run = {NULL, 0, 0};
+    Py_ssize_t run_hashes = 0, run_left = 0;
+    long long stored = 0, removed = 0, unknown_removed = 0, unknown_parent = 0, added = 0,
+              deleted = 0;
+    char run_medium = 0;
+    const table_ops *op = ops_of(d);
+    PyObject *result = NULL;
+    if (tiers == NULL || ops == NULL || pools == NULL)
+        goto done;
+    if (keys == NULL || block == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* A run of removals ends: its pool step, and its op unless copies absorbed all of it. */
+#define FLUSH_RUN()                                                                          \
+    do {                                                                                     \
+        if (run_hashes) {                                                                    \
+            if (push_int(pools, -run_hashes) < 0)                                            \
+                goto done;                                                                   \
+            if (run_left && push_op(ops, 1, run.v, run.n) < 0)                               \
+                goto done;                                                                   \
+            removed += run.n;                                                                \
+            run.n = run_hashes = run_left = 0;                                               \
+        }                                                                                    \
+    } while (0)
+    for (Py_ssize_t i = 0; i < nev; i++) {
+        fev *ev = &evs[i];
+        const unsigned char *hp = ev->hashes;
+        if (!ev->stored) {
+            if (run_hashes && ev->medium != run_medium)
+                FLUSH_RUN();
+            run_medium = ev->medium;
+            run_hashes += ev->n;
+            for (Py_ssize_t j = 0; j < ev->n; j++) {
+                uint64_t h = 0, r;
+                (void)mp_u64(&hp, end, &h); /* checked by frame_parse */
+                uint64_t e = h ^ tag;
+                int extra = copies_step(copies, e, -1);
+                if (extra < 0)
+                    goto done;
+                if (extra)
+                    continue; /* another copy stays held */
+                run_left++;
+                Py_ssize_t at = um_find(emap, e);
+                if (at < 0) {
+                    unknown_removed++;
+                    continue;
+                }
+                if (get_u64(*um_val(emap, at), &r) < 0 || u64buf_push(&run, r) < 0)
+                    goto done;
+                Py_ssize_t dat = op->find(d, r);
+                if (dat >= 0) {
+                    int gone = tb_and_at(d, dat, keep);
+                    if (gone < 0)
+                        goto done;
+                    deleted += gone;
+                }
+                int indexed = indexed_u64(tiers, r);
+                if (indexed < 0)
+                    goto done;
+                if (!indexed && (at = um_find(emap, e)) >= 0)
+                    um_del_at(emap, at);
+            }
+            continue;
+        }
+        FLUSH_RUN();
+        if (push_int(pools, ev->n) < 0)
+            goto done;
+        uint64_t key = root;
+        if (ev->has_parent) {
+            Py_ssize_t at = um_find(emap, ev->parent ^ tag);
+            if (at < 0) {
+                unknown_parent += ev->n;
+                continue;
+            }
+            if (get_u64(*um_val(emap, at), &key) < 0)
+                goto done;
+        }
+        const unsigned char *tp = ev->tokens;
+        for (Py_ssize_t j = 0; j < ev->n; j++) {
+            for (Py_ssize_t t = 0; t < bs; t++) {
+                uint32_t v = 0;
+                (void)mp_u32(&tp, end, &v); /* checked by frame_parse */
+                unsigned char *b = (unsigned char *)&block[t];
+                b[0] = (unsigned char)v;
+                b[1] = (unsigned char)(v >> 8);
+                b[2] = (unsigned char)(v >> 16);
+                b[3] = (unsigned char)(v >> 24);
+            }
+            key = XXH3_64bits_withSeed(block, (size_t)bs * 4, key);
+            keys[j] = key;
+        }
+        for (Py_ssize_t j = 0; j < ev->n; j++) {
+            uint64_t h = 0;
+            (void)mp_u64(&hp, end, &h);
+            uint64_t e = h ^ tag;
+            Py_ssize_t at = op->find(d, keys[j]);
+            if (at < 0) {
+                if (op->add(d, keys[j], bit) < 0)
+                    goto done;
+                added++;
+            }
+            else {
+                PyObject *old = *op->val(d, at);
+                PyObject *m = PyNumber_Or(old, bit);
+                if (m == NULL)
+                    goto done;
+                int same = m == old ? 1 : PyObject_RichCompareBool(m, old, Py_EQ);
+                int rc = same < 0 ? -1 : same ? copies_step(copies, e, 1) : 0;
+                if (rc == 0 && recency && IS_U64DICT(d))
+                    rc = ud_move_last(d, keys[j], at, m);
+                else if (rc == 0)
+                    Py_SETREF(*op->val(d, at), Py_NewRef(m));
+                Py_DECREF(m);
+                if (rc < 0)
+                    goto done;
+            }
+            PyObject *kv = PyLong_FromUnsignedLongLong(keys[j]);
+            int rc = kv == NULL ? -1 : tb_set(emap, e, kv);
+            Py_XDECREF(kv);
+            if (rc < 0)
+                goto done;
+        }
+        if (push_op(ops, 0, keys, ev->n) < 0)
+            goto done;
+        stored += ev->n;
+    }
+    FLUSH_RUN();
+#undef FLUSH_RUN
+    result = Py_BuildValue("(OOLLLLLL)", ops, pools, stored, removed, unknown_removed,
+                           unknown_parent, added, deleted);
+done:
+    Py_XDECREF(tiers);
+    Py_XDECREF(ops);
+    Py_XDECREF(pools);
+    PyMem_Free(keys);
+    PyMem_Free(block);
+    PyMem_Free(run.v);
+    PyMem_Free(evs);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"msgpack_u32_count", (PyCFunction)msgpack_u32_count, METH_O, msgpack_u32_count_doc},
     {"chain_u32", (PyCFunction)(void (*)(void))chain_u32, METH_FASTCALL, chain_u32_doc},
@@ -2001,6 +2830,8 @@ static PyMethodDef methods[] = {
     {"xor_u64", (PyCFunction)(void (*)(void))xor_u64, METH_FASTCALL, xor_u64_doc},
     {"slot_keys", (PyCFunction)(void (*)(void))slot_keys, METH_FASTCALL, slot_keys_doc},
     {"clear_slots", (PyCFunction)(void (*)(void))clear_slots, METH_FASTCALL, clear_slots_doc},
+    {"scan_frame", (PyCFunction)(void (*)(void))scan_frame, METH_FASTCALL, scan_frame_doc},
+    {"apply_frame", (PyCFunction)(void (*)(void))apply_frame, METH_FASTCALL, apply_frame_doc},
     {NULL, NULL, 0, NULL},
 };
 

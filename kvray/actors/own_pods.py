@@ -15,7 +15,7 @@ import msgspec
 
 from kvray.actors.naming import ask_controller
 from kvray.config import Config, PodEndpoint
-from kvray.core.events import EventBatch
+from kvray.core.events import EventBatch, FrameHead
 from kvray.core.messages import ApplyReply, IngestorStats, Op
 from kvray.core.ordering import OrderedApplier
 
@@ -32,7 +32,7 @@ class OwnPods:
         config: Config,
         apply: Callable[[list[Op]], ApplyReply],
         get_positions: Callable[[], tuple[str, dict[str, int]]],
-        new_decoder: Callable[[], Callable[[bytes], EventBatch]],
+        new_decoder: Callable[[], Callable[[bytes], EventBatch | FrameHead]],
     ) -> None:
         self.shard_id = shard_id
         self.config = config

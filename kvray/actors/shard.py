@@ -90,7 +90,7 @@ class IndexShard:
             speculative_ttl_s=cfg.index.speculative_ttl_s,
         )  # fmt: skip
         self.decoder = EventDecoder()
-        self.applier = OrderedApplier(self.writer, self.decoder.decode)
+        self.applier = OrderedApplier(self.writer, self.decoder.decode, decoder=self.decoder)
         self.restored_from_snapshot = False
         self.rebuilds = 0
         self.incarnation = uuid.uuid4().hex  # changes on every (re)start: readers resync
@@ -100,7 +100,7 @@ class IndexShard:
         )  # fmt: skip
         self.own = OwnPods(
             shard_id, cfg, self.apply, self.get_positions,
-            lambda: EventDecoder(self.decoder.limits).decode,  # its own: decoders keep state
+            lambda: EventDecoder(self.decoder.limits).decode_lazy,  # its own: decoders keep state
         )  # fmt: skip
         self._last_trim = time.monotonic()
         self._last_apply = 0.0

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from kvray.core.events import EventBatch
+from kvray.core.events import EventBatch, FrameHead
 from kvray.core.messages import ApplyReply, Op
 
 
@@ -36,8 +36,9 @@ class LocalShard:
     """``PodEndpoint`` documents to read from the start (their replay sockets serve catch-up)."""
     replay: dict[str, str]
     """Known replay sockets by pod (``register_replay``)."""
-    decode: Callable[[bytes], EventBatch]
-    """The shard's decoder: the reader decodes each batch once (it needs the rank)."""
+    decode: Callable[[bytes], EventBatch | FrameHead]
+    """The shard's decoder: the reader reads each batch's rank once (a fast-form batch is
+    left in its bytes: ``EventDecoder.decode_lazy``)."""
 
 
 class _ShardHandles:

@@ -28,9 +28,9 @@ from kvray.core.index.base import (
     engine_ops,
     held_op,
 )
-from kvray.core.index.memory import MemoryIndex
+from kvray.core.index.memory import FrameApplied, MemoryIndex
 from kvray.core.snapshot import decode_snapshot, pack_keys, packed, unpack_keys
-from kvray.types import PodId, Tier
+from kvray.types import GPU, PodId, Tier
 
 OP_ADD = 0
 OP_REMOVE = 1
@@ -185,6 +185,28 @@ class Journal:
         keys, unknown = self._remove_engine(pod, tier, engine)
         self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
         return keys, unknown
+
+    def apply_frame(
+        self,
+        pod: PodId,
+        payload: bytes,
+        tag: int,
+        root: int,
+        block_size: int,
+        copies: dict[int, int],
+        limits: tuple[int, int, int],
+    ) -> FrameApplied | None:
+        """``MemoryIndex.apply_frame`` on the backend, its ops recorded (None: not taken)."""
+        if not isinstance(self.backend, MemoryIndex):
+            return None
+        at = len(self.ops)
+        done = self.backend.apply_frame(pod, payload, tag, root, block_size, copies, limits)
+        if done is not None:
+            # Evictions the frame caused were recorded during the call; the frame came first.
+            self.ops[at:at] = [
+                (OP_ADD if kind == 0 else OP_REMOVE, pod, GPU, keys, 0.0) for kind, keys in done.ops
+            ]
+        return done
 
     def stats(self) -> IndexStats:
         return self.backend.stats()

@@ -205,6 +205,8 @@ class IndexWriter:
         self._add_held = held_op(backend)
         self._copies: dict[PodId, dict[Tier, dict[int, int]]] = {}
         """Holder → tier → engine key → copies beyond the first (absent: one copy)."""
+        self._frame = getattr(backend, "apply_frame", None)
+        """The backend's whole-frame path (memory backends, through the journal), or None."""
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -239,6 +241,57 @@ class IndexWriter:
                 res.cleared += 1
         if removed:
             self._removed(holder, tag, removed, removed_medium, res)
+        if self._spec:
+            self.expire()
+        return res
+
+    def apply_frame(
+        self, holder: PodId, model: str, payload: bytes, limits: tuple[int, int, int]
+    ) -> ApplyResult | None:
+        """Apply one holder's raw frame in one C call when it and the holder allow it, doing
+        what ``apply_batch`` does with its events; None, with nothing changed, otherwise.
+
+        Taken when the backend has the path (``MemoryIndex.apply_frame``), keys are request
+        keys, the frame is in fast form (``kvray.core.fast.scan_frame``), its block size is the
+        model's, and the holder has no hash-contract checks left in its run and no speculative
+        entries."""
+        frame = self._frame
+        if frame is None or self.key_mode != "request" or self._spec.holds(holder):
+            return None
+        h = self.hashing(model)
+        if self.verify_hashes and h.hasher is not None and self._verifying(holder):
+            return None
+        tiers = self._copies.get(holder)
+        copies = tiers.get(GPU) if tiers is not None else None
+        fresh = copies is None
+        if copies is None:
+            copies = {}
+        tag, root = model_tag(model), model_root(model)
+        try:
+            done = frame(holder, payload, tag, root, h.block_size, copies, limits)
+        finally:
+            if fresh and copies:
+                self._copies.setdefault(holder, {})[GPU] = copies
+            elif not fresh and not copies:  # the last extra copy went, as _last_copies does
+                assert tiers is not None
+                del tiers[GPU]
+                if not tiers:
+                    del self._copies[holder]
+        if done is None:
+            return None
+        self.last_seen[holder] = self.clock()
+        self.models[holder] = model
+        pools = self.pools
+        for n in done.pools:
+            if n > 0:
+                pools.stored(holder, n)
+            else:
+                pools.removed(holder, -n)
+        res = ApplyResult(done.stored, done.removed)
+        if done.unknown_parent:
+            res.reject("unknown_parent", done.unknown_parent)
+        if done.unknown_removed:
+            res.reject("unknown_removed", done.unknown_removed)
         if self._spec:
             self.expire()
         return res

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from kvray.core.fast import msgpack_u32_count
+from kvray.core.fast import msgpack_u32_count, scan_frame
 from kvray.errors import MalformedFrame
 
 U64 = Annotated[int, msgspec.Meta(ge=0)]
@@ -131,6 +131,15 @@ class EventBatch:
 
 
 @dataclass(slots=True, frozen=True)
+class FrameHead:
+    """A payload in fast form (``kvray.core.fast.scan_frame``), its events left in the bytes:
+    a shard applies it with ``IndexWriter.apply_frame`` and decodes it only if that declines."""
+
+    ts: float
+    data_parallel_rank: int | None
+
+
+@dataclass(slots=True, frozen=True)
 class DecodeLimits:
     """Bounds that turn absurd input into ``MalformedFrame(reason="size")`` instead of OOM."""
 
@@ -162,6 +171,25 @@ class EventDecoder:
             msgspec.msgpack.Decoder(_BatchMapMap),
             msgspec.msgpack.Decoder(_BatchMapArr),
         ]
+
+    def head(self, payload: bytes) -> FrameHead | None:
+        """The payload's ts and rank when it is in fast form (then ``decode`` cannot fail on
+        it), else None. Always None without the C extension."""
+        if scan_frame is None or not isinstance(payload, bytes | bytearray | memoryview):
+            return None
+        lim = self.limits
+        got = scan_frame(payload, lim.max_payload_bytes, lim.max_events, lim.max_blocks_per_event)
+        return None if got is None else FrameHead(*got)
+
+    def decode_lazy(self, payload: bytes) -> EventBatch | FrameHead:
+        """``head`` when the payload is in fast form, else ``decode``."""
+        return self.head(payload) or self.decode(payload)
+
+    @property
+    def limit_args(self) -> tuple[int, int, int]:
+        """The limits as ``apply_frame`` takes them."""
+        lim = self.limits
+        return lim.max_payload_bytes, lim.max_events, lim.max_blocks_per_event
 
     def decode(self, payload: bytes) -> EventBatch:
         """Decode one payload.

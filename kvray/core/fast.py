@@ -300,3 +300,17 @@ U64Dict: Callable[[], dict[int, int]] = _impl.U64Dict if _impl else dict
 recency moves it last), for tiers evicted oldest first: CPython's compact-dict layout for u64
 keys (entries in order, an index of entry numbers), ~32 bytes per key instead of ~78, plus
 ``oldest(n)``. Without the extension it is ``dict``."""
+
+scan_frame: Callable[..., tuple[float, int | None] | None] | None = (
+    _impl.scan_frame if _impl else None
+)
+"""``scan_frame(payload, max_payload, max_events, max_blocks)``: a batch's ``(ts, rank)`` when
+it is in *fast form* (what pods publish: stores with their tokens, removals, GPU tier, no LoRA
+or extra keys; the exact rules are in ``kvray/_ext/speedups.c``), else None. C only: None
+without the extension."""
+
+apply_frame: Callable[..., tuple[Any, ...] | None] | None = _impl.apply_frame if _impl else None
+"""Apply a fast-form frame to a memory index in one call (``MemoryIndex.apply_frame`` wraps it).
+C only. Its twin is the general path itself, ``EventDecoder.decode`` + ``IndexWriter.apply_batch``:
+``tests/unit/test_frame_path.py`` applies the same frames both ways and compares the indexes,
+the change-stream ops and the counts."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from enum import Enum
 
 from kvray.core.apply import ApplyResult, IndexWriter
-from kvray.core.events import EventBatch
+from kvray.core.events import EventBatch, EventDecoder, FrameHead
 from kvray.core.holders import base_pod, holder_id
 from kvray.core.messages import BatchOp, ClearOp, Op
 from kvray.core.stats import lag_histogram
@@ -105,6 +105,9 @@ class OrderedApplier:
     Args:
         writer: the shard's write path.
         decode: payload bytes → ``EventBatch`` (raises ``MalformedFrame``).
+        decoder: the ``EventDecoder`` behind ``decode``, when there is one: frames in fast
+            form are then applied from their bytes (``IndexWriter.apply_frame``) and decoded
+            only when that declines.
         clock: wall clock, for the event-to-visible lag (publisher ts → applied here).
     """
 
@@ -113,10 +116,13 @@ class OrderedApplier:
         writer: IndexWriter,
         decode: Callable[[bytes], EventBatch],
         *,
+        decoder: EventDecoder | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.writer = writer
         self.decode = decode
+        self._head = decoder.head if decoder is not None else None
+        self._limits = decoder.limit_args if decoder is not None else (0, 0, 0)
         self.clock = clock
         self.positions: dict[str, int] = {}
         self.applied = ApplyResult()
@@ -154,6 +160,8 @@ class OrderedApplier:
                 res.cleared += 1
                 continue
             batch = op.decoded
+            if batch is None and self._head is not None:
+                batch = self._head(op.payload)
             if batch is None:
                 try:
                     batch = self.decode(op.payload)
@@ -181,8 +189,16 @@ class OrderedApplier:
         self.apply_seconds += time.perf_counter() - t0
         return res, behind
 
-    def _apply_batch(self, holder: PodId, op: BatchOp, batch: EventBatch, res: ApplyResult) -> None:
-        res.merge(self.writer.apply_batch(holder, op.model, batch))
+    def _apply_batch(
+        self, holder: PodId, op: BatchOp, batch: EventBatch | FrameHead, res: ApplyResult
+    ) -> None:
+        if isinstance(batch, FrameHead):
+            done = self.writer.apply_frame(holder, op.model, op.payload, self._limits)
+            if done is None:  # declined, nothing changed: the general path
+                done = self.writer.apply_batch(holder, op.model, self.decode(op.payload))
+            res.merge(done)
+        else:
+            res.merge(self.writer.apply_batch(holder, op.model, batch))
         self.positions[holder] = op.seq
         self._advanced[holder] = op.seq
         if batch.ts > 0:  # a zero ts is a publisher that does not stamp batches

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kvray.config import PodEndpoint
-from kvray.core.events import EventBatch, peek_rank
+from kvray.core.events import EventBatch, FrameHead, peek_rank
 from kvray.core.holders import holder_id
 from kvray.core.messages import ApplyReply, BatchOp, ClearOp, IngestorStats, Op
 from kvray.core.replay_plan import (
@@ -56,8 +56,9 @@ class StreamFollower:
         links: where ops go.
         fetch: ``(endpoint, start_seq, timeout_s=...)`` → ``(replayed batches, complete)``;
             None: ``ingest.zmq_source.request_replay``.
-        decode: in a shard, its decoder (the reader decodes once; the shard needs it decoded);
-            None in an ingestor actor, which only peeks the rank (the owning shard decodes).
+        decode: in a shard, its decoder's ``decode_lazy`` (the reader reads the rank once; a
+            frame in fast form stays bytes, the shard applies it from them); None in an
+            ingestor actor, which only peeks the rank (the owning shard decodes).
         local_shard: the shard the reader runs in (its ops carry the decoded batch).
     """
 
@@ -65,7 +66,8 @@ class StreamFollower:
         self, reader_id: int, links: Links, placement: Placement, *,
         replay_timeout_s: float, replay_attempts: int = 3,
         fetch: Callable[..., tuple[list[Any], bool]] | None = None,
-        decode: Callable[[bytes], EventBatch] | None = None, local_shard: int | None = None,
+        decode: Callable[[bytes], EventBatch | FrameHead] | None = None,
+        local_shard: int | None = None,
         log_interval_s: float = 10.0,
     ) -> None:  # fmt: skip
         self.id = reader_id

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import accumulate, chain, islice, repeat, takewhile
 from operator import and_
 from typing import Any
@@ -42,6 +43,7 @@ from kvray.core.fast import (
     U64Map,
     add_engine,
     and_bits,
+    apply_frame,
     clear_slots,
     forget_unindexed,
     lookup,
@@ -51,11 +53,26 @@ from kvray.core.fast import (
 )
 from kvray.core.index.base import IndexStats, add_engine_generic, remove_engine_generic
 from kvray.core.snapshot import decode_snapshot, encode_snapshot, engine_pairs, holder_keys
-from kvray.types import PodId, Tier
+from kvray.types import GPU, PodId, Tier
 
 _DICT_ENTRY_BYTES = 42  # measured sys.getsizeof(dict)/len at 250 k-1 M int keys (3.11)
 _KEY_INT_BYTES = 36  # a u64 int object (>= 2^60 needs 3 digits of 30 bits)
 _EMAP_PRUNE_BATCH = 2048  # engine-map entries checked per put_engine_map while pruning
+
+
+@dataclass(slots=True)
+class FrameApplied:
+    """What ``MemoryIndex.apply_frame`` did with one holder's frame."""
+
+    ops: list[tuple[int, bytes]]
+    """Change-stream ops in order: (0 add / 1 remove, packed keys), one per store and per run
+    of removals that removed anything (what the general path records)."""
+    pools: list[int]
+    """Pool-gauge steps in order: +n blocks stored, -n removed."""
+    stored: int
+    removed: int
+    unknown_removed: int
+    unknown_parent: int
 
 
 class MemoryIndex:
@@ -166,6 +183,43 @@ class MemoryIndex:
         if self._retired:
             self._sweep_step()
         return keys, unknown
+
+    def apply_frame(
+        self,
+        pod: PodId,
+        payload: bytes,
+        tag: int,
+        root: int,
+        block_size: int,
+        copies: dict[int, int],
+        limits: tuple[int, int, int],
+    ) -> FrameApplied | None:
+        """One holder's whole frame in one C call (``kvray.core.fast.apply_frame``), keyed by
+        request keys on the GPU tier; ``copies`` is the holder's GPU copy counts (engine key →
+        copies beyond the first), kept as ``IndexWriter`` keeps them. None, with nothing
+        changed, when the frame is not in fast form, the extension is not built, this is a
+        subclass (it keeps its own accounting) or the holder has no GPU keys yet (its first
+        frame takes the general path).
+
+        The size bound and the retired-slot sweep run once after the frame, not per event."""
+        if apply_frame is None or type(self) is not MemoryIndex:
+            return None
+        slot = self._slot.get(pod)
+        d = self._tiers.get(GPU)
+        if slot is None or d is None:
+            return None
+        bit = 1 << slot
+        out = apply_frame(
+            payload, d, self._emap, list(self._tiers.values()), bit, ~bit, self.recency,
+            tag, root, block_size, copies, *limits,
+        )  # fmt: skip
+        if out is None:
+            return None
+        ops, pools, stored, removed, unknown_removed, unknown_parent, added, deleted = out
+        self._nkeys -= deleted
+        self._grew(added)
+        self._after_engine_put()
+        return FrameApplied(ops, pools, stored, removed, unknown_removed, unknown_parent)
 
     def _tier(self, tier: Tier) -> dict[int, int]:
         d = self._tiers.get(tier)
