@@ -11,7 +11,10 @@ which must never raise.
 ``--native`` fuzzes something else instead: every entry point of the C extension
 (``kvray._speedups``) against its pure-Python twin in ``kvray.core.fast``, ``--n`` inputs
 (random and mutated msgpack token arrays, random bytes, ints of every size and sign, bools,
-dicts and the C tables), each required to give the same result or the same exception type. It
+dicts and the C tables), each required to give the same result or the same exception type;
+the whole-frame path (``scan_frame``/``apply_frame``, whose twin is the general write path) on
+captured vLLM frames, mutated or not: a frame the scan takes must decode to the same ts and
+rank and leave the index, engine map, change-stream ops and pools as the general path does. It
 prints one line and exits 1 on any mismatch; ``scripts/sanitize.sh`` runs it under
 AddressSanitizer + UBSan.
 """
@@ -40,6 +43,8 @@ from kvray.core import fast  # noqa: E402
 from kvray.core.apply import IndexWriter, ModelHashing  # noqa: E402
 from kvray.core.events import EventDecoder, peek_rank  # noqa: E402
 from kvray.core.index.memory import MemoryIndex  # noqa: E402
+from kvray.core.messages import BatchOp  # noqa: E402
+from kvray.core.ordering import OrderedApplier  # noqa: E402
 from kvray.core.topics import parse_frames, parse_topic  # noqa: E402
 from kvray.errors import ConfigError, MalformedFrame  # noqa: E402
 from kvray.types import PodId  # noqa: E402
@@ -205,10 +210,53 @@ def _same_map(kind: str, a: Any, b: dict[int, int]) -> bool:
     return list(a.items()) == list(b.items())
 
 
-def _native_case(rng: random.Random, C: Any, pool: list[bytes]) -> str | None:
+def _frame_shard(fast_path: bool) -> OrderedApplier:
+    hashing = ModelHashing(16)
+    writer = IndexWriter(Journal(MemoryIndex()), lambda m: hashing, verify_hashes=False)
+    dec = EventDecoder()
+    return OrderedApplier(writer, dec.decode, decoder=dec if fast_path else None)
+
+
+def _frame_state(app: OrderedApplier) -> Any:
+    journal = app.writer.backend
+    assert isinstance(journal, Journal) and isinstance(journal.backend, MemoryIndex)
+    idx = journal.backend
+    holders = {h: {t: sorted(k) for t, k in ts.items()} for h, ts in idx.holder_keys().items()}
+    return holders, sorted(idx._emap.items()), journal.drain(), app.writer.pools.as_dict()
+
+
+def _frame_case(rng: random.Random, C: Any, pool: list[bytes], frames: list[bytes]) -> str | None:
+    """A vLLM frame, mutated or not: whatever ``scan_frame`` accepts must decode to the same
+    ts and rank, and apply through ``apply_frame`` as through the decoder and ``apply_batch``."""
+    base = rng.choice(frames)
+    data = mutate(rng, base, pool) if rng.random() < 0.8 else base
+    head = C.scan_frame(data, 64 * 2**20, 100_000, 1 << 20)
+    try:
+        batch = EventDecoder().decode(data)
+    except MalformedFrame:
+        batch = None
+    if head is None:
+        return None
+    if batch is None or head != (batch.ts, batch.data_parallel_rank):
+        return f"scan_frame({data!r}) = {head!r}, the decoder: {batch!r}"
+    a, b = _frame_shard(True), _frame_shard(False)
+    for app in (a, b):  # the holder's first frame takes the general path: give it one
+        app.apply([BatchOp("p", "m", 0, rng.choice(frames))])
+        app.apply([BatchOp("p", "m", 1, data)])
+    if _frame_state(a) != _frame_state(b):
+        return f"apply_frame({data!r}) differs from the general path"
+    return None
+
+
+def _native_case(
+    rng: random.Random, C: Any, pool: list[bytes], frames: list[bytes] | None = None
+) -> str | None:
     """One random input through one group of C entry points; a description on mismatch."""
     py = fast.PYTHON
-    group = rng.randrange(6)
+    group = rng.randrange(7 if frames else 6)
+    if group == 6:
+        assert frames is not None
+        return _frame_case(rng, C, pool, frames)
     if group <= 1:  # msgpack token arrays: valid, mutated, or random bytes
         r = rng.random()
         raw = (
@@ -362,11 +410,12 @@ def fuzz_native(n: int, seed: int) -> int:
         print("native fuzz: kvray._speedups is not built (or KVRAY_PURE_PYTHON is set)")
         return 2
     rng = random.Random(seed)
-    pool = [_token_array(rng) for _ in range(64)] + [b"\xdd\xff\xff\xff\xff\x01"] + seeds()
+    frames = seeds()
+    pool = [_token_array(rng) for _ in range(64)] + [b"\xdd\xff\xff\xff\xff\x01"] + frames
     mismatches = 0
     t0 = time.perf_counter()
     for _ in range(n):
-        bad = _native_case(rng, C, pool)
+        bad = _native_case(rng, C, pool, frames)
         if bad is not None:
             mismatches += 1
             if mismatches <= 10:

@@ -649,19 +649,20 @@ ud_compact(U64Dict *m, Py_ssize_t ent_cap)
     return ud_reindex(m, idx_cap);
 }
 
-/* Room to append one entry (may renumber entries: find slots again afterwards). */
+/* Room to append one entry: 0 when nothing moved, 1 when the entries or the index were rebuilt
+ * (find slots again), -1 on error. */
 static int
 ud_reserve(U64Dict *m)
 {
     if (m->ent_n < m->ent_cap) {
         if ((m->used + 1) * 4 > m->idx_cap * 3)
-            return ud_reindex(m, m->idx_cap ? m->idx_cap * 2 : 8);
+            return ud_reindex(m, m->idx_cap ? m->idx_cap * 2 : 8) < 0 ? -1 : 1;
         return 0;
     }
     Py_ssize_t cap = m->ent_cap ? m->ent_cap : 8;
     while (cap < (m->used + 1) * 3 / 2 + 1) /* room for holes before the next squeeze */
         cap *= 2;
-    return ud_compact(m, cap);
+    return ud_compact(m, cap) < 0 ? -1 : 1;
 }
 
 /* Append (k, v) (a new reference) and point index slot `slot` at it, or a free slot when
@@ -731,9 +732,11 @@ ud_move_last(PyObject *o, uint64_t k, Py_ssize_t slot, PyObject *v)
         Py_SETREF(m->ent[m->idx[slot]].val, Py_NewRef(v));
         return 0;
     }
-    if (ud_reserve(m) < 0)
+    int moved = ud_reserve(m);
+    if (moved < 0)
         return -1;
-    slot = ud_slot(o, k); /* the reserve may have renumbered the entries */
+    if (moved)
+        slot = ud_slot(o, k); /* the entries were renumbered */
     u64slot *old = &m->ent[m->idx[slot]];
     PyObject *prev = old->val;
     old->val = NULL; /* a hole */
@@ -1223,6 +1226,43 @@ dict_keys(PyObject *const *args, const char *name, keys_t *k)
     return keys_open(args[1], k);
 }
 
+/* Holder masks are ints of any width; most fit a C long (fewer than 63 slots). The bit
+ * operations below take that case without Python's int arithmetic (an AND with a negative int
+ * goes through two's-complement copies of both). small() is 1 with *v set when o is an int in
+ * [LONG_MIN, LONG_MAX]. */
+static inline int
+small(PyObject *o, long *v)
+{
+    int overflow = 0;
+    *v = PyLong_AsLongAndOverflow(o, &overflow);
+    if (*v == -1 && !overflow && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return !overflow;
+}
+
+/* old | bit (a new reference), *same set when that equals old. */
+static PyObject *
+mask_or(PyObject *old, PyObject *bit, int *same)
+{
+    long a, b;
+    if (small(old, &a) && small(bit, &b) && a >= 0 && b >= 0) {
+        *same = (a | b) == a;
+        return *same ? Py_NewRef(old) : PyLong_FromLong(a | b);
+    }
+    PyObject *m = PyNumber_Or(old, bit);
+    if (m == NULL)
+        return NULL;
+    int eq = m == old ? 1 : PyObject_RichCompareBool(m, old, Py_EQ);
+    if (eq < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    *same = eq;
+    return m;
+}
+
 /* Append i to held when old | bit (= m) left old unchanged, i.e. old already had the bit. */
 static int
 note_held(PyObject *held, PyObject *old, PyObject *m, Py_ssize_t i)
@@ -1273,12 +1313,18 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 added++;
                 continue;
             }
-            PyObject *m = PyNumber_Or(*op->val(d, at), bit);
+            int same = 0;
+            PyObject *m = mask_or(*op->val(d, at), bit, &same);
             if (m == NULL)
                 goto fail;
-            if (held != NULL && note_held(held, *op->val(d, at), m, i) < 0) {
-                Py_DECREF(m);
-                goto fail;
+            if (held != NULL && same) {
+                PyObject *pos = PyLong_FromSsize_t(i);
+                int rc = pos == NULL ? -1 : PyList_Append(held, pos);
+                Py_XDECREF(pos);
+                if (rc < 0) {
+                    Py_DECREF(m);
+                    goto fail;
+                }
             }
             if (recency && IS_U64DICT(d)) { /* a U64Map has no order to keep */
                 int rc = ud_move_last(d, u, at, m);
@@ -1336,7 +1382,23 @@ static int
 tb_and_at(PyObject *d, Py_ssize_t at, PyObject *keep)
 {
     const table_ops *op = ops_of(d);
-    PyObject *m = PyNumber_And(*op->val(d, at), keep);
+    PyObject **vp = op->val(d, at);
+    long a, k;
+    PyObject *m;
+    if (small(*vp, &a) && small(keep, &k) && a >= 0) {
+        if ((a & k) == 0) {
+            op->del_at(d, at);
+            return 1;
+        }
+        if ((a & k) == a)
+            return 0; /* the bit was not set: unchanged */
+        m = PyLong_FromLong(a & k);
+        if (m == NULL)
+            return -1;
+        Py_SETREF(*vp, m);
+        return 0;
+    }
+    m = PyNumber_And(*vp, keep);
     int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
     if (nonzero < 0 || (nonzero && tb_check_val(m) < 0)) {
         Py_XDECREF(m);
@@ -2016,6 +2078,58 @@ fail:
  * twice; within the decoder's limits. For anything else the functions return None and the
  * Python path decodes the frame (and says what is malformed). */
 
+/* Bytes taken by a u32 token whose encoding is the common kind: fixint, uint8/16/32 (0: another
+ * encoding, left to mp_u32). A table instead of branches: token encodings alternate at random
+ * with the token's size, and mispredicted branches were most of a scan. */
+static unsigned char u32_size[256];
+
+static void
+u32_size_init(void)
+{
+    for (int b = 0; b < 0x80; b++)
+        u32_size[b] = 1;
+    u32_size[0xcc] = 2;
+    u32_size[0xcd] = 3;
+    u32_size[0xce] = 5;
+}
+
+/* Check n u32 tokens (any int encoding mp_u32 takes) and step over them. */
+static int
+mp_skip_u32s(const unsigned char **pp, const unsigned char *end, Py_ssize_t n)
+{
+    const unsigned char *p = *pp;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p >= end)
+            return -1;
+        unsigned s = u32_size[*p];
+        if (s && end - p >= (Py_ssize_t)s) {
+            p += s;
+            continue;
+        }
+        uint32_t v;
+        if (mp_u32(&p, end, &v) < 0)
+            return -1;
+    }
+    *pp = p;
+    return 0;
+}
+
+/* One token already checked by mp_skip_u32s. */
+static inline uint32_t
+next_u32(const unsigned char **pp, const unsigned char *end)
+{
+    const unsigned char *p = *pp;
+    unsigned s = u32_size[*p];
+    if (s && end - p >= 5) {
+        uint32_t x = ((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 8) | p[4];
+        *pp = p + s;
+        return s == 1 ? *p : x >> (8 * (5 - s));
+    }
+    uint32_t v = 0;
+    (void)mp_u32(pp, end, &v);
+    return v;
+}
+
 typedef struct {
     const unsigned char *hashes; /* the first block hash */
     const unsigned char *tokens; /* the first token (BlockStored) */
@@ -2291,12 +2405,7 @@ fev_value(const unsigned char **pp, const unsigned char *end, fev *ev, int f, co
         ev->tokens = *pp;
         ev->ntok = n;
         ev->has_tokens = 1;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            uint32_t t;
-            if (mp_u32(pp, end, &t) < 0)
-                return -1;
-        }
-        return 0;
+        return mp_skip_u32s(pp, end, n);
     case F_BLOCK_SIZE:
         if (mp_u64(pp, end, &v) < 0 || v == 0 || v > (1 << 24))
             return -1;
@@ -2722,16 +2831,15 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 if (get_u64(*um_val(emap, at), &r) < 0 || u64buf_push(&run, r) < 0)
                     goto done;
                 Py_ssize_t dat = op->find(d, r);
-                if (dat >= 0) {
-                    int gone = tb_and_at(d, dat, keep);
-                    if (gone < 0)
-                        goto done;
-                    deleted += gone;
-                }
-                int indexed = indexed_u64(tiers, r);
+                int gone = dat >= 0 ? tb_and_at(d, dat, keep) : 1;
+                if (gone < 0)
+                    goto done;
+                deleted += dat >= 0 && gone;
+                /* r still in d: indexed; else maybe in another tier */
+                int indexed = gone ? indexed_u64(tiers, r) : 1;
                 if (indexed < 0)
                     goto done;
-                if (!indexed && (at = um_find(emap, e)) >= 0)
+                if (!indexed) /* emap is unchanged since it was found at `at` */
                     um_del_at(emap, at);
             }
             continue;
@@ -2752,8 +2860,7 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         const unsigned char *tp = ev->tokens;
         for (Py_ssize_t j = 0; j < ev->n; j++) {
             for (Py_ssize_t t = 0; t < bs; t++) {
-                uint32_t v = 0;
-                (void)mp_u32(&tp, end, &v); /* checked by frame_parse */
+                uint32_t v = next_u32(&tp, end); /* checked by frame_parse */
                 unsigned char *b = (unsigned char *)&block[t];
                 b[0] = (unsigned char)v;
                 b[1] = (unsigned char)(v >> 8);
@@ -2774,12 +2881,11 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 added++;
             }
             else {
-                PyObject *old = *op->val(d, at);
-                PyObject *m = PyNumber_Or(old, bit);
+                int same = 0;
+                PyObject *m = mask_or(*op->val(d, at), bit, &same);
                 if (m == NULL)
                     goto done;
-                int same = m == old ? 1 : PyObject_RichCompareBool(m, old, Py_EQ);
-                int rc = same < 0 ? -1 : same ? copies_step(copies, e, 1) : 0;
+                int rc = same ? copies_step(copies, e, 1) : 0;
                 if (rc == 0 && recency && IS_U64DICT(d))
                     rc = ud_move_last(d, keys[j], at, m);
                 else if (rc == 0)
@@ -2846,6 +2952,7 @@ PyInit__speedups(void)
 {
     if (PyType_Ready(&U64Map_Type) < 0 || PyType_Ready(&U64Dict_Type) < 0)
         return NULL;
+    u32_size_init();
     /* Seeds differ between processes too (a restarted shard refills tables from a snapshot a
      * process with the same table-creation order wrote). */
     PyObject *os = PyImport_ImportModule("os");
