@@ -240,8 +240,9 @@ def _frame_case(rng: random.Random, C: Any, pool: list[bytes], frames: list[byte
     if batch is None or head != (batch.ts, batch.data_parallel_rank):
         return f"scan_frame({data!r}) = {head!r}, the decoder: {batch!r}"
     a, b = _frame_shard(True), _frame_shard(False)
-    for app in (a, b):  # the holder's first frame takes the general path: give it one
-        app.apply([BatchOp("p", "m", 0, rng.choice(frames))])
+    first = rng.choice(frames)  # the holder's first frame takes the general path: give it one
+    for app in (a, b):
+        app.apply([BatchOp("p", "m", 0, first)])
         app.apply([BatchOp("p", "m", 1, data)])
     if _frame_state(a) != _frame_state(b):
         return f"apply_frame({data!r}) differs from the general path"
