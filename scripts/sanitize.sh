@@ -2,7 +2,8 @@
 # kvray's C extension (kvray/_ext/speedups.c) under AddressSanitizer + UndefinedBehaviorSanitizer:
 # builds an instrumented copy into a temporary directory (the in-tree kvray/_speedups*.so that the
 # normal venv uses is not touched), then runs, with that copy loaded in its place,
-#   1. tests/unit/test_fast.py (the C functions against their pure-Python twins, hypothesis), and
+#   1. tests/unit/test_fast.py and test_frame_path.py (the C functions against their pure-Python
+#      twins, and the whole-frame path against the general one; hypothesis), and
 #   2. a differential fuzz of every C entry point against its twin (benchmarks/fuzz_decoder.py
 #      --native; 100,000 inputs by default, KVRAY_SANITIZE_FUZZ_N to change).
 # Exits non-zero on any sanitizer report, test failure or mismatch; the last line is a summary.
@@ -75,7 +76,7 @@ check "import" "$tmp/load.log" $?
 
 # --- 1. test_fast under the sanitizers (--capture=sys: pytest's default fd capture would swallow
 # a report printed to file descriptor 2 by a process that then exits) ---
-san "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests/unit/test_fast.py >"$tmp/pytest.log" 2>&1
+san "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests/unit/test_fast.py tests/unit/test_frame_path.py >"$tmp/pytest.log" 2>&1
 check "test_fast" "$tmp/pytest.log" $?
 tail -n 1 "$tmp/pytest.log"
 tests=$(grep -Eo '[0-9]+ passed' "$tmp/pytest.log" | tail -n 1)

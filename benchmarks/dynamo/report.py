@@ -287,7 +287,7 @@ def _pods_section(stream: Stream, dyn: dict[str, Any], kv: dict[str, Any], round
 def _checks(x: _Numbers, bad: int) -> list[tuple[str, float, bool]]:
     """(target, value, met) for one pod count."""
     checks = [
-        ("ingest ≥ 0.5× Dynamo", x.k_rate / x.d_rate, x.k_rate / x.d_rate >= 0.5),
+        ("ingest ≥ 1.0× Dynamo", x.k_rate / x.d_rate, x.k_rate / x.d_rate >= 1.0),
         (
             "memory per pair ≤ 1.0× (RssAnon)",
             x.mem_ratio(x.k_mem),
@@ -478,7 +478,7 @@ def render(
 
 
 _PNG_TARGETS = {
-    "ingest rate": 0.5,
+    "ingest rate": 1.0,
     "mem/pair (RssAnon)": 1.0,
     "mem/pair (estimate)": 1.0,
     "connect p50 128": 1.0,
