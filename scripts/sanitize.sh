@@ -87,5 +87,5 @@ check "the native fuzz" "$tmp/fuzz.log" $?
 tail -n 1 "$tmp/fuzz.log"
 fuzz=$(grep -Eo '[0-9,]+ inputs, [0-9]+ mismatches' "$tmp/fuzz.log")
 
-echo "sanitize: OK - ASan+UBSan build of kvray/_ext/speedups.c: test_fast $tests;" \
+echo "sanitize: OK - ASan+UBSan build of kvray/_ext/speedups.c: test_fast + test_frame_path $tests;" \
   "native fuzz $fuzz; no sanitizer reports ($(( $(date +%s) - start )) s)"
