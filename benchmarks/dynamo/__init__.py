@@ -35,8 +35,8 @@ processes outside its own tree to go quiet (``--quiet-wait``), records their CPU
 phase, and redoes a disturbed phase (``--retries``). Linux only (reads ``/proc``). Findings and
 proposed changes: ``docs/dynamo.md``.
 
-Targets (kvray/Dynamo): ingest ≥ 1.0× (issue 16); memory per pair ≤ 1.0×; ``kvray.connect()`` query p50
-≤ 1.0× Dynamo's HTTP p50; kvray HTTP p50 ≤ 3×; zero disagreements.
+Targets (kvray/Dynamo): ingest ≥ 1.0× (issue 16); memory per pair ≤ 1.0×; ``kvray.connect()``
+query p50 ≤ 1.0× Dynamo's HTTP p50; kvray HTTP p50 ≤ 3×; zero disagreements.
 
 Modules: ``workload`` (the event stream and prompts), ``publish`` (binding PUB sockets),
 ``measure`` (/proc CPU and memory, timing, quiet-machine checks), ``dynamo_side`` and

@@ -2920,6 +2920,131 @@ done:
     return result;
 }
 
+/* --- a read replica's change messages: apply_ops ----------------------------------------- */
+
+/* 1 << slot as an int (slot a non-negative int). */
+static PyObject *
+slot_bit(PyObject *slot)
+{
+    long s = PyLong_AsLong(slot);
+    if (s == -1 && PyErr_Occurred())
+        return NULL;
+    if (s < 0) {
+        PyErr_SetString(PyExc_ValueError, "apply_ops(): negative slot");
+        return NULL;
+    }
+    if (s < 62)
+        return PyLong_FromLong(1L << s);
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *out = one == NULL ? NULL : PyNumber_Lshift(one, slot);
+    Py_XDECREF(one);
+    return out;
+}
+
+PyDoc_STRVAR(apply_ops_doc,
+"apply_ops(ops, start, tiers, slots, holders) -> (stop, added, deleted)\n\n"
+"Apply change-stream ops (op, holder, tier, packed keys, ttl) from ops[start] on to an index\n"
+"whose tiers are tables (tiers: name -> table; slots: holder -> slot): an add ORs the holder's\n"
+"bit into its keys (and adds the holder to the set holders), a remove clears it, deleting keys\n"
+"left with no holder. Stops at the first op that needs more (an add with a TTL, of a holder\n"
+"with no slot or to a tier with no table; any op on the speculative tier; a clear or reset)\n"
+"and returns its index (len(ops) when none did), with the keys added and deleted.");
+
+static PyObject *
+apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("apply_ops", nargs, 5) < 0)
+        return NULL;
+    PyObject *ops = args[0], *tiers = args[2], *slots = args[3], *holders = args[4];
+    if (!PyList_CheckExact(ops) || !PyDict_CheckExact(tiers) || !PyDict_CheckExact(slots)
+        || !PySet_Check(holders)) {
+        PyErr_SetString(PyExc_TypeError, "apply_ops(): expected list, int, dict, dict, set");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0)
+        i = 0;
+    long long added = 0, deleted = 0;
+    for (; i < PyList_GET_SIZE(ops); i++) {
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        if (!PyTuple_CheckExact(op) || PyTuple_GET_SIZE(op) != 5)
+            break;
+        PyObject *kind_o = PyTuple_GET_ITEM(op, 0), *holder = PyTuple_GET_ITEM(op, 1);
+        PyObject *tier = PyTuple_GET_ITEM(op, 2), *raw = PyTuple_GET_ITEM(op, 3);
+        PyObject *ttl = PyTuple_GET_ITEM(op, 4);
+        if (!PyLong_CheckExact(kind_o) || !PyUnicode_CheckExact(tier) || !PyBytes_CheckExact(raw)
+            || PyBytes_GET_SIZE(raw) % 8 || !PyFloat_CheckExact(ttl))
+            break;
+        long kind = PyLong_AsLong(kind_o);
+        if ((kind != 0 && kind != 1) || PyFloat_AS_DOUBLE(ttl) != 0.0
+            || PyUnicode_CompareWithASCIIString(tier, "SPECULATIVE") == 0)
+            break;
+        PyObject *d = PyDict_GetItemWithError(tiers, tier); /* borrowed */
+        PyObject *slot = PyDict_GetItemWithError(slots, holder);
+        if (PyErr_Occurred())
+            return NULL;
+        if (d == NULL || slot == NULL) {
+            if (kind == 0)
+                break; /* needs a slot or a table: the caller's path */
+            continue;  /* a removal from nothing: nothing to do */
+        }
+        if (!IS_TABLE(d)) {
+            PyErr_SetString(PyExc_TypeError, "apply_ops(): tiers must be tables");
+            return NULL;
+        }
+        PyObject *bit = slot_bit(slot);
+        if (bit == NULL)
+            return NULL;
+        PyObject *keep = kind == 1 ? PyNumber_Invert(bit) : NULL;
+        if (kind == 1 && keep == NULL) {
+            Py_DECREF(bit);
+            return NULL;
+        }
+        const table_ops *t = ops_of(d);
+        const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(raw);
+        Py_ssize_t n = PyBytes_GET_SIZE(raw) / 8;
+        int rc = 0;
+        for (Py_ssize_t j = 0; rc == 0 && j < n; j++) {
+            uint64_t k = 0;
+            for (int x = 7; x >= 0; x--)
+                k = (k << 8) | b[j * 8 + x];
+            Py_ssize_t at = t->find(d, k);
+            if (kind == 0) {
+                if (at < 0) {
+                    rc = t->add(d, k, bit);
+                    added += rc == 0;
+                    continue;
+                }
+                int same = 0;
+                PyObject *m = mask_or(*t->val(d, at), bit, &same);
+                if (m == NULL) {
+                    rc = -1;
+                    break;
+                }
+                if (IS_U64DICT(d)) /* a U64Dict keeps recency order */
+                    rc = ud_move_last(d, k, at, m);
+                else
+                    Py_SETREF(*t->val(d, at), Py_NewRef(m));
+                Py_DECREF(m);
+            }
+            else if (at >= 0) {
+                int gone = tb_and_at(d, at, keep);
+                rc = gone < 0 ? -1 : 0;
+                deleted += gone > 0;
+            }
+        }
+        Py_DECREF(bit);
+        Py_XDECREF(keep);
+        if (rc == 0 && kind == 0)
+            rc = PySet_Add(holders, holder);
+        if (rc < 0)
+            return NULL;
+    }
+    return Py_BuildValue("(nLL)", i, added, deleted);
+}
+
 static PyMethodDef methods[] = {
     {"msgpack_u32_count", (PyCFunction)msgpack_u32_count, METH_O, msgpack_u32_count_doc},
     {"chain_u32", (PyCFunction)(void (*)(void))chain_u32, METH_FASTCALL, chain_u32_doc},
@@ -2938,6 +3063,7 @@ static PyMethodDef methods[] = {
     {"clear_slots", (PyCFunction)(void (*)(void))clear_slots, METH_FASTCALL, clear_slots_doc},
     {"scan_frame", (PyCFunction)(void (*)(void))scan_frame, METH_FASTCALL, scan_frame_doc},
     {"apply_frame", (PyCFunction)(void (*)(void))apply_frame, METH_FASTCALL, apply_frame_doc},
+    {"apply_ops", (PyCFunction)(void (*)(void))apply_ops, METH_FASTCALL, apply_ops_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -276,7 +276,13 @@ class ReplicaIndex:
             # the last data seq, so one past ours means that data message was lost).
             return False
         idx = self.index
-        for op, holder, tier, raw, ttl in msg.ops:
+        ops, i, n = msg.ops, 0, len(msg.ops)
+        while i < n:
+            i = idx.apply_ops(ops, i, st.holders)  # bits set and cleared, in C
+            if i >= n:
+                break
+            op, holder, tier, raw, ttl = ops[i]
+            i += 1
             pod = PodId(holder)
             keys = unpack_keys(raw)
             if op == OP_ADD:

@@ -314,3 +314,8 @@ apply_frame: Callable[..., tuple[Any, ...] | None] | None = _impl.apply_frame if
 C only. Its twin is the general path itself, ``EventDecoder.decode`` + ``IndexWriter.apply_batch``:
 ``tests/unit/test_frame_path.py`` applies the same frames both ways and compares the indexes,
 the change-stream ops and the counts."""
+
+apply_ops: Callable[..., tuple[int, int, int]] | None = _impl.apply_ops if _impl else None
+"""A read replica's change-stream ops in one call, until one needs more than a bit set or
+cleared (``MemoryIndex.apply_ops`` wraps it). C only. Its twin is ``ReplicaIndex.apply``'s own
+loop: ``tests/unit/test_frame_path.py`` follows the same stream both ways."""

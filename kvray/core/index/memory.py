@@ -44,6 +44,7 @@ from kvray.core.fast import (
     add_engine,
     and_bits,
     apply_frame,
+    apply_ops,
     clear_slots,
     forget_unindexed,
     lookup,
@@ -220,6 +221,19 @@ class MemoryIndex:
         self._grew(added)
         self._after_engine_put()
         return FrameApplied(ops, pools, stored, removed, unknown_removed, unknown_parent)
+
+    def apply_ops(self, ops: list[Any], start: int, holders: set[str]) -> int:
+        """Apply change-stream ops from ``ops[start]`` on in one C call
+        (``kvray.core.fast.apply_ops``) until one needs the caller (a speculative op, a clear,
+        a new holder or tier); returns its index (``len(ops)``: all done; ``start``: none,
+        and always without the extension or in a subclass). Holders that added keys join
+        ``holders``."""
+        if apply_ops is None or type(self) is not MemoryIndex:
+            return start
+        stop, added, deleted = apply_ops(ops, start, self._tiers, self._slot, holders)
+        self._nkeys -= deleted
+        self._grew(added)
+        return stop  # type: ignore[no-any-return]
 
     def _tier(self, tier: Tier) -> dict[int, int]:
         d = self._tiers.get(tier)
