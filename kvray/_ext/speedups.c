@@ -1919,6 +1919,24 @@ typedef struct {
     Py_ssize_t n, cap;
 } u64vec;
 
+/* Append x (the vector doubles when full): 0, or -1 with MemoryError. */
+static int
+u64vec_push(u64vec *v, uint64_t x)
+{
+    if (v->n == v->cap) {
+        Py_ssize_t cap = v->cap ? v->cap * 2 : 64;
+        uint64_t *g = PyMem_Realloc(v->v, (size_t)cap * sizeof(uint64_t));
+        if (g == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        v->v = g;
+        v->cap = cap;
+    }
+    v->v[v->n++] = x;
+    return 0;
+}
+
 static int
 slot_keys_push(u64vec **vecs, Py_ssize_t *nvecs, uint64_t k, const unsigned char *mb,
                Py_ssize_t nb, const unsigned char *lb, Py_ssize_t nl)
@@ -1931,18 +1949,8 @@ slot_keys_push(u64vec **vecs, Py_ssize_t *nvecs, uint64_t k, const unsigned char
             byte &= byte - 1;
             if (slot >= *nvecs && grow_zeroed((void **)vecs, nvecs, n * 8, sizeof(u64vec)) < 0)
                 return -1;
-            u64vec *v = &(*vecs)[slot];
-            if (v->n == v->cap) {
-                Py_ssize_t cap = v->cap ? v->cap * 2 : 64;
-                uint64_t *g = PyMem_Realloc(v->v, (size_t)cap * sizeof(uint64_t));
-                if (g == NULL) {
-                    PyErr_NoMemory();
-                    return -1;
-                }
-                v->v = g;
-                v->cap = cap;
-            }
-            v->v[v->n++] = k;
+            if (u64vec_push(&(*vecs)[slot], k) < 0)
+                return -1;
         }
     }
     return 0;
@@ -2656,28 +2664,6 @@ indexed_u64(PyObject *tiers, uint64_t r)
     return 0;
 }
 
-typedef struct {
-    uint64_t *v;
-    Py_ssize_t n, cap;
-} u64buf;
-
-static int
-u64buf_push(u64buf *b, uint64_t x)
-{
-    if (b->n == b->cap) {
-        Py_ssize_t cap = b->cap ? b->cap * 2 : 64;
-        uint64_t *v = PyMem_Realloc(b->v, (size_t)cap * sizeof(uint64_t));
-        if (v == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        b->v = v;
-        b->cap = cap;
-    }
-    b->v[b->n++] = x;
-    return 0;
-}
-
 /* A holder's extra copy of engine key e (a dict of engine key -> copies beyond the first):
  * add one (delta 1), or take one away when there is one (delta -1: 1 when taken, 0 when e has
  * no extra copy). -1 on error. */
@@ -2780,7 +2766,7 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *ops = PyList_New(0), *pools = PyList_New(0);
     uint64_t *keys = PyMem_Malloc((size_t)(maxn ? maxn : 1) * sizeof(uint64_t));
     uint32_t *block = PyMem_Malloc((size_t)bs * sizeof(uint32_t));
-    u64buf run = {NULL, 0, 0};
+    u64vec run = {NULL, 0, 0};
     Py_ssize_t run_hashes = 0, run_left = 0;
     long long stored = 0, removed = 0, unknown_removed = 0, unknown_parent = 0, added = 0,
               deleted = 0;
@@ -2828,7 +2814,7 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                     unknown_removed++;
                     continue;
                 }
-                if (get_u64(*um_val(emap, at), &r) < 0 || u64buf_push(&run, r) < 0)
+                if (get_u64(*um_val(emap, at), &r) < 0 || u64vec_push(&run, r) < 0)
                     goto done;
                 Py_ssize_t dat = op->find(d, r);
                 int gone = dat >= 0 ? tb_and_at(d, dat, keep) : 1;

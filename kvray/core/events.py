@@ -177,8 +177,7 @@ class EventDecoder:
         it), else None. Always None without the C extension."""
         if scan_frame is None or not isinstance(payload, bytes | bytearray | memoryview):
             return None
-        lim = self.limits
-        got = scan_frame(payload, lim.max_payload_bytes, lim.max_events, lim.max_blocks_per_event)
+        got = scan_frame(payload, *self.limit_args)
         return None if got is None else FrameHead(*got)
 
     def decode_lazy(self, payload: bytes) -> EventBatch | FrameHead:
