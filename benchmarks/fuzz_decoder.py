@@ -12,7 +12,7 @@ which must never raise.
 (``kvray._speedups``) against its pure-Python twin in ``kvray.core.fast``, ``--n`` inputs
 (random and mutated msgpack token arrays, random bytes, ints of every size and sign, bools,
 dicts and the C tables), each required to give the same result or the same exception type;
-the whole-frame path (``scan_frame``/``apply_frame``, whose twin is the general write path) on
+the whole-frame path (``scan_frame``/``apply_frames``, whose twin is the general write path) on
 captured vLLM frames, mutated or not: a frame the scan takes must decode to the same ts and
 rank and leave the index, engine map, change-stream ops and pools as the general path does. It
 prints one line and exits 1 on any mismatch; ``scripts/sanitize.sh`` runs it under
@@ -227,7 +227,8 @@ def _frame_state(app: OrderedApplier) -> Any:
 
 def _frame_case(rng: random.Random, C: Any, pool: list[bytes], frames: list[bytes]) -> str | None:
     """A vLLM frame, mutated or not: whatever ``scan_frame`` accepts must decode to the same
-    ts and rank, and apply through ``apply_frame`` as through the decoder and ``apply_batch``."""
+    ts and rank, and apply (in a run of the pod's frames) through ``apply_frames`` as through the
+    decoder and ``apply_batch``."""
     base = rng.choice(frames)
     data = mutate(rng, base, pool) if rng.random() < 0.8 else base
     head = C.scan_frame(data, 64 * 2**20, 100_000, 1 << 20)
@@ -241,11 +242,12 @@ def _frame_case(rng: random.Random, C: Any, pool: list[bytes], frames: list[byte
         return f"scan_frame({data!r}) = {head!r}, the decoder: {batch!r}"
     a, b = _frame_shard(True), _frame_shard(False)
     first = rng.choice(frames)  # the holder's first frame takes the general path: give it one
-    for app in (a, b):
-        app.apply([BatchOp("p", "m", 0, first)])
-        app.apply([BatchOp("p", "m", 1, data)])
+    after = rng.choice(frames)
+    for app in (a, b):  # one call: a run of the pod's frames (``apply_frames``)
+        app.apply([BatchOp("p", "m", 0, first), BatchOp("p", "m", 1, data),
+                   BatchOp("p", "m", 2, after)])  # fmt: skip
     if _frame_state(a) != _frame_state(b):
-        return f"apply_frame({data!r}) differs from the general path"
+        return f"apply_frames([{first!r}, {data!r}, {after!r}]) differs from the general path"
     return None
 
 

@@ -2068,7 +2068,7 @@ fail:
     return NULL;
 }
 
-/* --- whole vLLM batches: scan_frame / apply_frame -------------------------------------------
+/* --- whole vLLM batches: scan_frame / apply_frames -----------------------------------------
  *
  * A shard decoded every batch into a Python object per event and walked them in Python: most of
  * its write time. Almost every frame has the shape real pods publish: BlockStored events with u64
@@ -2708,87 +2708,129 @@ copies_step(PyObject *copies, uint64_t e, int delta)
     return rc;
 }
 
-PyDoc_STRVAR(apply_frame_doc,
-"apply_frame(payload, d, emap, tiers, bit, keep, recency, tag, root, block_size, copies,\n"
-"            max_payload, max_events, max_blocks) -> tuple | None\n\n"
-"Apply one holder's fast-form frame (see kvray/_ext/speedups.c) to a memory index, as\n"
-"IndexWriter.apply_batch does with its events: d is the GPU tier (a table), emap the engine\n"
-"map, tiers every tier, bit / keep the holder's bit and its complement, tag / root the model's\n"
-"engine-key tag and request-key root, copies the holder's GPU copy counts (a dict: engine key\n"
-"-> copies beyond the first; a store of a held block adds one, a removal takes one before it\n"
-"removes the block). None, with nothing changed, when the frame is not in fast form or a\n"
-"BlockStored's block_size differs. Else (ops, pools, stored, removed, unknown_removed,\n"
-"unknown_parent, added, deleted): ops the change-stream ops (0 add / 1 remove, packed keys),\n"
-"one per BlockStored and per run of removals that removes anything; pools the pool-gauge\n"
-"steps (+n stored, -n removed); then the counts.");
-
-static PyObject *
-apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    flimits lim;
-    if (check_nargs("apply_frame", nargs, 14) < 0 || limits_of(args + 11, &lim) < 0)
-        return NULL;
-    PyObject *d = args[1], *emap = args[2], *bit = args[4], *keep = args[5], *copies = args[10];
-    if (!IS_TABLE(d) || !IS_U64MAP(emap) || !PyDict_CheckExact(copies)) {
-        PyErr_SetString(PyExc_TypeError, "apply_frame(): d, emap must be tables, copies a dict");
-        return NULL;
-    }
-    if (tb_check_val(bit) < 0 || tb_check_val(keep) < 0)
-        return NULL;
-    int recency = PyObject_IsTrue(args[6]);
+/* What apply_frames shares across the frames of one call: the holder's tables,
+ * the outputs, and scratch buffers. */
+typedef struct {
+    PyObject *d, *emap, *tiers, *bit, *keep, *copies;
+    int recency;
     uint64_t tag, root;
-    if (recency < 0 || get_u64(args[7], &tag) < 0 || get_u64(args[8], &root) < 0)
-        return NULL;
-    Py_ssize_t bs = PyLong_AsSsize_t(args[9]);
-    if (bs == -1 && PyErr_Occurred())
-        return NULL;
+    Py_ssize_t bs;
+    flimits lim;
+    const table_ops *op;
+    PyObject *ops, *pools;
+    long long stored, removed, unknown_removed, unknown_parent, added, deleted;
+    uint64_t *keys;
+    Py_ssize_t keys_cap;
+    uint32_t *block;
+    u64vec run;
+} fapply;
+
+/* Parse apply_frames' arguments from the table d on (args[0]); 0, or -1
+ * with an exception set. */
+static int
+fapply_open(fapply *c, PyObject *const *args, const char *fn)
+{
+    memset(c, 0, sizeof(*c));
+    if (limits_of(args + 10, &c->lim) < 0)
+        return -1;
+    c->d = args[0];
+    c->emap = args[1];
+    c->bit = args[3];
+    c->keep = args[4];
+    c->copies = args[9];
+    if (!IS_TABLE(c->d) || !IS_U64MAP(c->emap) || !PyDict_CheckExact(c->copies)) {
+        PyErr_Format(PyExc_TypeError, "%s(): d, emap must be tables, copies a dict", fn);
+        return -1;
+    }
+    if (tb_check_val(c->bit) < 0 || tb_check_val(c->keep) < 0)
+        return -1;
+    c->recency = PyObject_IsTrue(args[5]);
+    if (c->recency < 0 || get_u64(args[6], &c->tag) < 0 || get_u64(args[7], &c->root) < 0)
+        return -1;
+    c->bs = PyLong_AsSsize_t(args[8]);
+    if (c->bs == -1 && PyErr_Occurred())
+        return -1;
+    c->op = ops_of(c->d);
+    c->tiers = tiers_open(args[2], fn);
+    c->ops = PyList_New(0);
+    c->pools = PyList_New(0);
+    c->block = PyMem_Malloc((size_t)(c->bs > 0 ? c->bs : 1) * sizeof(uint32_t));
+    if (c->tiers == NULL || c->ops == NULL || c->pools == NULL)
+        return -1;
+    if (c->block == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void
+fapply_close(fapply *c)
+{
+    Py_XDECREF(c->tiers);
+    Py_XDECREF(c->ops);
+    Py_XDECREF(c->pools);
+    PyMem_Free(c->keys);
+    PyMem_Free(c->block);
+    PyMem_Free(c->run.v);
+}
+
+/* Apply one fast-form frame: 1 applied, 0 declined with nothing changed (not in fast form, or a
+ * BlockStored's block_size differs), -1 on error. */
+static int
+fapply_one(fapply *c, PyObject *payload)
+{
     Py_buffer view;
-    if (get_buffer(args[0], &view) < 0)
-        return NULL;
+    if (get_buffer(payload, &view) < 0)
+        return -1;
     const unsigned char *end = (const unsigned char *)view.buf + view.len;
     double ts;
     long rank;
     fev *evs = NULL;
     Py_ssize_t nev = 0, maxn = 0;
-    int ok = frame_parse(view.buf, view.len, &lim, &ts, &rank, &evs, &nev);
+    int ok = frame_parse(view.buf, view.len, &c->lim, &ts, &rank, &evs, &nev);
     for (Py_ssize_t i = 0; ok > 0 && i < nev; i++) {
-        if (evs[i].stored && evs[i].block_size != bs)
+        if (evs[i].stored && evs[i].block_size != c->bs)
             ok = 0; /* the contract's block_size_mismatch: the Python path counts it */
         if (evs[i].stored && evs[i].n > maxn)
             maxn = evs[i].n;
     }
+    if (ok > 0 && maxn > c->keys_cap) {
+        uint64_t *k = PyMem_Realloc(c->keys, (size_t)maxn * sizeof(uint64_t));
+        if (k == NULL) {
+            PyErr_NoMemory();
+            ok = -1;
+        }
+        else {
+            c->keys = k;
+            c->keys_cap = maxn;
+        }
+    }
     if (ok <= 0) {
         PyMem_Free(evs);
         PyBuffer_Release(&view);
-        return ok < 0 ? NULL : Py_NewRef(Py_None);
+        return ok;
     }
-    PyObject *tiers = tiers_open(args[3], "apply_frame");
-    PyObject *ops = PyList_New(0), *pools = PyList_New(0);
-    uint64_t *keys = PyMem_Malloc((size_t)(maxn ? maxn : 1) * sizeof(uint64_t));
-    uint32_t *block = PyMem_Malloc((size_t)bs * sizeof(uint32_t));
-    u64vec run = {NULL, 0, 0};
+    PyObject *d = c->d, *emap = c->emap, *copies = c->copies;
+    const table_ops *op = c->op;
+    uint64_t *keys = c->keys, tag = c->tag;
+    uint32_t *block = c->block;
+    Py_ssize_t bs = c->bs;
+    u64vec *run = &c->run;
     Py_ssize_t run_hashes = 0, run_left = 0;
-    long long stored = 0, removed = 0, unknown_removed = 0, unknown_parent = 0, added = 0,
-              deleted = 0;
     char run_medium = 0;
-    const table_ops *op = ops_of(d);
-    PyObject *result = NULL;
-    if (tiers == NULL || ops == NULL || pools == NULL)
-        goto done;
-    if (keys == NULL || block == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    int rc_out = -1;
+    run->n = 0;
     /* A run of removals ends: its pool step, and its op unless copies absorbed all of it. */
 #define FLUSH_RUN()                                                                          \
     do {                                                                                     \
         if (run_hashes) {                                                                    \
-            if (push_int(pools, -run_hashes) < 0)                                            \
+            if (push_int(c->pools, -run_hashes) < 0)                                         \
                 goto done;                                                                   \
-            if (run_left && push_op(ops, 1, run.v, run.n) < 0)                               \
+            if (run_left && push_op(c->ops, 1, run->v, run->n) < 0)                          \
                 goto done;                                                                   \
-            removed += run.n;                                                                \
-            run.n = run_hashes = run_left = 0;                                               \
+            c->removed += run->n;                                                            \
+            run->n = run_hashes = run_left = 0;                                              \
         }                                                                                    \
     } while (0)
     for (Py_ssize_t i = 0; i < nev; i++) {
@@ -2811,18 +2853,18 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 run_left++;
                 Py_ssize_t at = um_find(emap, e);
                 if (at < 0) {
-                    unknown_removed++;
+                    c->unknown_removed++;
                     continue;
                 }
-                if (get_u64(*um_val(emap, at), &r) < 0 || u64vec_push(&run, r) < 0)
+                if (get_u64(*um_val(emap, at), &r) < 0 || u64vec_push(run, r) < 0)
                     goto done;
                 Py_ssize_t dat = op->find(d, r);
-                int gone = dat >= 0 ? tb_and_at(d, dat, keep) : 1;
+                int gone = dat >= 0 ? tb_and_at(d, dat, c->keep) : 1;
                 if (gone < 0)
                     goto done;
-                deleted += dat >= 0 && gone;
+                c->deleted += dat >= 0 && gone;
                 /* r still in d: indexed; else maybe in another tier */
-                int indexed = gone ? indexed_u64(tiers, r) : 1;
+                int indexed = gone ? indexed_u64(c->tiers, r) : 1;
                 if (indexed < 0)
                     goto done;
                 if (!indexed) /* emap is unchanged since it was found at `at` */
@@ -2831,13 +2873,13 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         FLUSH_RUN();
-        if (push_int(pools, ev->n) < 0)
+        if (push_int(c->pools, ev->n) < 0)
             goto done;
-        uint64_t key = root;
+        uint64_t key = c->root;
         if (ev->has_parent) {
             Py_ssize_t at = um_find(emap, ev->parent ^ tag);
             if (at < 0) {
-                unknown_parent += ev->n;
+                c->unknown_parent += ev->n;
                 continue;
             }
             if (get_u64(*um_val(emap, at), &key) < 0)
@@ -2862,17 +2904,17 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             uint64_t e = h ^ tag;
             Py_ssize_t at = op->find(d, keys[j]);
             if (at < 0) {
-                if (op->add(d, keys[j], bit) < 0)
+                if (op->add(d, keys[j], c->bit) < 0)
                     goto done;
-                added++;
+                c->added++;
             }
             else {
                 int same = 0;
-                PyObject *m = mask_or(*op->val(d, at), bit, &same);
+                PyObject *m = mask_or(*op->val(d, at), c->bit, &same);
                 if (m == NULL)
                     goto done;
                 int rc = same ? copies_step(copies, e, 1) : 0;
-                if (rc == 0 && recency && IS_U64DICT(d))
+                if (rc == 0 && c->recency && IS_U64DICT(d))
                     rc = ud_move_last(d, keys[j], at, m);
                 else if (rc == 0)
                     Py_SETREF(*op->val(d, at), Py_NewRef(m));
@@ -2886,23 +2928,66 @@ apply_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (rc < 0)
                 goto done;
         }
-        if (push_op(ops, 0, keys, ev->n) < 0)
+        if (push_op(c->ops, 0, keys, ev->n) < 0)
             goto done;
-        stored += ev->n;
+        c->stored += ev->n;
     }
     FLUSH_RUN();
 #undef FLUSH_RUN
-    result = Py_BuildValue("(OOLLLLLL)", ops, pools, stored, removed, unknown_removed,
-                           unknown_parent, added, deleted);
+    rc_out = 1;
 done:
-    Py_XDECREF(tiers);
-    Py_XDECREF(ops);
-    Py_XDECREF(pools);
-    PyMem_Free(keys);
-    PyMem_Free(block);
-    PyMem_Free(run.v);
     PyMem_Free(evs);
     PyBuffer_Release(&view);
+    return rc_out;
+}
+
+PyDoc_STRVAR(apply_frames_doc,
+"apply_frames(payloads, start, d, emap, tiers, bit, keep, recency, tag, root, block_size,\n"
+"             copies, max_payload, max_events, max_blocks) -> tuple\n\n"
+"Apply a run of one holder's fast-form frames (see kvray/_ext/speedups.c), payloads[start:] in\n"
+"order, to a memory index, as IndexWriter.apply_batch does with their events; stop at the\n"
+"first frame not in fast form or with a BlockStored whose block_size differs (it and those\n"
+"after it are left alone). d is the GPU tier (a table), emap the engine map, tiers every tier,\n"
+"bit / keep the holder's bit and its complement, tag / root the model's engine-key tag and\n"
+"request-key root, copies the holder's GPU copy counts (a dict: engine key -> copies beyond\n"
+"the first; a store of a held block adds one, a removal takes one before it removes the\n"
+"block). Returns (stop, ops, pools, stored, removed, unknown_removed, unknown_parent, added,\n"
+"deleted): stop the index of the frame not taken (len(payloads): all were); ops the\n"
+"change-stream ops in order (0 add / 1 remove, packed keys), one per BlockStored and per run\n"
+"of removals that removes anything; pools the pool-gauge steps (+n stored, -n removed); then\n"
+"the counts, summed over the frames taken.");
+
+static PyObject *
+apply_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    fapply c;
+    PyObject *result = NULL;
+    if (check_nargs("apply_frames", nargs, 15) < 0)
+        return NULL;
+    PyObject *payloads = args[0];
+    if (!PyList_CheckExact(payloads)) {
+        PyErr_SetString(PyExc_TypeError, "apply_frames(): payloads must be a list");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0)
+        i = 0;
+    if (fapply_open(&c, args + 2, "apply_frames") == 0) {
+        int ok = 1;
+        for (; i < PyList_GET_SIZE(payloads); i++) {
+            PyObject *p = Py_NewRef(PyList_GET_ITEM(payloads, i)); /* the list may change */
+            ok = fapply_one(&c, p);
+            Py_DECREF(p);
+            if (ok <= 0)
+                break;
+        }
+        if (ok >= 0)
+            result = Py_BuildValue("(nOOLLLLLL)", i, c.ops, c.pools, c.stored, c.removed,
+                                   c.unknown_removed, c.unknown_parent, c.added, c.deleted);
+    }
+    fapply_close(&c);
     return result;
 }
 
@@ -3048,7 +3133,7 @@ static PyMethodDef methods[] = {
     {"slot_keys", (PyCFunction)(void (*)(void))slot_keys, METH_FASTCALL, slot_keys_doc},
     {"clear_slots", (PyCFunction)(void (*)(void))clear_slots, METH_FASTCALL, clear_slots_doc},
     {"scan_frame", (PyCFunction)(void (*)(void))scan_frame, METH_FASTCALL, scan_frame_doc},
-    {"apply_frame", (PyCFunction)(void (*)(void))apply_frame, METH_FASTCALL, apply_frame_doc},
+    {"apply_frames", (PyCFunction)(void (*)(void))apply_frames, METH_FASTCALL, apply_frames_doc},
     {"apply_ops", (PyCFunction)(void (*)(void))apply_ops, METH_FASTCALL, apply_ops_doc},
     {NULL, NULL, 0, NULL},
 };

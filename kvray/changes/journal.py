@@ -186,23 +186,27 @@ class Journal:
         self.ops.append((OP_REMOVE, pod, tier, pack_keys(keys), 0.0))
         return keys, unknown
 
-    def apply_frame(
+    def apply_frames(
         self,
         pod: PodId,
-        payload: bytes,
+        payloads: list[bytes],
+        start: int,
         tag: int,
         root: int,
         block_size: int,
         copies: dict[int, int],
         limits: tuple[int, int, int],
     ) -> FrameApplied | None:
-        """``MemoryIndex.apply_frame`` on the backend, its ops recorded (None: not taken)."""
+        """``MemoryIndex.apply_frames`` on the backend, its ops recorded (None: another
+        backend)."""
         if not isinstance(self.backend, MemoryIndex):
             return None
         at = len(self.ops)
-        done = self.backend.apply_frame(pod, payload, tag, root, block_size, copies, limits)
-        if done is not None:
-            # Evictions the frame caused were recorded during the call; the frame came first.
+        done = self.backend.apply_frames(
+            pod, payloads, start, tag, root, block_size, copies, limits
+        )
+        if done.ops:
+            # Evictions the run caused were recorded during the call; the run came first.
             self.ops[at:at] = [
                 (OP_ADD if kind == 0 else OP_REMOVE, pod, GPU, keys, 0.0) for kind, keys in done.ops
             ]

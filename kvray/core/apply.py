@@ -205,7 +205,7 @@ class IndexWriter:
         self._add_held = held_op(backend)
         self._copies: dict[PodId, dict[Tier, dict[int, int]]] = {}
         """Holder → tier → engine key → copies beyond the first (absent: one copy)."""
-        self._frame = getattr(backend, "apply_frame", None)
+        self._frames = getattr(backend, "apply_frames", None)
         """The backend's whole-frame path (memory backends, through the journal), or None."""
 
     # --- writes ----------------------------------------------------------------------------
@@ -245,22 +245,29 @@ class IndexWriter:
             self.expire()
         return res
 
-    def apply_frame(
-        self, holder: PodId, model: str, payload: bytes, limits: tuple[int, int, int]
-    ) -> ApplyResult | None:
-        """Apply one holder's raw frame in one C call when it and the holder allow it, doing
-        what ``apply_batch`` does with its events; None, with nothing changed, otherwise.
+    def apply_frames(
+        self,
+        holder: PodId,
+        model: str,
+        payloads: list[bytes],
+        start: int,
+        limits: tuple[int, int, int],
+    ) -> tuple[int, ApplyResult]:
+        """Apply a run of one holder's raw frames, ``payloads[start:]`` in order, in one C call
+        while they and the holder allow it, doing what ``apply_batch`` does with their events.
+        Returns the index of the first frame not taken (``len(payloads)``: all were; ``start``:
+        none, nothing changed) and what was done.
 
-        Taken when the backend has the path (``MemoryIndex.apply_frame``), keys are request
-        keys, the frame is in fast form (``kvray.core.fast.scan_frame``), its block size is the
-        model's, and the holder has no hash-contract checks left in its run and no speculative
-        entries."""
-        frame = self._frame
-        if frame is None or self.key_mode != "request" or self._spec.holds(holder):
-            return None
+        Taken when the backend has the path (``MemoryIndex.apply_frames``), keys are request
+        keys, the frames are in fast form (``kvray.core.fast.scan_frame``), their block size is
+        the model's, and the holder has no hash-contract checks left in its run and no
+        speculative entries."""
+        frames = self._frames
+        if frames is None or self.key_mode != "request" or self._spec.holds(holder):
+            return start, ApplyResult()
         h = self.hashing(model)
         if self.verify_hashes and h.hasher is not None and self._verifying(holder):
-            return None
+            return start, ApplyResult()
         tiers = self._copies.get(holder)
         copies = tiers.get(GPU) if tiers is not None else None
         fresh = copies is None
@@ -268,7 +275,7 @@ class IndexWriter:
             copies = {}
         tag, root = model_tag(model), model_root(model)
         try:
-            done = frame(holder, payload, tag, root, h.block_size, copies, limits)
+            done = frames(holder, payloads, start, tag, root, h.block_size, copies, limits)
         finally:
             if fresh and copies:
                 self._copies.setdefault(holder, {})[GPU] = copies
@@ -277,8 +284,8 @@ class IndexWriter:
                 del tiers[GPU]
                 if not tiers:
                     del self._copies[holder]
-        if done is None:
-            return None
+        if done is None or done.stop == start:
+            return start, ApplyResult()
         self.last_seen[holder] = self.clock()
         self.models[holder] = model
         pools = self.pools
@@ -294,7 +301,7 @@ class IndexWriter:
             res.reject("unknown_removed", done.unknown_removed)
         if self._spec:
             self.expire()
-        return res
+        return done.stop, res
 
     def _stored(
         self, holder: PodId, model: str, tag: int, ev: BlockStored, res: ApplyResult

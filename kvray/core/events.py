@@ -133,7 +133,7 @@ class EventBatch:
 @dataclass(slots=True, frozen=True)
 class FrameHead:
     """A payload in fast form (``kvray.core.fast.scan_frame``), its events left in the bytes:
-    a shard applies it with ``IndexWriter.apply_frame`` and decodes it only if that declines."""
+    a shard applies it with ``IndexWriter.apply_frames`` and decodes it only if that declines."""
 
     ts: float
     data_parallel_rank: int | None
@@ -186,7 +186,7 @@ class EventDecoder:
 
     @property
     def limit_args(self) -> tuple[int, int, int]:
-        """The limits as ``apply_frame`` takes them."""
+        """The limits as ``apply_frames`` takes them."""
         lim = self.limits
         return lim.max_payload_bytes, lim.max_events, lim.max_blocks_per_event
 

@@ -309,9 +309,10 @@ it is in *fast form* (what pods publish: stores with their tokens, removals, GPU
 or extra keys; the exact rules are in ``kvray/_ext/speedups.c``), else None. C only: None
 without the extension."""
 
-apply_frame: Callable[..., tuple[Any, ...] | None] | None = _impl.apply_frame if _impl else None
-"""Apply a fast-form frame to a memory index in one call (``MemoryIndex.apply_frame`` wraps it).
-C only. Its twin is the general path itself, ``EventDecoder.decode`` + ``IndexWriter.apply_batch``:
+apply_frames: Callable[..., tuple[Any, ...]] | None = _impl.apply_frames if _impl else None
+"""Apply a run of one holder's fast-form frames to a memory index in one call, up to the first
+that is not in fast form (``MemoryIndex.apply_frames`` wraps it). C only. Its twin is the
+general path itself, ``EventDecoder.decode`` + ``IndexWriter.apply_batch``:
 ``tests/unit/test_frame_path.py`` applies the same frames both ways and compares the indexes,
 the change-stream ops and the counts."""
 

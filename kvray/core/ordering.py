@@ -106,7 +106,7 @@ class OrderedApplier:
         writer: the shard's write path.
         decode: payload bytes → ``EventBatch`` (raises ``MalformedFrame``).
         decoder: the ``EventDecoder`` behind ``decode``, when there is one: frames in fast
-            form are then applied from their bytes (``IndexWriter.apply_frame``) and decoded
+            form are then applied from their bytes (``IndexWriter.apply_frames``) and decoded
             only when that declines.
         clock: wall clock, for the event-to-visible lag (publisher ts → applied here).
     """
@@ -152,22 +152,18 @@ class OrderedApplier:
         heard = (reader, self.listening.heard(reader)) if reader is not None else None
         res = ApplyResult()
         behind: dict[str, int] = {}
-        n = 0
-        for op in ops:
-            n += 1
+        ops = ops if isinstance(ops, list) else list(ops)
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            i += 1
             if isinstance(op, ClearOp):
                 self.clear(op.holder)
                 res.cleared += 1
                 continue
-            batch = op.decoded
-            if batch is None and self._head is not None:
-                batch = self._head(op.payload)
+            batch = self._batch(op)
             if batch is None:
-                try:
-                    batch = self.decode(op.payload)
-                except MalformedFrame as exc:
-                    self.malformed[exc.reason] = self.malformed.get(exc.reason, 0) + 1
-                    continue
+                continue
             holder = holder_id(op.pod, batch.data_parallel_rank)
             if holder in behind:
                 continue
@@ -179,32 +175,94 @@ class OrderedApplier:
                 behind[holder] = self.positions.get(holder, -1)
                 res.reject("out_of_order")
                 continue
-            self._apply_batch(holder, op, batch, res)
+            if isinstance(batch, FrameHead):
+                run, heads = [op], [batch]
+                i = self._extend_run(ops, i, run, heads)
+                self._apply_run(holder, run, heads, res)
+            else:
+                self._apply_batch(holder, op, batch, res)
             if heard is not None:
                 self._heard[holder] = heard
             elif self._heard:
                 self._heard.pop(holder, None)
         self.applied.merge(res)
-        self.ops += n
+        self.ops += i
         self.apply_seconds += time.perf_counter() - t0
         return res, behind
 
-    def _apply_batch(
-        self, holder: PodId, op: BatchOp, batch: EventBatch | FrameHead, res: ApplyResult
+    def _batch(self, op: BatchOp) -> EventBatch | FrameHead | None:
+        """The op's batch: decoded by the reader, or its fast-form head, or decoded here (None:
+        malformed, counted)."""
+        batch = op.decoded
+        if batch is None and self._head is not None:
+            batch = self._head(op.payload)
+        if batch is None:
+            try:
+                batch = self.decode(op.payload)
+            except MalformedFrame as exc:
+                self.malformed[exc.reason] = self.malformed.get(exc.reason, 0) + 1
+        return batch
+
+    def _extend_run(self, ops: list[Op], i: int, run: list[BatchOp], heads: list[FrameHead]) -> int:
+        """Add to ``run`` the fast-form ops from ``ops[i]`` on that continue it: the same pod,
+        model and rank, each seq the next. A reader receives a pod's queued messages in a row,
+        so a busy pod's batches arrive as such runs; one C call applies a run. Returns the
+        index after the run."""
+        first, head = run[0], heads[0]
+        seq = first.seq
+        while i < len(ops):
+            op = ops[i]
+            if (
+                not isinstance(op, BatchOp)
+                or op.seq != seq + 1
+                or op.pod != first.pod
+                or op.model != first.model
+            ):
+                break
+            batch = op.decoded
+            if batch is None and self._head is not None:
+                batch = self._head(op.payload)
+            if (
+                not isinstance(batch, FrameHead)
+                or batch.data_parallel_rank != head.data_parallel_rank
+            ):
+                break
+            run.append(op)
+            heads.append(batch)
+            seq += 1
+            i += 1
+        return i
+
+    def _apply_run(
+        self, holder: PodId, run: list[BatchOp], heads: list[FrameHead], res: ApplyResult
     ) -> None:
-        if isinstance(batch, FrameHead):
-            done = self.writer.apply_frame(holder, op.model, op.payload, self._limits)
-            if done is None:  # declined, nothing changed: the general path
-                done = self.writer.apply_batch(holder, op.model, self.decode(op.payload))
+        """Apply a run of a holder's fast-form batches in order: in C while the frames and
+        the holder allow it, a frame it declines by the general path."""
+        model = run[0].model
+        payloads = [op.payload for op in run]
+        k = 0
+        while k < len(run):
+            k, done = self.writer.apply_frames(holder, model, payloads, k, self._limits)
             res.merge(done)
-        else:
-            res.merge(self.writer.apply_batch(holder, op.model, batch))
-        self.positions[holder] = op.seq
-        self._advanced[holder] = op.seq
-        if batch.ts > 0:  # a zero ts is a publisher that does not stamp batches
-            lag = self.clock() - batch.ts
-            self.lags.append(lag)
-            self.lag_hist.observe(lag)
+            if k < len(run):  # declined, nothing changed: the general path
+                res.merge(self.writer.apply_batch(holder, model, self.decode(payloads[k])))
+                k += 1
+        self._advance(holder, run[-1].seq, heads)
+
+    def _apply_batch(self, holder: PodId, op: BatchOp, batch: EventBatch, res: ApplyResult) -> None:
+        res.merge(self.writer.apply_batch(holder, op.model, batch))
+        self._advance(holder, op.seq, (batch,))
+
+    def _advance(self, holder: PodId, seq: int, batches: Iterable[EventBatch | FrameHead]) -> None:
+        """``holder`` applied up to ``seq``: its position, and the batches' lags."""
+        self.positions[holder] = seq
+        self._advanced[holder] = seq
+        now = self.clock()
+        for b in batches:
+            if b.ts > 0:  # a zero ts is a publisher that does not stamp batches
+                lag = now - b.ts
+                self.lags.append(lag)
+                self.lag_hist.observe(lag)
 
     def clear(self, holder: str) -> None:
         """Forget a holder: its blocks and its position."""

@@ -1,4 +1,4 @@
-"""The whole-frame write path (``kvray._speedups.scan_frame`` / ``apply_frame``) against the
+"""The whole-frame write path (``kvray._speedups.scan_frame`` / ``apply_frames``) against the
 general one (``EventDecoder.decode`` + ``IndexWriter.apply_batch``).
 
 The general path is the twin: the same frames go through an ``OrderedApplier`` with the frame
@@ -125,9 +125,9 @@ class Fleet:
             return [ev["type"], *[ev.get(f) for f in fields]]
         return ev
 
-    def frame(self) -> tuple[str, bytes]:
+    def frame(self, pod: str | None = None) -> tuple[str, bytes]:
         rng = self.rng
-        pod = rng.choice(self.pods)
+        pod = pod or rng.choice(self.pods)
         events: list[Any] = []
         positional = rng.random() < 0.2
         self.odd_frame = rng.random() < 0.3
@@ -183,9 +183,13 @@ def test_frame_path_matches_the_general_path(seed: int, max_keys: int) -> None:
     for _ in range(60):
         batch = []
         for _ in range(rng.randint(1, 4)):
-            pod, payload = fleet.frame()
-            seqs[pod] = seqs.get(pod, -1) + 1
-            batch.append((pod, seqs[pod], payload))
+            # Runs of a pod's frames, as a reader receives a busy pod's queued messages: the
+            # applier takes a run in one call (``OrderedApplier._extend_run``).
+            pod = None
+            for _ in range(rng.choice([1, 1, 2, 5])):
+                pod, payload = fleet.frame(pod)
+                seqs[pod] = seqs.get(pod, -1) + 1
+                batch.append((pod, seqs[pod], payload))
         ra, _ = a[0].apply([BatchOp(p, MODEL, s, f, False) for p, s, f in batch])
         rb, _ = b[0].apply([BatchOp(p, MODEL, s, f, False) for p, s, f in batch])
         sa, sb = state(*a), state(*b)
@@ -198,6 +202,41 @@ def test_frame_path_matches_the_general_path(seed: int, max_keys: int) -> None:
             assert sa["positions"] == sb["positions"]
         taken += sum(EventDecoder().head(f) is not None for _, _, f in batch)
     assert taken > 0  # the frame path ran
+
+
+@needs_c
+def test_a_run_stops_at_a_duplicate_a_gap_or_another_holder() -> None:
+    """Ops of one pod in a row are applied as a run only while each seq is the next one:
+    a replayed duplicate inside the run is skipped, a gap holds the pod back (behind), and
+    another pod's or rank's op starts its own run."""
+    rng = random.Random(7)
+    fleet = Fleet(rng, pods=2)
+    a, b = shard(True), shard(False)
+    frames: list[bytes] = []
+    while len(frames) < 8:  # in fast form (a frame that is not ends a run anyway)
+        f = fleet.frame("p0")[1]
+        if EventDecoder().head(f) is not None:
+            frames.append(f)
+    other = fleet.frame("p1")[1]
+    calls = [
+        [(0, frames[0], False), (1, frames[1], True), (2, frames[2], True)],
+        # a replay overlapping what arrived, then new ones, then another pod
+        [(1, frames[1], True), (2, frames[2], True), (3, frames[3], True), (4, frames[4], True)],
+        [(5, frames[5], True), (7, frames[7], True), (6, frames[6], True)],  # 7: a gap
+    ]
+    for n, ops in enumerate(calls):
+        got = []
+        for app, journal, backend in (a, b):
+            batch = [BatchOp("p0", MODEL, s, f, c) for s, f, c in ops]
+            batch.insert(2, BatchOp("p1", MODEL, n, other, False))
+            res, behind = app.apply(batch)
+            got.append((res.stored_blocks, res.removed_blocks, res.rejected, behind))
+            got.append(state(app, journal, backend))
+        assert got[0] == got[2] and got[1] == got[3]
+        if n == 2:  # 7 is refused, and 6 after it waits for the replay of 6
+            assert got[0][3] == {"p0": 5}
+    assert a[0].positions["p0"] == 5
+    assert a[0].applied.rejected["duplicate"] == 2
 
 
 @needs_c

@@ -43,7 +43,7 @@ from kvray.core.fast import (
     U64Map,
     add_engine,
     and_bits,
-    apply_frame,
+    apply_frames,
     apply_ops,
     clear_slots,
     forget_unindexed,
@@ -63,8 +63,10 @@ _EMAP_PRUNE_BATCH = 2048  # engine-map entries checked per put_engine_map while 
 
 @dataclass(slots=True)
 class FrameApplied:
-    """What ``MemoryIndex.apply_frame`` did with one holder's frame."""
+    """What ``MemoryIndex.apply_frames`` did with a run of one holder's frames."""
 
+    stop: int
+    """The index of the first frame not taken (the run's length: all were)."""
     ops: list[tuple[int, bytes]]
     """Change-stream ops in order: (0 add / 1 remove, packed keys), one per store and per run
     of removals that removed anything (what the general path records)."""
@@ -185,42 +187,40 @@ class MemoryIndex:
             self._sweep_step()
         return keys, unknown
 
-    def apply_frame(
+    def apply_frames(
         self,
         pod: PodId,
-        payload: bytes,
+        payloads: list[bytes],
+        start: int,
         tag: int,
         root: int,
         block_size: int,
         copies: dict[int, int],
         limits: tuple[int, int, int],
-    ) -> FrameApplied | None:
-        """One holder's whole frame in one C call (``kvray.core.fast.apply_frame``), keyed by
-        request keys on the GPU tier; ``copies`` is the holder's GPU copy counts (engine key →
-        copies beyond the first), kept as ``IndexWriter`` keeps them. None, with nothing
-        changed, when the frame is not in fast form, the extension is not built, this is a
+    ) -> FrameApplied:
+        """A run of one holder's frames, ``payloads[start:]`` in order, in one C call
+        (``kvray.core.fast.apply_frames``), keyed by request keys on the GPU tier, up to the
+        first frame not in fast form (``FrameApplied.stop``); ``copies`` is the holder's GPU
+        copy counts (engine key → copies beyond the first), kept as ``IndexWriter`` keeps them.
+        Nothing is taken (``stop == start``) when the extension is not built, this is a
         subclass (it keeps its own accounting) or the holder has no GPU keys yet (its first
         frame takes the general path).
 
-        The size bound and the retired-slot sweep run once after the frame, not per event."""
-        if apply_frame is None or type(self) is not MemoryIndex:
-            return None
+        The size bound and the retired-slot sweep run once after the run, not per event."""
         slot = self._slot.get(pod)
         d = self._tiers.get(GPU)
-        if slot is None or d is None:
-            return None
+        if apply_frames is None or type(self) is not MemoryIndex or slot is None or d is None:
+            return FrameApplied(start, [], [], 0, 0, 0, 0)
         bit = 1 << slot
-        out = apply_frame(
-            payload, d, self._emap, list(self._tiers.values()), bit, ~bit, self.recency,
+        out = apply_frames(
+            payloads, start, d, self._emap, list(self._tiers.values()), bit, ~bit, self.recency,
             tag, root, block_size, copies, *limits,
         )  # fmt: skip
-        if out is None:
-            return None
-        ops, pools, stored, removed, unknown_removed, unknown_parent, added, deleted = out
+        stop, ops, pools, stored, removed, unknown_removed, unknown_parent, added, deleted = out
         self._nkeys -= deleted
         self._grew(added)
         self._after_engine_put()
-        return FrameApplied(ops, pools, stored, removed, unknown_removed, unknown_parent)
+        return FrameApplied(stop, ops, pools, stored, removed, unknown_removed, unknown_parent)
 
     def apply_ops(self, ops: list[Any], start: int, holders: set[str]) -> int:
         """Apply change-stream ops from ``ops[start]`` on in one C call
