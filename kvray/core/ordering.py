@@ -193,7 +193,7 @@ class OrderedApplier:
     def _batch(self, op: BatchOp) -> EventBatch | FrameHead | None:
         """The op's batch: decoded by the reader, or its fast-form head, or decoded here (None:
         malformed, counted)."""
-        batch = op.decoded
+        batch: EventBatch | FrameHead | None = op.decoded
         if batch is None and self._head is not None:
             batch = self._head(op.payload)
         if batch is None:
