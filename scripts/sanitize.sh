@@ -2,8 +2,9 @@
 # kvray's C extension (kvray/_ext/speedups.c) under AddressSanitizer + UndefinedBehaviorSanitizer:
 # builds an instrumented copy into a temporary directory (the in-tree kvray/_speedups*.so that the
 # normal venv uses is not touched), then runs, with that copy loaded in its place,
-#   1. tests/unit/test_fast.py and test_frame_path.py (the C functions against their pure-Python
-#      twins, and the whole-frame path against the general one; hypothesis), and
+#   1. tests/unit/test_fast.py, test_frame_path.py and test_zmq_source.py (the C functions against
+#      their pure-Python twins, the whole-frame path against the general one, the C receive
+#      against pyzmq's; hypothesis), and
 #   2. a differential fuzz of every C entry point against its twin (benchmarks/fuzz_decoder.py
 #      --native; 100,000 inputs by default, KVRAY_SANITIZE_FUZZ_N to change).
 # Exits non-zero on any sanitizer report, test failure or mismatch; the last line is a summary.
@@ -76,7 +77,7 @@ check "import" "$tmp/load.log" $?
 
 # --- 1. test_fast under the sanitizers (--capture=sys: pytest's default fd capture would swallow
 # a report printed to file descriptor 2 by a process that then exits) ---
-san "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests/unit/test_fast.py tests/unit/test_frame_path.py >"$tmp/pytest.log" 2>&1
+san "$PY" -m pytest -q -p no:cacheprovider --capture=sys tests/unit/test_fast.py tests/unit/test_frame_path.py tests/unit/test_zmq_source.py >"$tmp/pytest.log" 2>&1
 check "test_fast" "$tmp/pytest.log" $?
 tail -n 1 "$tmp/pytest.log"
 tests=$(grep -Eo '[0-9]+ passed' "$tmp/pytest.log" | tail -n 1)
@@ -87,5 +88,5 @@ check "the native fuzz" "$tmp/fuzz.log" $?
 tail -n 1 "$tmp/fuzz.log"
 fuzz=$(grep -Eo '[0-9,]+ inputs, [0-9]+ mismatches' "$tmp/fuzz.log")
 
-echo "sanitize: OK - ASan+UBSan build of kvray/_ext/speedups.c: test_fast + test_frame_path $tests;" \
+echo "sanitize: OK - ASan+UBSan build of kvray/_ext/speedups.c: test_fast + test_frame_path + test_zmq_source $tests;" \
   "native fuzz $fuzz; no sanitizer reports ($(( $(date +%s) - start )) s)"

@@ -13,6 +13,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
@@ -3116,6 +3117,131 @@ apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nLL)", i, added, deleted);
 }
 
+/* --- ZMQ: a socket's queued messages in one call -----------------------------------------
+ *
+ * pyzmq's recv costs a Python call, a Frame object and a copy per frame, and reading its socket
+ * options goes through an enum conversion: on a busy stream that was the largest part of a
+ * shard reader's Python time. recv_messages takes every message a SUB socket has queued with
+ * libzmq's own calls. The functions are libzmq's as pyzmq loaded it: their addresses are handed
+ * over once (zmq_api, from kvray.ingest.zmq_source), so this extension neither links libzmq
+ * nor could use another copy of it. The socket is pyzmq's (Socket.underlying); its owner
+ * calls this only from the thread that reads it. */
+
+typedef union {
+    unsigned char bytes[64];
+    void *align;
+} zmsg; /* zmq_msg_t: 64 bytes, pointer-aligned (zmq.h) */
+
+static struct {
+    int (*init)(zmsg *);
+    int (*recv)(zmsg *, void *, int);
+    void *(*data)(zmsg *);
+    size_t (*size)(const zmsg *);
+    int (*more)(const zmsg *);
+    int (*close)(zmsg *);
+    int (*error)(void);
+} zapi;
+
+#define KV_ZMQ_DONTWAIT 1 /* ZMQ_DONTWAIT */
+
+PyDoc_STRVAR(zmq_api_doc,
+"zmq_api(msg_init, msg_recv, msg_data, msg_size, msg_more, msg_close, errno) -> None\n\n"
+"The addresses of libzmq's zmq_msg_* functions and zmq_errno, as the process loaded them.");
+
+static PyObject *
+zmq_api(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("zmq_api", nargs, 7) < 0)
+        return NULL;
+    void *f[7];
+    for (int i = 0; i < 7; i++) {
+        f[i] = PyLong_AsVoidPtr(args[i]);
+        if (f[i] == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "zmq_api(): a null function address");
+            return NULL;
+        }
+    }
+    /* object pointers to function pointers: what dlsym's callers do too */
+    memcpy(&zapi.init, &f[0], sizeof(void *));
+    memcpy(&zapi.recv, &f[1], sizeof(void *));
+    memcpy(&zapi.data, &f[2], sizeof(void *));
+    memcpy(&zapi.size, &f[3], sizeof(void *));
+    memcpy(&zapi.more, &f[4], sizeof(void *));
+    memcpy(&zapi.close, &f[5], sizeof(void *));
+    memcpy(&zapi.error, &f[6], sizeof(void *));
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(recv_messages_doc,
+"recv_messages(socket, max_messages) -> list[list[bytes]]\n\n"
+"The messages queued on a libzmq socket (its address: pyzmq's Socket.underlying), at most\n"
+"max_messages, each as its list of frames; never waits. Raises OSError when libzmq fails\n"
+"with anything but EAGAIN before a message was read (after one, the messages read are\n"
+"returned and the next call raises); RuntimeError before zmq_api was called.");
+
+static PyObject *
+recv_messages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs("recv_messages", nargs, 2) < 0)
+        return NULL;
+    if (zapi.recv == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "recv_messages(): zmq_api() was not called");
+        return NULL;
+    }
+    void *sock = PyLong_AsVoidPtr(args[0]);
+    if (sock == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "recv_messages(): a null socket");
+        return NULL;
+    }
+    Py_ssize_t max = PyLong_AsSsize_t(args[1]);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    PyObject *frames = NULL;
+    zmsg m;
+    while (PyList_GET_SIZE(out) < max) {
+        frames = PyList_New(0);
+        if (frames == NULL)
+            goto fail;
+        int more = 1;
+        while (more) {
+            zapi.init(&m);
+            if (zapi.recv(&m, sock, KV_ZMQ_DONTWAIT) < 0) {
+                int err = zapi.error();
+                zapi.close(&m);
+                if (PyList_GET_SIZE(frames) > 0) /* a message cut short (libzmq delivers */
+                    break;                       /* whole ones): its parser says so */
+                Py_CLEAR(frames);
+                if (err == EAGAIN || err == EINTR || PyList_GET_SIZE(out) > 0)
+                    return out;
+                errno = err;
+                PyErr_SetFromErrno(PyExc_OSError);
+                goto fail;
+            }
+            PyObject *b = PyBytes_FromStringAndSize(zapi.data(&m), (Py_ssize_t)zapi.size(&m));
+            more = zapi.more(&m);
+            zapi.close(&m);
+            if (b == NULL || PyList_Append(frames, b) < 0) {
+                Py_XDECREF(b);
+                goto fail;
+            }
+            Py_DECREF(b);
+        }
+        if (PyList_Append(out, frames) < 0)
+            goto fail;
+        Py_CLEAR(frames);
+    }
+    return out;
+fail:
+    Py_XDECREF(frames);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"msgpack_u32_count", (PyCFunction)msgpack_u32_count, METH_O, msgpack_u32_count_doc},
     {"chain_u32", (PyCFunction)(void (*)(void))chain_u32, METH_FASTCALL, chain_u32_doc},
@@ -3135,6 +3261,9 @@ static PyMethodDef methods[] = {
     {"scan_frame", (PyCFunction)(void (*)(void))scan_frame, METH_FASTCALL, scan_frame_doc},
     {"apply_frames", (PyCFunction)(void (*)(void))apply_frames, METH_FASTCALL, apply_frames_doc},
     {"apply_ops", (PyCFunction)(void (*)(void))apply_ops, METH_FASTCALL, apply_ops_doc},
+    {"zmq_api", (PyCFunction)(void (*)(void))zmq_api, METH_FASTCALL, zmq_api_doc},
+    {"recv_messages", (PyCFunction)(void (*)(void))recv_messages, METH_FASTCALL,
+     recv_messages_doc},
     {NULL, NULL, 0, NULL},
 };
 
