@@ -178,6 +178,7 @@ class Controller:
         self._save()
         self._snapshots: dict[int, bytes] = {}
         self._snapshot_times: dict[int, float] = {}
+        self._snapshot_versions: dict[int, tuple[str, int]] = {}
         self._interval = snapshot_interval_s
         self._snapshot_took = 0.0  # the slowest shard's last snapshot, seconds
         self._stop = threading.Event()
@@ -329,22 +330,28 @@ class Controller:
             self.snapshot_now()
 
     def snapshot_now(self) -> int:
-        """Snapshot every shard now; returns how many answered."""
-        done, took = 0, 0.0
+        """Snapshot every shard now (a shard with no write since its last snapshot keeps
+        that one: ``IndexShard.snapshot_if_changed``); returns how many answered."""
+        done, took = 0, -1.0
         for i, shard in enumerate(self.shards):
             try:
                 # The ping answers when the shard starts on the snapshot (calls run in order),
                 # so `took` is the snapshot's own time, not the writes queued before it.
-                started, ref = shard.ping.remote(), shard.snapshot.remote()
+                since = self._snapshot_versions.get(i) if i in self._snapshots else None
+                started, ref = shard.ping.remote(), shard.snapshot_if_changed.remote(since)
                 ray.get(started, timeout=60)
                 t0 = time.monotonic()
-                self._snapshots[i] = ray.get(ref, timeout=60)
-                took = max(took, time.monotonic() - t0)
-                self._snapshot_times[i] = time.time()
+                version, data = ray.get(ref, timeout=60)
+                if data is not None:
+                    took = max(took, time.monotonic() - t0)
+                    self._snapshots[i] = data
+                    self._snapshot_versions[i] = version
+                self._snapshot_times[i] = time.time()  # the held snapshot is current now
                 done += 1
             except Exception as exc:  # a shard restarting: keep its previous snapshot
                 log.warning("snapshot of shard %d failed: %s", i, exc)
-        self._snapshot_took = took
+        if took >= 0:  # all unchanged: the spacing stays what the last copy took
+            self._snapshot_took = took
         return done
 
     def latest_snapshot(self, shard_id: int) -> bytes | None:

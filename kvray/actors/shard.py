@@ -104,6 +104,7 @@ class IndexShard:
         )  # fmt: skip
         self._last_trim = time.monotonic()
         self._last_apply = 0.0
+        self._writes = 0
         if restore:
             self._restore_from_controller()
         self.journal.drain()  # replicas start from a snapshot, not from the restore's ops
@@ -132,13 +133,16 @@ class IndexShard:
             self.restored_from_snapshot = True
 
     def _publish(self) -> int:
-        """Publish what the journal recorded since the last call; returns the stream seq."""
+        """Publish what the journal recorded since the last call; returns the stream seq.
+        Every call that changed something counts in ``_writes`` (``snapshot_if_changed``)."""
         ops = self.journal.drain()
+        advanced = self.applier.take_advanced()
+        pools = self.writer.pools.take_changes()
+        if ops or advanced or pools:
+            self._writes += 1
         if not self.changes.enabled:
             return 0
-        return self.changes.publish(
-            ops, self.applier.take_advanced(), self.writer.pools.take_changes()
-        )
+        return self.changes.publish(ops, advanced, pools)
 
     def _maybe_drop_silent(self) -> None:
         self.applier.drop_silent(self.config.index.pod_ttl_s)
@@ -256,6 +260,20 @@ class IndexShard:
             self.backend.snapshot(), dict(self.applier.positions), models,
             self.writer.pools.as_dict(), self.writer.copies(),
         ))  # fmt: skip
+
+    @locked
+    def snapshot_if_changed(
+        self, since: tuple[str, int] | None
+    ) -> tuple[tuple[str, int], bytes | None]:
+        """``(version, snapshot)``, or ``(version, None)`` when nothing changed since the
+        snapshot taken at version ``since`` (the controller keeps that one: an idle shard is
+        not copied again every interval, which at tens of millions of pairs takes seconds
+        under the write lock). A version is ``(incarnation, writes)``: a restarted or rebuilt
+        shard never matches an older one."""
+        version = (self.incarnation, self._writes)
+        if since is not None and tuple(since) == version:
+            return version, None
+        return version, self.snapshot()
 
     @locked
     def lags(self) -> tuple[int, list[float]]:

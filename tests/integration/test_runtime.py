@@ -277,3 +277,24 @@ def test_connect_refuses_a_replica_the_shards_do_not_feed(ray_session: None) -> 
             kvray.connect(cfg.namespace, replica=True)
     finally:
         runtime.stop(cfg.namespace)
+
+
+def test_an_unchanged_shard_is_not_copied_again(deployment: Client, fleet: Fleet) -> None:
+    """The controller's snapshot pull skips a shard with no write since its last copy, and
+    takes one again after a write (the held snapshot stays the restorable state)."""
+    pod = fleet.add("10.9.0.1")
+    pod.serve([random.Random(9).randrange(150_000) for _ in range(64)])
+    assert fleet.sync()
+    shard = deployment.shards[deployment.owner("10.9.0.1")]
+    version, data = ray.get(shard.snapshot_if_changed.remote(None))
+    assert data is not None
+    again, none = ray.get(shard.snapshot_if_changed.remote(version))
+    assert none is None and tuple(again) == tuple(version)
+    assert ray.get(shard.snapshot_if_changed.remote(("another-life", version[1])))[1] is not None
+    pod.serve([random.Random(10).randrange(150_000) for _ in range(64)])
+    assert fleet.sync()
+    after, data2 = ray.get(shard.snapshot_if_changed.remote(version))
+    assert data2 is not None and tuple(after) != tuple(version)
+    assert ray.get(deployment.controller.snapshot_now.remote()) == len(deployment.shards)
+    held = ray.get(deployment.controller.latest_snapshot.remote(deployment.owner("10.9.0.1")))
+    assert held == ray.get(shard.snapshot.remote())  # what it holds is the shard's state now
