@@ -2582,16 +2582,45 @@ limits_of(PyObject *const *args, flimits *lim)
     return 0;
 }
 
+/* A frame scan_frame took, kept for apply_frames so the frame is not parsed twice: the
+ * payload's buffer stays held (its bytes cannot change or move) with the events found in it and
+ * the limits they were checked against. */
+typedef struct {
+    Py_buffer view;
+    fev *evs;
+    Py_ssize_t nev;
+    flimits lim;
+} fscan;
+
+static const char FSCAN_NAME[] = "kvray._speedups.frame_scan";
+
+static void
+fscan_free(PyObject *capsule)
+{
+    fscan *f = PyCapsule_GetPointer(capsule, FSCAN_NAME);
+    if (f == NULL)
+        return;
+    PyMem_Free(f->evs);
+    PyBuffer_Release(&f->view);
+    PyMem_Free(f);
+}
+
 PyDoc_STRVAR(scan_frame_doc,
-"scan_frame(payload, max_payload, max_events, max_blocks) -> (ts, rank) | None\n\n"
-"The batch's ts and data-parallel rank (None when nil) when the payload is in fast form (see\n"
-"kvray/_ext/speedups.c), else None: decode it with EventDecoder.");
+"scan_frame(payload, max_payload, max_events, max_blocks[, keep]) -> tuple | None\n\n"
+"(ts, rank) of a batch in fast form (rank None when nil), else None. With keep true,\n"
+"(ts, rank, scan): scan holds the payload and what the scan found in it, and apply_frames\n"
+"takes it in the payload's place without parsing the frame again.");
 
 static PyObject *
 scan_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     flimits lim;
-    if (check_nargs("scan_frame", nargs, 4) < 0 || limits_of(args + 1, &lim) < 0)
+    if (nargs != 5 && check_nargs("scan_frame", nargs, 4) < 0)
+        return NULL;
+    if (limits_of(args + 1, &lim) < 0)
+        return NULL;
+    int keep = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (keep < 0)
         return NULL;
     Py_buffer view;
     if (get_buffer(args[0], &view) < 0)
@@ -2601,13 +2630,35 @@ scan_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     fev *evs;
     Py_ssize_t nev;
     int ok = frame_parse(view.buf, view.len, &lim, &ts, &rank, &evs, &nev);
-    PyBuffer_Release(&view);
-    if (ok <= 0)
-        return ok < 0 ? NULL : Py_NewRef(Py_None);
-    PyMem_Free(evs);
+    if (ok <= 0 || !keep) {
+        PyBuffer_Release(&view);
+        if (ok <= 0)
+            return ok < 0 ? NULL : Py_NewRef(Py_None);
+        PyMem_Free(evs);
+        if (rank < 0)
+            return Py_BuildValue("(dO)", ts, Py_None);
+        return Py_BuildValue("(dl)", ts, rank);
+    }
+    fscan *f = PyMem_Malloc(sizeof(fscan));
+    if (f == NULL) {
+        PyMem_Free(evs);
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    f->view = view;
+    f->evs = evs;
+    f->nev = nev;
+    f->lim = lim;
+    PyObject *capsule = PyCapsule_New(f, FSCAN_NAME, fscan_free);
+    if (capsule == NULL) {
+        PyMem_Free(evs);
+        PyBuffer_Release(&f->view);
+        PyMem_Free(f);
+        return NULL;
+    }
     if (rank < 0)
-        return Py_BuildValue("(dO)", ts, Py_None);
-    return Py_BuildValue("(dl)", ts, rank);
+        return Py_BuildValue("(dON)", ts, Py_None, capsule);
+    return Py_BuildValue("(dlN)", ts, rank, capsule);
 }
 
 /* u64 keys as little-endian bytes (kvray.core.snapshot.pack_keys). */
@@ -2781,15 +2832,36 @@ fapply_close(fapply *c)
 static int
 fapply_one(fapply *c, PyObject *payload)
 {
+    /* A frame scan_frame kept (checked against the same limits) is not parsed again. */
+    fscan *kept = NULL;
+    if (PyCapsule_CheckExact(payload) && PyCapsule_IsValid(payload, FSCAN_NAME)) {
+        fscan *f = PyCapsule_GetPointer(payload, FSCAN_NAME);
+        if (memcmp(&f->lim, &c->lim, sizeof(flimits)) == 0)
+            kept = f;
+        else
+            payload = f->view.obj; /* checked against other limits: parse it again */
+    }
     Py_buffer view;
-    if (get_buffer(payload, &view) < 0)
-        return -1;
-    const unsigned char *end = (const unsigned char *)view.buf + view.len;
     double ts;
     long rank;
     fev *evs = NULL;
     Py_ssize_t nev = 0, maxn = 0;
-    int ok = frame_parse(view.buf, view.len, &c->lim, &ts, &rank, &evs, &nev);
+    int ok;
+    if (kept != NULL) {
+        view = kept->view; /* borrowed: the capsule releases it */
+        evs = kept->evs;
+        nev = kept->nev;
+        ok = 1;
+    }
+    else {
+        if (payload == NULL || get_buffer(payload, &view) < 0) {
+            if (payload == NULL)
+                PyErr_SetString(PyExc_TypeError, "apply_frames(): a frame scan without a payload");
+            return -1;
+        }
+        ok = frame_parse(view.buf, view.len, &c->lim, &ts, &rank, &evs, &nev);
+    }
+    const unsigned char *end = (const unsigned char *)view.buf + view.len;
     for (Py_ssize_t i = 0; ok > 0 && i < nev; i++) {
         if (evs[i].stored && evs[i].block_size != c->bs)
             ok = 0; /* the contract's block_size_mismatch: the Python path counts it */
@@ -2808,8 +2880,10 @@ fapply_one(fapply *c, PyObject *payload)
         }
     }
     if (ok <= 0) {
-        PyMem_Free(evs);
-        PyBuffer_Release(&view);
+        if (kept == NULL) {
+            PyMem_Free(evs);
+            PyBuffer_Release(&view);
+        }
         return ok;
     }
     PyObject *d = c->d, *emap = c->emap, *copies = c->copies;
@@ -2937,8 +3011,10 @@ fapply_one(fapply *c, PyObject *payload)
 #undef FLUSH_RUN
     rc_out = 1;
 done:
-    PyMem_Free(evs);
-    PyBuffer_Release(&view);
+    if (kept == NULL) {
+        PyMem_Free(evs);
+        PyBuffer_Release(&view);
+    }
     return rc_out;
 }
 
@@ -2946,7 +3022,8 @@ PyDoc_STRVAR(apply_frames_doc,
 "apply_frames(payloads, start, d, emap, tiers, bit, keep, recency, tag, root, block_size,\n"
 "             copies, max_payload, max_events, max_blocks) -> tuple\n\n"
 "Apply a run of one holder's fast-form frames (see kvray/_ext/speedups.c), payloads[start:] in\n"
-"order, to a memory index, as IndexWriter.apply_batch does with their events; stop at the\n"
+"order (each the frame's bytes or the scan scan_frame kept of it), to a memory index, as\n"
+"IndexWriter.apply_batch does with their events; stop at the\n"
 "first frame not in fast form or with a BlockStored whose block_size differs (it and those\n"
 "after it are left alone). d is the GPU tier (a table), emap the engine map, tiers every tier,\n"
 "bit / keep the holder's bit and its complement, tag / root the model's engine-key tag and\n"

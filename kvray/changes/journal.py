@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import msgspec
 
@@ -189,7 +190,7 @@ class Journal:
     def apply_frames(
         self,
         pod: PodId,
-        payloads: list[bytes],
+        payloads: list[Any],
         start: int,
         tag: int,
         root: int,

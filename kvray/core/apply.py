@@ -249,14 +249,15 @@ class IndexWriter:
         self,
         holder: PodId,
         model: str,
-        payloads: list[bytes],
+        payloads: list[Any],
         start: int,
         limits: tuple[int, int, int],
     ) -> tuple[int, ApplyResult]:
-        """Apply a run of one holder's raw frames, ``payloads[start:]`` in order, in one C call
-        while they and the holder allow it, doing what ``apply_batch`` does with their events.
-        Returns the index of the first frame not taken (``len(payloads)``: all were; ``start``:
-        none, nothing changed) and what was done.
+        """Apply a run of one holder's raw frames, ``payloads[start:]`` in order (each the
+        frame's bytes or the scan ``EventDecoder.head`` kept of it), in one C call while they
+        and the holder allow it, doing what ``apply_batch`` does with their events. Returns the
+        index of the first frame not taken (``len(payloads)``: all were; ``start``: none,
+        nothing changed) and what was done.
 
         Taken when the backend has the path (``MemoryIndex.apply_frames``), keys are request
         keys, the frames are in fast form (``kvray.core.fast.scan_frame``), their block size is

@@ -11,7 +11,7 @@ other exception escapes, whatever the bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -137,6 +137,9 @@ class FrameHead:
 
     ts: float
     data_parallel_rank: int | None
+    scan: Any = field(default=None, compare=False, repr=False)
+    """What the scan found in the payload (it holds the payload), for ``apply_frames``: the
+    frame is parsed once."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -177,7 +180,7 @@ class EventDecoder:
         it), else None. Always None without the C extension."""
         if scan_frame is None or not isinstance(payload, bytes | bytearray | memoryview):
             return None
-        got = scan_frame(payload, *self.limit_args)
+        got = scan_frame(payload, *self.limit_args, True)
         return None if got is None else FrameHead(*got)
 
     def decode_lazy(self, payload: bytes) -> EventBatch | FrameHead:

@@ -301,13 +301,12 @@ recency moves it last), for tiers evicted oldest first: CPython's compact-dict l
 keys (entries in order, an index of entry numbers), ~32 bytes per key instead of ~78, plus
 ``oldest(n)``. Without the extension it is ``dict``."""
 
-scan_frame: Callable[..., tuple[float, int | None] | None] | None = (
-    _impl.scan_frame if _impl else None
-)
-"""``scan_frame(payload, max_payload, max_events, max_blocks)``: a batch's ``(ts, rank)`` when
-it is in *fast form* (what pods publish: stores with their tokens, removals, GPU tier, no LoRA
-or extra keys; the exact rules are in ``kvray/_ext/speedups.c``), else None. C only: None
-without the extension."""
+scan_frame: Callable[..., tuple[Any, ...] | None] | None = _impl.scan_frame if _impl else None
+"""``scan_frame(payload, max_payload, max_events, max_blocks[, keep])``: a batch's
+``(ts, rank)`` when it is in *fast form* (what pods publish: stores with their tokens, removals,
+GPU tier, no LoRA or extra keys; the exact rules are in ``kvray/_ext/speedups.c``), else None.
+With ``keep``, ``(ts, rank, scan)``: ``apply_frames`` takes the scan in the payload's place and
+does not parse the frame again. C only: None without the extension."""
 
 apply_frames: Callable[..., tuple[Any, ...]] | None = _impl.apply_frames if _impl else None
 """Apply a run of one holder's fast-form frames to a memory index in one call, up to the first

@@ -239,13 +239,16 @@ class OrderedApplier:
         """Apply a run of a holder's fast-form batches in order: in C while the frames and
         the holder allow it, a frame it declines by the general path."""
         model = run[0].model
-        payloads = [op.payload for op in run]
+        # The scans the heads kept: the frames are not parsed again.
+        frames = [
+            h.scan if h.scan is not None else op.payload for op, h in zip(run, heads, strict=True)
+        ]
         k = 0
         while k < len(run):
-            k, done = self.writer.apply_frames(holder, model, payloads, k, self._limits)
+            k, done = self.writer.apply_frames(holder, model, frames, k, self._limits)
             res.merge(done)
             if k < len(run):  # declined, nothing changed: the general path
-                res.merge(self.writer.apply_batch(holder, model, self.decode(payloads[k])))
+                res.merge(self.writer.apply_batch(holder, model, self.decode(run[k].payload)))
                 k += 1
         self._advance(holder, run[-1].seq, heads)
 

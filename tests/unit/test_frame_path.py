@@ -29,6 +29,7 @@ from kvray.core.hashing import BlockHasher
 from kvray.core.index.memory import MemoryIndex
 from kvray.core.messages import BatchOp
 from kvray.core.ordering import OrderedApplier
+from kvray.types import PodId
 
 needs_c = pytest.mark.skipif(not fast.COMPILED, reason="pure-Python run (no frame path)")
 
@@ -292,6 +293,40 @@ def test_a_frame_the_scan_takes_decodes_the_same(seed: int, flips: int) -> None:
     batch = dec.decode(bytes(data))  # must not raise
     assert isinstance(head, FrameHead)
     assert (head.ts, head.data_parallel_rank) == (batch.ts, batch.data_parallel_rank)
+
+
+@needs_c
+def test_a_kept_scan_applies_as_its_bytes_do() -> None:
+    """``apply_frames`` takes the scan a head kept in the payload's place: the same index as
+    from the bytes, also when the scan was checked against other limits (then it parses the
+    payload the scan holds), and a held bytearray cannot be resized under it."""
+    rng = random.Random(11)
+    fleet = Fleet(rng, pods=1)
+    frames: list[bytes] = []
+    while len(frames) < 12:
+        f = fleet.frame("p0")[1]
+        if EventDecoder().head(f) is not None:
+            frames.append(f)
+    lim = EventDecoder().limit_args
+    other = (lim[0], lim[1] + 1, lim[2])
+    got = []
+    for way in ("bytes", "scan", "scan under other limits"):
+        _, journal, backend = shard(True)
+        writer = IndexWriter(journal, lambda m: ModelHashing(BS), verify_hashes=False)
+        writer.apply_batch(PodId("p0"), MODEL, EventDecoder().decode(frames[0]))  # a slot
+        items: list[Any] = list(frames[1:])
+        if way != "bytes":
+            items = [fast.scan_frame(f, *(lim if way == "scan" else other), True)[2] for f in items]
+        stop, _ = writer.apply_frames(PodId("p0"), MODEL, items, 0, lim)
+        assert stop == len(items)
+        got.append((backend.holder_keys(), sorted(backend._emap.items()), journal.drain()))
+    assert got[0] == got[1] == got[2]
+    held = bytearray(frames[0])
+    scan = fast.scan_frame(held, *lim, True)
+    with pytest.raises(BufferError):
+        held.extend(b"x")
+    del scan
+    held.extend(b"x")  # released with the scan
 
 
 @needs_c

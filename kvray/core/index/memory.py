@@ -190,7 +190,7 @@ class MemoryIndex:
     def apply_frames(
         self,
         pod: PodId,
-        payloads: list[bytes],
+        payloads: list[Any],
         start: int,
         tag: int,
         root: int,
@@ -198,7 +198,8 @@ class MemoryIndex:
         copies: dict[int, int],
         limits: tuple[int, int, int],
     ) -> FrameApplied:
-        """A run of one holder's frames, ``payloads[start:]`` in order, in one C call
+        """A run of one holder's frames, ``payloads[start:]`` in order (bytes, or the scans
+        ``kvray.core.fast.scan_frame`` kept of them), in one C call
         (``kvray.core.fast.apply_frames``), keyed by request keys on the GPU tier, up to the
         first frame not in fast form (``FrameApplied.stop``); ``copies`` is the holder's GPU
         copy counts (engine key → copies beyond the first), kept as ``IndexWriter`` keeps them.
