@@ -20,6 +20,7 @@ import ray
 
 from kvray.core.events import EventBatch, FrameHead
 from kvray.core.messages import ApplyReply, Op
+from kvray.core.ordering import group_by_pod
 
 
 @dataclass
@@ -136,6 +137,7 @@ class ShardLinks:
         inflight = self.inflight[shard]
         while len(inflight) >= self._max_inflight:
             self._settle(shard, block=True)
+        ops = group_by_pod(ops)  # a bound socket interleaves its pods: send them as runs
         inflight.append((self.handles[shard].apply.remote(ops, self.reader), ops))
 
     def reap(self) -> None:

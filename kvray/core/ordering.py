@@ -99,6 +99,30 @@ def check_order(position: int | None, seq: int, contiguous: bool) -> Order:
     return Order.APPLY
 
 
+def group_by_pod(ops: list[Op]) -> list[Op]:
+    """``ops`` with each pod's ops together (pods in the order of their first op, each pod's
+    own order kept), so a pod's batches reach the shard as runs that ``OrderedApplier``
+    applies in one C call each.
+
+    Pods publish independently: the order between two pods' messages in a reader's queue is
+    an accident of arrival (a bound socket fair-queues its peers), and any interleaving is one
+    the reader could have received. A reader of one socket per pod gets runs already; one
+    bound socket that many pods connect to interleaves them."""
+    if len(ops) < 3:
+        return ops
+    groups: dict[str, list[Op]] = {}
+    for op in ops:
+        pod = op.pod if isinstance(op, BatchOp) else base_pod(op.holder)
+        group = groups.get(pod)
+        if group is None:
+            groups[pod] = [op]
+        else:
+            group.append(op)
+    if len(groups) == 1 or len(groups) == len(ops):
+        return ops
+    return [op for group in groups.values() for op in group]
+
+
 class OrderedApplier:
     """Applies ops to ``writer`` in per-holder order and keeps the positions.
 
