@@ -2780,7 +2780,7 @@ typedef struct {
 /* Parse apply_frames' arguments from the table d on (args[0]); 0, or -1
  * with an exception set. */
 static int
-fapply_open(fapply *c, PyObject *const *args, const char *fn)
+fapply_open(fapply *c, PyObject *const *args)
 {
     memset(c, 0, sizeof(*c));
     if (limits_of(args + 10, &c->lim) < 0)
@@ -2791,7 +2791,7 @@ fapply_open(fapply *c, PyObject *const *args, const char *fn)
     c->keep = args[4];
     c->copies = args[9];
     if (!IS_TABLE(c->d) || !IS_U64MAP(c->emap) || !PyDict_CheckExact(c->copies)) {
-        PyErr_Format(PyExc_TypeError, "%s(): d, emap must be tables, copies a dict", fn);
+        PyErr_SetString(PyExc_TypeError, "apply_frames(): d, emap must be tables, copies a dict");
         return -1;
     }
     if (tb_check_val(c->bit) < 0 || tb_check_val(c->keep) < 0)
@@ -2803,7 +2803,7 @@ fapply_open(fapply *c, PyObject *const *args, const char *fn)
     if (c->bs == -1 && PyErr_Occurred())
         return -1;
     c->op = ops_of(c->d);
-    c->tiers = tiers_open(args[2], fn);
+    c->tiers = tiers_open(args[2], "apply_frames");
     c->ops = PyList_New(0);
     c->pools = PyList_New(0);
     c->block = PyMem_Malloc((size_t)(c->bs > 0 ? c->bs : 1) * sizeof(uint32_t));
@@ -3052,7 +3052,7 @@ apply_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (i < 0)
         i = 0;
-    if (fapply_open(&c, args + 2, "apply_frames") == 0) {
+    if (fapply_open(&c, args + 2) == 0) {
         int ok = 1;
         for (; i < PyList_GET_SIZE(payloads); i++) {
             PyObject *p = Py_NewRef(PyList_GET_ITEM(payloads, i)); /* the list may change */

@@ -337,7 +337,7 @@ class Controller:
             try:
                 # The ping answers when the shard starts on the snapshot (calls run in order),
                 # so `took` is the snapshot's own time, not the writes queued before it.
-                since = self._snapshot_versions.get(i) if i in self._snapshots else None
+                since = self._snapshot_versions.get(i)  # set with the snapshot it describes
                 started, ref = shard.ping.remote(), shard.snapshot_if_changed.remote(since)
                 ray.get(started, timeout=60)
                 t0 = time.monotonic()

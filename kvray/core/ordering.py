@@ -214,12 +214,17 @@ class OrderedApplier:
         self.apply_seconds += time.perf_counter() - t0
         return res, behind
 
-    def _batch(self, op: BatchOp) -> EventBatch | FrameHead | None:
-        """The op's batch: decoded by the reader, or its fast-form head, or decoded here (None:
-        malformed, counted)."""
+    def _head_of(self, op: BatchOp) -> EventBatch | FrameHead | None:
+        """What the reader decoded, else the payload's fast-form head (None: neither)."""
         batch: EventBatch | FrameHead | None = op.decoded
         if batch is None and self._head is not None:
             batch = self._head(op.payload)
+        return batch
+
+    def _batch(self, op: BatchOp) -> EventBatch | FrameHead | None:
+        """The op's batch: decoded by the reader, or its fast-form head, or decoded here (None:
+        malformed, counted)."""
+        batch = self._head_of(op)
         if batch is None:
             try:
                 batch = self.decode(op.payload)
@@ -243,9 +248,7 @@ class OrderedApplier:
                 or op.model != first.model
             ):
                 break
-            batch = op.decoded
-            if batch is None and self._head is not None:
-                batch = self._head(op.payload)
+            batch = self._head_of(op)
             if (
                 not isinstance(batch, FrameHead)
                 or batch.data_parallel_rank != head.data_parallel_rank
