@@ -424,9 +424,22 @@ keys_close(keys_t *k)
  *
  * The Python-facing methods are written once, over the small set of operations below. */
 
+/* A table value is a machine word. Holder masks and request keys are ints the tables hold by the
+ * million, and an int object each cost an allocation, a free and 32 bytes or more per stored
+ * block (in every shard and every read replica). So most values live in the word itself:
+ *   v == 0:      an empty slot (U64Map) or a hole (U64Dict);
+ *   v & 1:       the int v >> 1 (0 <= n < 2**63: masks of slots below 63, half the request keys);
+ *   v & 3 == 2:  the int 1 << (v >> 2) (one holder's bit, at any slot);
+ *   otherwise:   an int object (a strong reference), for every other int.
+ * Object pointers are at least 4-aligned, so the tags never collide with them. */
+typedef uintptr_t tval;
+
+#define TV_INT_MAX ((uint64_t)(UINTPTR_MAX >> 1))
+#define TV_IS_OBJ(v) (((v)&3) == 0)
+
 typedef struct {
     uint64_t key;
-    PyObject *val; /* NULL: an empty slot (U64Map) or a hole (U64Dict) */
+    tval val;
 } u64slot;
 
 typedef struct {
@@ -450,6 +463,167 @@ typedef struct {
 } U64Dict;
 
 static PyTypeObject U64Map_Type, U64Dict_Type;
+
+/* - table values (tval) - */
+
+static inline tval
+tv_dup(tval v)
+{
+    if (v && TV_IS_OBJ(v))
+        Py_INCREF((PyObject *)v);
+    return v;
+}
+
+static inline void
+tv_drop(tval v)
+{
+    if (v && TV_IS_OBJ(v))
+        Py_DECREF((PyObject *)v);
+}
+
+static inline tval
+tv_pow2(uint64_t e)
+{
+    return (tval)((e << 2) | 2);
+}
+
+/* u as a value (owned); 0 with an exception when an int object could not be made. */
+static inline tval
+tv_of_u64(uint64_t u)
+{
+    if (u <= TV_INT_MAX)
+        return (tval)((u << 1) | 1);
+    if ((u & (u - 1)) == 0)
+        return tv_pow2((uint64_t)__builtin_ctzll(u));
+    return (tval)PyLong_FromUnsignedLongLong(u);
+}
+
+/* 1 with *u set when v's int is in [0, 2**64), else 0 (no exception left set). */
+static inline int
+tv_u64(tval v, uint64_t *u)
+{
+    if (v & 1) {
+        *u = (uint64_t)(v >> 1);
+        return 1;
+    }
+    if ((v & 3) == 2) {
+        uint64_t e = (uint64_t)(v >> 2);
+        *u = e < 64 ? (uint64_t)1 << e : 0;
+        return e < 64;
+    }
+    PyObject *o = (PyObject *)v; /* sized first: an OverflowError raised and cleared costs more */
+    if (_PyLong_Sign(o) < 0 || _PyLong_NumBits(o) > 64)
+        return 0;
+    *u = (uint64_t)PyLong_AsUnsignedLongLong(o);
+    return 1;
+}
+
+/* 1 << e for e >= 64, made once per process for the slots in use (a table of up to 8,192
+ * bits: a holder's bit at a high slot is boxed whenever a key it holds gains another holder). */
+#define POW2_CACHED 8192
+static PyObject **pow2_cache;
+
+static PyObject *
+pow2_new(uint64_t e)
+{
+    if (e < POW2_CACHED && pow2_cache != NULL && pow2_cache[e] != NULL)
+        return Py_NewRef(pow2_cache[e]);
+    PyObject *one = PyLong_FromLong(1), *sh = PyLong_FromUnsignedLongLong(e);
+    PyObject *out = one == NULL || sh == NULL ? NULL : PyNumber_Lshift(one, sh);
+    Py_XDECREF(one);
+    Py_XDECREF(sh);
+    if (out != NULL && e < POW2_CACHED) {
+        if (pow2_cache == NULL)
+            pow2_cache = PyMem_Calloc(POW2_CACHED, sizeof(PyObject *));
+        if (pow2_cache != NULL)
+            pow2_cache[e] = Py_NewRef(out);
+    }
+    return out;
+}
+
+/* v's int as a new object. */
+static PyObject *
+tv_box(tval v)
+{
+    if (v & 1)
+        return PyLong_FromUnsignedLongLong((uint64_t)(v >> 1));
+    if ((v & 3) == 2) {
+        uint64_t e = (uint64_t)(v >> 2);
+        return e < 64 ? PyLong_FromUnsignedLongLong((uint64_t)1 << e) : pow2_new(e);
+    }
+    return Py_NewRef((PyObject *)v);
+}
+
+/* e when the int o (>= 2**64) is 1 << e, -1 when it is not a power of two, -2 on error. */
+static long long
+long_pow2_exp(PyObject *o)
+{
+    size_t nbits = _PyLong_NumBits(o);
+    if (nbits == (size_t)-1 && PyErr_Occurred())
+        return -2;
+    size_t n = (nbits + 7) / 8;
+    unsigned char stack[512], *b = n <= sizeof(stack) ? stack : PyMem_Malloc(n);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return -2;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    int rc = PyLong_AsNativeBytes(o, b, (Py_ssize_t)n,
+                                  Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER)
+             < 0;
+#else
+    int rc = _PyLong_AsByteArray((PyLongObject *)o, b, n, 1, 0) < 0;
+#endif
+    long long e = rc ? -2 : (long long)nbits - 1;
+    for (size_t i = 0; e >= 0 && i + 1 < n; i++)
+        if (b[i])
+            e = -1;
+    if (e >= 0 && (b[n - 1] & (b[n - 1] - 1)))
+        e = -1;
+    if (b != stack)
+        PyMem_Free(b);
+    return e;
+}
+
+/* The int o (exact) as a value (owned); 0 with an exception on error. */
+static tval
+tv_of_obj(PyObject *o)
+{
+    if (_PyLong_Sign(o) >= 0) {
+        if (_PyLong_NumBits(o) <= 64)
+            return tv_of_u64((uint64_t)PyLong_AsUnsignedLongLong(o));
+        long long e = long_pow2_exp(o);
+        if (e == -2)
+            return 0;
+        if (e >= 0)
+            return tv_pow2((uint64_t)e);
+    }
+    return (tval)Py_NewRef(o);
+}
+
+/* v's int as a u64; -1 with an exception when it is not one (engine-map values). */
+static int
+tv_get_u64(tval v, uint64_t *u)
+{
+    if (tv_u64(v, u))
+        return 0;
+    PyErr_SetString(PyExc_OverflowError, "table value is not in [0, 2**64)");
+    return -1;
+}
+
+/* The bytes of an int object's size (sys.getsizeof without the call). */
+static Py_ssize_t
+long_bytes(PyObject *o)
+{
+    size_t nbits = _PyLong_NumBits(o);
+    if (nbits == (size_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        nbits = 0;
+    }
+    Py_ssize_t item = Py_TYPE(o)->tp_itemsize, per = item * 8 - (item == 4 ? 2 : 1);
+    Py_ssize_t digits = per > 0 ? ((Py_ssize_t)nbits + per - 1) / per : 0;
+    return Py_TYPE(o)->tp_basicsize + item * (digits ? digits : 1);
+}
 
 #define IS_U64MAP(o) Py_IS_TYPE((o), &U64Map_Type)
 #define IS_U64DICT(o) Py_IS_TYPE((o), &U64Dict_Type)
@@ -509,7 +683,7 @@ um_find(PyObject *o, uint64_t k)
     size_t mask = (size_t)m->cap - 1, i = mix64(k ^ m->seed) & mask;
     for (;;) {
         const u64slot *s = &m->slots[i];
-        if (s->val == NULL)
+        if (s->val == 0)
             return -1;
         if (s->key == k)
             return (Py_ssize_t)i;
@@ -528,10 +702,10 @@ um_resize(U64Map *m, Py_ssize_t cap)
     size_t mask = (size_t)cap - 1;
     for (Py_ssize_t i = 0; i < m->cap; i++) {
         u64slot *s = &m->slots[i];
-        if (s->val == NULL)
+        if (s->val == 0)
             continue;
         size_t j = mix64(s->key ^ m->seed) & mask;
-        while (fresh[j].val != NULL)
+        while (fresh[j].val != 0)
             j = (j + 1) & mask;
         fresh[j] = *s;
     }
@@ -541,29 +715,31 @@ um_resize(U64Map *m, Py_ssize_t cap)
     return 0;
 }
 
-/* Insert k (absent) -> v, taking a new reference. */
+/* Insert k (absent) -> v, which it takes (dropped on error). */
 static int
-um_add(PyObject *o, uint64_t k, PyObject *v)
+um_add(PyObject *o, uint64_t k, tval v)
 {
     U64Map *m = (U64Map *)o;
-    if ((m->used + 1) * 4 > m->cap * 3 && um_resize(m, m->cap ? m->cap * 2 : 8) < 0)
+    if ((m->used + 1) * 4 > m->cap * 3 && um_resize(m, m->cap ? m->cap * 2 : 8) < 0) {
+        tv_drop(v);
         return -1;
+    }
     size_t mask = (size_t)m->cap - 1, i = mix64(k ^ m->seed) & mask;
-    while (m->slots[i].val != NULL)
+    while (m->slots[i].val != 0)
         i = (i + 1) & mask;
     m->slots[i].key = k;
-    m->slots[i].val = Py_NewRef(v);
+    m->slots[i].val = v;
     m->used++;
     return 0;
 }
 
-static inline PyObject **
+static inline tval *
 um_val(PyObject *o, Py_ssize_t at)
 {
     return &((U64Map *)o)->slots[at].val;
 }
 
-#define UM_FULL(i) (m->slots[(i)].val != NULL)
+#define UM_FULL(i) (m->slots[(i)].val != 0)
 #define UM_KEY(i) (m->slots[(i)].key)
 #define UM_MOVE(to, from) (m->slots[(to)] = m->slots[(from)])
 
@@ -571,13 +747,13 @@ static void
 um_del_at(PyObject *o, Py_ssize_t at)
 {
     U64Map *m = (U64Map *)o;
-    PyObject *v = m->slots[at].val;
+    tval v = m->slots[at].val;
     size_t hole = (size_t)at;
     BACKWARD_SHIFT(m->cap, hole, UM_FULL, UM_KEY, UM_MOVE);
-    m->slots[hole].val = NULL;
+    m->slots[hole].val = 0;
     m->slots[hole].key = 0;
     m->used--;
-    Py_DECREF(v);
+    tv_drop(v);
     if (m->cap > 64 && m->used * 8 < m->cap && um_resize(m, m->cap / 2) < 0)
         PyErr_Clear(); /* could not shrink: stay as large, still correct */
 }
@@ -613,7 +789,7 @@ ud_reindex(U64Dict *m, Py_ssize_t idx_cap)
     memset(idx, 0xff, (size_t)idx_cap * sizeof(Py_ssize_t)); /* all -1 */
     size_t mask = (size_t)idx_cap - 1;
     for (Py_ssize_t e = m->head; e < m->ent_n; e++) {
-        if (m->ent[e].val == NULL)
+        if (m->ent[e].val == 0)
             continue;
         size_t i = mix64(m->ent[e].key ^ m->seed) & mask;
         while (idx[i] >= 0)
@@ -637,7 +813,7 @@ ud_compact(U64Dict *m, Py_ssize_t ent_cap)
     }
     Py_ssize_t n = 0;
     for (Py_ssize_t e = m->head; e < m->ent_n; e++)
-        if (m->ent[e].val != NULL)
+        if (m->ent[e].val != 0)
             ent[n++] = m->ent[e];
     PyMem_Free(m->ent);
     m->ent = ent;
@@ -666,14 +842,14 @@ ud_reserve(U64Dict *m)
     return ud_compact(m, cap) < 0 ? -1 : 1;
 }
 
-/* Append (k, v) (a new reference) and point index slot `slot` at it, or a free slot when
- * slot < 0 (a new key). ud_reserve must have run. */
+/* Append (k, v) (v taken) and point index slot `slot` at it, or a free slot when slot < 0 (a
+ * new key). ud_reserve must have run. */
 static void
-ud_append(U64Dict *m, uint64_t k, PyObject *v, Py_ssize_t slot)
+ud_append(U64Dict *m, uint64_t k, tval v, Py_ssize_t slot)
 {
     Py_ssize_t e = m->ent_n++;
     m->ent[e].key = k;
-    m->ent[e].val = Py_NewRef(v);
+    m->ent[e].val = v;
     if (slot < 0) {
         size_t mask = (size_t)m->idx_cap - 1, i = mix64(k ^ m->seed) & mask;
         while (m->idx[i] >= 0)
@@ -685,15 +861,17 @@ ud_append(U64Dict *m, uint64_t k, PyObject *v, Py_ssize_t slot)
 }
 
 static int
-ud_add(PyObject *o, uint64_t k, PyObject *v)
+ud_add(PyObject *o, uint64_t k, tval v)
 {
-    if (ud_reserve((U64Dict *)o) < 0)
+    if (ud_reserve((U64Dict *)o) < 0) {
+        tv_drop(v);
         return -1;
+    }
     ud_append((U64Dict *)o, k, v, -1);
     return 0;
 }
 
-static inline PyObject **
+static inline tval *
 ud_val(PyObject *o, Py_ssize_t slot)
 {
     U64Dict *m = (U64Dict *)o;
@@ -709,49 +887,63 @@ ud_del_at(PyObject *o, Py_ssize_t slot)
 {
     U64Dict *m = (U64Dict *)o;
     Py_ssize_t e = m->idx[slot];
-    PyObject *v = m->ent[e].val;
-    m->ent[e].val = NULL;
+    tval v = m->ent[e].val;
+    m->ent[e].val = 0;
     if (e == m->ent_n - 1)
         m->ent_n--; /* the last entry: no hole left behind */
     size_t hole = (size_t)slot;
     BACKWARD_SHIFT(m->idx_cap, hole, UD_FULL, UD_KEY, UD_MOVE);
     m->idx[hole] = -1;
     m->used--;
-    Py_DECREF(v);
+    tv_drop(v);
     if (m->used == 0)
         m->ent_n = m->head = 0;
     else if (m->ent_cap > 64 && m->used * 8 < m->ent_cap && ud_compact(m, m->ent_cap / 2) < 0)
         PyErr_Clear(); /* could not shrink: stay as large, still correct */
 }
 
-/* k (present, at `slot`) = v, moved to the end (``d[k] = d.pop(k) ...``). */
+/* k (present, at `slot`) = v (taken), moved to the end (``d[k] = d.pop(k) ...``). */
 static int
-ud_move_last(PyObject *o, uint64_t k, Py_ssize_t slot, PyObject *v)
+ud_move_last(PyObject *o, uint64_t k, Py_ssize_t slot, tval v)
 {
     U64Dict *m = (U64Dict *)o;
     if (m->idx[slot] == m->ent_n - 1) {
-        Py_SETREF(m->ent[m->idx[slot]].val, Py_NewRef(v));
+        tval *vp = &m->ent[m->idx[slot]].val;
+        tval prev = *vp;
+        *vp = v;
+        tv_drop(prev);
         return 0;
     }
     int moved = ud_reserve(m);
-    if (moved < 0)
+    if (moved < 0) {
+        tv_drop(v);
         return -1;
+    }
     if (moved)
         slot = ud_slot(o, k); /* the entries were renumbered */
     u64slot *old = &m->ent[m->idx[slot]];
-    PyObject *prev = old->val;
-    old->val = NULL; /* a hole */
+    tval prev = old->val;
+    old->val = 0; /* a hole */
     ud_append(m, k, v, slot);
-    Py_DECREF(prev);
+    tv_drop(prev);
     return 0;
+}
+
+/* Replace the value at *vp with v (taken). */
+static inline void
+tv_set(tval *vp, tval v)
+{
+    tval prev = *vp;
+    *vp = v;
+    tv_drop(prev);
 }
 
 /* - the operations the shared code uses - */
 
 typedef struct {
-    Py_ssize_t (*find)(PyObject *m, uint64_t k);      /* a position, or -1 */
-    PyObject **(*val)(PyObject *m, Py_ssize_t at);    /* the value at a position */
-    int (*add)(PyObject *m, uint64_t k, PyObject *v); /* insert an absent key */
+    Py_ssize_t (*find)(PyObject *m, uint64_t k); /* a position, or -1 */
+    tval *(*val)(PyObject *m, Py_ssize_t at);    /* the value at a position */
+    int (*add)(PyObject *m, uint64_t k, tval v); /* insert an absent key (v taken) */
     void (*del_at)(PyObject *m, Py_ssize_t at);
 } table_ops;
 
@@ -780,7 +972,7 @@ tb_slots(PyObject *o, Py_ssize_t *n)
         return ((U64Map *)o)->slots;
     }
     U64Dict *m = (U64Dict *)o;
-    while (m->head < m->ent_n && m->ent[m->head].val == NULL)
+    while (m->head < m->ent_n && m->ent[m->head].val == 0)
         m->head++;
     *n = m->ent_n - m->head;
     return m->ent + m->head;
@@ -824,15 +1016,18 @@ tb_lookup(PyObject *m, PyObject *k, Py_ssize_t *at)
     return *at >= 0;
 }
 
-/* m[k] = v: in place when present (a U64Dict keeps the key's place), else inserted. */
+/* m[k] = v (taken; 0: an error already set): in place when present (a U64Dict keeps the key's
+ * place), else inserted. */
 static int
-tb_set(PyObject *m, uint64_t k, PyObject *v)
+tb_set(PyObject *m, uint64_t k, tval v)
 {
+    if (v == 0)
+        return -1;
     const table_ops *op = ops_of(m);
     Py_ssize_t at = op->find(m, k);
     if (at < 0)
         return op->add(m, k, v);
-    Py_SETREF(*op->val(m, at), Py_NewRef(v)); /* an int: its dealloc runs no code */
+    tv_set(op->val(m, at), v); /* an int: its dealloc runs no code */
     return 0;
 }
 
@@ -868,8 +1063,10 @@ tb_clear_all(PyObject *o)
 {
     Py_ssize_t n;
     u64slot *s = tb_slots(o, &n);
-    for (Py_ssize_t i = 0; i < n; i++)
-        Py_CLEAR(s[i].val);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        tv_drop(s[i].val);
+        s[i].val = 0;
+    }
     if (IS_U64MAP(o)) {
         U64Map *m = (U64Map *)o;
         PyMem_Free(m->slots);
@@ -906,7 +1103,7 @@ tb_subscript(PyObject *m, PyObject *k)
     int rc = tb_lookup(m, k, &at);
     if (rc == 0)
         set_key_error(k);
-    return rc > 0 ? Py_NewRef(*ops_of(m)->val(m, at)) : NULL;
+    return rc > 0 ? tv_box(*ops_of(m)->val(m, at)) : NULL;
 }
 
 static int
@@ -925,7 +1122,7 @@ tb_ass_subscript(PyObject *m, PyObject *k, PyObject *v)
     uint64_t u;
     if (get_u64(k, &u) < 0 || tb_check_val(v) < 0)
         return -1;
-    return tb_set(m, u, v);
+    return tb_set(m, u, tv_of_obj(v));
 }
 
 static int
@@ -953,8 +1150,8 @@ tb_get_or_pop(PyObject *m, PyObject *const *args, Py_ssize_t nargs, int pop)
         set_key_error(args[0]);
         return NULL;
     }
-    PyObject *v = Py_NewRef(*ops_of(m)->val(m, at));
-    if (pop)
+    PyObject *v = tv_box(*ops_of(m)->val(m, at));
+    if (v != NULL && pop)
         ops_of(m)->del_at(m, at);
     return v;
 }
@@ -981,17 +1178,20 @@ tb_list(PyObject *m, int what, Py_ssize_t limit)
     Py_ssize_t got = 0, want = out == NULL ? 0 : PyList_GET_SIZE(out);
     for (Py_ssize_t i = 0; out != NULL && got < want && i < n; i++) {
         u64slot *s = &slots[i];
-        if (s->val == NULL)
+        if (s->val == 0)
             continue;
         PyObject *x;
         if (what == 1) {
-            x = Py_NewRef(s->val);
+            x = tv_box(s->val);
         }
         else {
             PyObject *k = PyLong_FromUnsignedLongLong(s->key);
-            x = what == 0 || k == NULL ? k : PyTuple_Pack(2, k, s->val);
-            if (what == 2)
+            PyObject *v = what == 0 || k == NULL ? NULL : tv_box(s->val);
+            x = what == 0 || k == NULL ? k : v == NULL ? NULL : PyTuple_Pack(2, k, v);
+            if (what == 2) {
                 Py_XDECREF(k);
+                Py_XDECREF(v);
+            }
         }
         if (x == NULL)
             Py_CLEAR(out);
@@ -1068,7 +1268,7 @@ tb_update_from(PyObject *m, PyObject *src)
             PyErr_SetString(PyExc_ValueError, "update: expected (key, value) pairs");
         else if (get_u64(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
                  && tb_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
-            rc = tb_set(m, u, PySequence_Fast_GET_ITEM(fast, 1));
+            rc = tb_set(m, u, tv_of_obj(PySequence_Fast_GET_ITEM(fast, 1)));
         Py_DECREF(fast);
         if (rc < 0)
             goto fail;
@@ -1112,6 +1312,17 @@ tb_sizeof(PyObject *o, PyObject *unused)
 }
 
 static PyObject *
+tb_boxed_bytes(PyObject *o, PyObject *unused)
+{
+    Py_ssize_t n, size = 0;
+    u64slot *s = tb_slots(o, &n);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i].val != 0 && TV_IS_OBJ(s[i].val))
+            size += long_bytes((PyObject *)s[i].val);
+    return PyLong_FromSsize_t(size);
+}
+
+static PyObject *
 tb_reduce(PyObject *m, PyObject *unused)
 {
     PyObject *items = tb_list(m, 2, PY_SSIZE_T_MAX);
@@ -1134,6 +1345,8 @@ static PyMethodDef tb_methods[] = {
     {"update", (PyCFunction)tb_update, METH_O, "From a mapping or (key, value) pairs."},
     {"clear", (PyCFunction)tb_clear, METH_NOARGS, "Remove every entry (frees the tables)."},
     {"__sizeof__", (PyCFunction)tb_sizeof, METH_NOARGS, NULL},
+    {"boxed_bytes", (PyCFunction)tb_boxed_bytes, METH_NOARGS,
+     "Bytes of the int objects held for values that do not fit a slot's word (O(n))."},
     {"__reduce__", (PyCFunction)tb_reduce, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -1172,14 +1385,14 @@ is_map(PyObject *o)
     return PyDict_CheckExact(o) || IS_TABLE(o);
 }
 
-/* A borrowed value, or NULL: absent (no error set) or an error. */
+/* A new reference to m[k], or NULL: absent (no error set) or an error. */
 static inline PyObject *
-map_get(PyObject *m, PyObject *k)
+map_get_ref(PyObject *m, PyObject *k)
 {
     if (!IS_TABLE(m))
-        return PyDict_GetItemWithError(m, k);
+        return Py_XNewRef(PyDict_GetItemWithError(m, k));
     Py_ssize_t at;
-    return tb_lookup(m, k, &at) > 0 ? *ops_of(m)->val(m, at) : NULL;
+    return tb_lookup(m, k, &at) > 0 ? tv_box(*ops_of(m)->val(m, at)) : NULL;
 }
 
 static inline int
@@ -1227,41 +1440,146 @@ dict_keys(PyObject *const *args, const char *name, keys_t *k)
     return keys_open(args[1], k);
 }
 
-/* Holder masks are ints of any width; most fit a C long (fewer than 63 slots). The bit
- * operations below take that case without Python's int arithmetic (an AND with a negative int
- * goes through two's-complement copies of both). small() is 1 with *v set when o is an int in
- * [LONG_MIN, LONG_MAX]. */
-static inline int
-small(PyObject *o, long *v)
+/* A mask argument of a call (a holder's bit, or keep: the complement of one or more bits), read
+ * once per call rather than per key. */
+typedef struct {
+    PyObject *o;   /* borrowed */
+    tval tv;       /* a bit: the value a new key gets (owned) */
+    uint64_t lo;   /* the low 64 bits (two's complement) */
+    int fits;      /* a bit: o is in [0, 2**64), so lo is all of it */
+    long long cut; /* keep: e when o == ~(1 << e), else -1 */
+} maskarg;
+
+static int
+bit_open(PyObject *o, maskarg *a)
 {
-    int overflow = 0;
-    *v = PyLong_AsLongAndOverflow(o, &overflow);
-    if (*v == -1 && !overflow && PyErr_Occurred()) {
-        PyErr_Clear();
-        return 0;
+    memset(a, 0, sizeof(*a));
+    a->o = o;
+    a->cut = -1;
+    if (tb_check_val(o) < 0)
+        return -1;
+    uint64_t u;
+    if (get_u64(o, &u) == 0) {
+        a->fits = 1;
+        a->lo = u;
     }
-    return !overflow;
+    else if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        PyErr_Clear();
+    }
+    else {
+        return -1;
+    }
+    a->tv = tv_of_obj(o);
+    return a->tv == 0 ? -1 : 0;
 }
 
-/* old | bit (a new reference), *same set when that equals old. */
-static PyObject *
-mask_or(PyObject *old, PyObject *bit, int *same)
+static int
+keep_open(PyObject *o, maskarg *a)
 {
-    long a, b;
-    if (small(old, &a) && small(bit, &b) && a >= 0 && b >= 0) {
-        *same = (a | b) == a;
-        return *same ? Py_NewRef(old) : PyLong_FromLong(a | b);
+    memset(a, 0, sizeof(*a));
+    a->o = o;
+    a->cut = -1;
+    if (tb_check_val(o) < 0)
+        return -1;
+    a->lo = (uint64_t)PyLong_AsUnsignedLongLongMask(o);
+    if (a->lo == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    if (_PyLong_Sign(o) < 0) {
+        PyObject *inv = PyNumber_Invert(o);
+        if (inv == NULL)
+            return -1;
+        tval t = tv_of_obj(inv);
+        Py_DECREF(inv);
+        if (t == 0)
+            return -1;
+        uint64_t u;
+        if ((t & 3) == 2)
+            a->cut = (long long)(t >> 2);
+        else if (tv_u64(t, &u) && u && (u & (u - 1)) == 0)
+            a->cut = __builtin_ctzll(u);
+        tv_drop(t);
     }
-    PyObject *m = PyNumber_Or(old, bit);
-    if (m == NULL)
-        return NULL;
-    int eq = m == old ? 1 : PyObject_RichCompareBool(m, old, Py_EQ);
-    if (eq < 0) {
-        Py_DECREF(m);
-        return NULL;
+    return 0;
+}
+
+static void
+mask_close(maskarg *a)
+{
+    tv_drop(a->tv);
+    a->tv = 0;
+}
+
+/* old | bit, as a new value (0 with an exception on error); *same set when that equals old.
+ * Masks in a word are OR-ed as words; wider ones as ints. */
+static tval
+mask_or(tval old, const maskarg *bit, int *same)
+{
+    uint64_t a;
+    if (old == bit->tv) {
+        *same = 1;
+        return tv_dup(old);
     }
-    *same = eq;
-    return m;
+    if (bit->fits && tv_u64(old, &a)) {
+        uint64_t r = a | bit->lo;
+        *same = r == a;
+        return *same ? tv_dup(old) : tv_of_u64(r);
+    }
+    if (old == 1) { /* 0 | bit */
+        *same = 0;
+        return tv_dup(bit->tv);
+    }
+    PyObject *o = tv_box(old);
+    PyObject *m = o == NULL ? NULL : PyNumber_Or(o, bit->o);
+    int eq = m == NULL ? -1 : PyObject_RichCompareBool(m, o, Py_EQ);
+    /* Changed: two bits or more, and wider than a u64 (else the word case above took it). */
+    tval out = eq < 0                 ? 0
+               : eq                   ? tv_dup(old)
+               : _PyLong_Sign(m) > 0 ? (tval)Py_NewRef(m)
+                                      : tv_of_obj(m);
+    Py_XDECREF(o);
+    Py_XDECREF(m);
+    *same = eq > 0;
+    return out;
+}
+
+/* old & keep as a new value, or 0: *zero set when it is 0 (no exception), else an error. */
+static tval
+mask_and(tval old, const maskarg *keep, int *zero)
+{
+    uint64_t a;
+    *zero = 0;
+    if (tv_u64(old, &a)) {
+        uint64_t r = a & keep->lo;
+        *zero = r == 0;
+        return r == 0 ? 0 : r == a ? tv_dup(old) : tv_of_u64(r);
+    }
+    if ((old & 3) == 2 && keep->cut >= 0) { /* one bit, and keep clears one bit */
+        *zero = (long long)(old >> 2) == keep->cut;
+        return *zero ? 0 : old;
+    }
+    PyObject *o = tv_box(old);
+    PyObject *m = o == NULL ? NULL : PyNumber_And(o, keep->o);
+    int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
+    tval out = nonzero > 0 ? tv_of_obj(m) : 0;
+    *zero = nonzero == 0;
+    Py_XDECREF(o);
+    Py_XDECREF(m);
+    return out;
+}
+
+/* The mask of key u at table position `at` |= bit, moved to a U64Dict's end with recency (a
+ * U64Map has no order to keep): 0, or -1 on error; *same set when it had the bit already. */
+static int
+tb_or_at(PyObject *d, uint64_t u, Py_ssize_t at, const maskarg *bit, int recency, int *same)
+{
+    const table_ops *op = ops_of(d);
+    tval m = mask_or(*op->val(d, at), bit, same);
+    if (m == 0)
+        return -1;
+    if (recency && IS_U64DICT(d))
+        return ud_move_last(d, u, at, m);
+    tv_set(op->val(d, at), m);
+    return 0;
 }
 
 /* Append i to held when old | bit (= m) left old unchanged, i.e. old already had the bit. */
@@ -1301,42 +1619,31 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t added = 0;
     if (IS_TABLE(d)) {
         const table_ops *op = ops_of(d);
-        if (tb_check_val(bit) < 0)
+        maskarg b;
+        if (bit_open(bit, &b) < 0)
             goto fail;
         for (Py_ssize_t i = 0; i < ks.n; i++) {
             uint64_t u;
-            if (keys_u64(&ks, i, &u) < 0)
-                goto fail;
-            Py_ssize_t at = op->find(d, u);
-            if (at < 0) {
-                if (op->add(d, u, bit) < 0)
-                    goto fail;
-                added++;
-                continue;
+            int same = 0, rc = keys_u64(&ks, i, &u);
+            Py_ssize_t at = rc < 0 ? -1 : op->find(d, u);
+            if (rc == 0 && at < 0) {
+                rc = op->add(d, u, tv_dup(b.tv));
+                added += rc == 0;
             }
-            int same = 0;
-            PyObject *m = mask_or(*op->val(d, at), bit, &same);
-            if (m == NULL)
-                goto fail;
-            if (held != NULL && same) {
+            else if (rc == 0) {
+                rc = tb_or_at(d, u, at, &b, recency, &same);
+            }
+            if (rc == 0 && held != NULL && same) {
                 PyObject *pos = PyLong_FromSsize_t(i);
-                int rc = pos == NULL ? -1 : PyList_Append(held, pos);
+                rc = pos == NULL ? -1 : PyList_Append(held, pos);
                 Py_XDECREF(pos);
-                if (rc < 0) {
-                    Py_DECREF(m);
-                    goto fail;
-                }
             }
-            if (recency && IS_U64DICT(d)) { /* a U64Map has no order to keep */
-                int rc = ud_move_last(d, u, at, m);
-                Py_DECREF(m);
-                if (rc < 0)
-                    goto fail;
-            }
-            else {
-                Py_SETREF(*op->val(d, at), m);
+            if (rc < 0) {
+                mask_close(&b);
+                goto fail;
             }
         }
+        mask_close(&b);
         keys_close(&ks);
         return PyLong_FromSsize_t(added);
     }
@@ -1380,44 +1687,25 @@ fail:
 /* The mask at a table position &= keep, the entry deleted when that is 0: 1 when deleted, 0 when
  * kept, -1 on error. */
 static int
-tb_and_at(PyObject *d, Py_ssize_t at, PyObject *keep)
+tb_and_at(PyObject *d, Py_ssize_t at, const maskarg *keep)
 {
     const table_ops *op = ops_of(d);
-    PyObject **vp = op->val(d, at);
-    long a, k;
-    PyObject *m;
-    if (small(*vp, &a) && small(keep, &k) && a >= 0) {
-        if ((a & k) == 0) {
-            op->del_at(d, at);
-            return 1;
-        }
-        if ((a & k) == a)
-            return 0; /* the bit was not set: unchanged */
-        m = PyLong_FromLong(a & k);
-        if (m == NULL)
-            return -1;
-        Py_SETREF(*vp, m);
-        return 0;
+    int zero;
+    tval m = mask_and(*op->val(d, at), keep, &zero);
+    if (zero) {
+        op->del_at(d, at);
+        return 1;
     }
-    m = PyNumber_And(*vp, keep);
-    int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
-    if (nonzero < 0 || (nonzero && tb_check_val(m) < 0)) {
-        Py_XDECREF(m);
+    if (m == 0)
         return -1;
-    }
-    if (nonzero) {
-        Py_SETREF(*op->val(d, at), m);
-        return 0;
-    }
-    Py_DECREF(m);
-    op->del_at(d, at);
-    return 1;
+    tv_set(op->val(d, at), m);
+    return 0;
 }
 
 /* d[k] &= keep when k is present (found once), deleting k when that is 0: 1 when k was deleted,
  * 0 when kept or absent, -1 on error. */
 static int
-clear_bits(PyObject *d, PyObject *k, PyObject *keep)
+clear_bits(PyObject *d, PyObject *k, const maskarg *keep)
 {
     if (IS_TABLE(d)) {
         Py_ssize_t at;
@@ -1427,7 +1715,7 @@ clear_bits(PyObject *d, PyObject *k, PyObject *keep)
     PyObject *old = PyDict_GetItemWithError(d, k); /* borrowed: used before d changes */
     if (old == NULL)
         return PyErr_Occurred() ? -1 : 0;
-    PyObject *m = PyNumber_And(old, keep);
+    PyObject *m = PyNumber_And(old, keep->o);
     if (m == NULL)
         return -1;
     int nonzero = PyObject_IsTrue(m);
@@ -1447,8 +1735,11 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     keys_t ks;
     if (dict_args(args, nargs, 3, "and_bits", &ks) < 0)
         return NULL;
-    PyObject *d = args[0], *keep = args[2];
+    maskarg keep;
     Py_ssize_t deleted = 0;
+    PyObject *d = args[0];
+    if (keep_open(args[2], &keep) < 0)
+        goto fail;
     if (IS_TABLE(d)) {
         const table_ops *op = ops_of(d);
         for (Py_ssize_t i = 0; i < ks.n; i++) {
@@ -1456,7 +1747,7 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (keys_u64(&ks, i, &u) < 0)
                 goto fail;
             Py_ssize_t at = op->find(d, u);
-            int gone = at < 0 ? 0 : tb_and_at(d, at, keep);
+            int gone = at < 0 ? 0 : tb_and_at(d, at, &keep);
             if (gone < 0)
                 goto fail;
             deleted += gone;
@@ -1468,7 +1759,7 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *k = keys_get(&ks, i);
         if (k == NULL)
             goto fail;
-        int gone = clear_bits(d, k, keep);
+        int gone = clear_bits(d, k, &keep);
         Py_DECREF(k);
         if (gone < 0)
             goto fail;
@@ -1494,12 +1785,12 @@ lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = PyList_New(ks.n);
     for (Py_ssize_t i = 0; out != NULL && i < ks.n; i++) {
         PyObject *k = keys_get(&ks, i);
-        PyObject *v = k == NULL ? NULL : map_get(args[0], k);
+        PyObject *v = k == NULL ? NULL : map_get_ref(args[0], k);
         Py_XDECREF(k);
         if (v == NULL && (k == NULL || PyErr_Occurred()))
             Py_CLEAR(out);
         else
-            PyList_SET_ITEM(out, i, Py_NewRef(v != NULL ? v : Py_None));
+            PyList_SET_ITEM(out, i, v != NULL ? v : Py_NewRef(Py_None));
     }
     keys_close(&ks);
     return out;
@@ -1554,12 +1845,13 @@ forget_unindexed(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *e = keys_get(&ks, i);
         if (e == NULL)
             goto fail;
-        PyObject *r = map_get(emap, e);
+        PyObject *r = map_get_ref(emap, e);
         int indexed = r == NULL ? (PyErr_Occurred() ? -1 : 1) : indexed_in(tiers, r);
         if (indexed == 0) {
             indexed = map_del(emap, e);
             deleted++;
         }
+        Py_XDECREF(r);
         Py_DECREF(e);
         if (indexed < 0)
             goto fail;
@@ -1617,13 +1909,14 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs("remove_engine", nargs, 5) < 0)
         return NULL;
-    PyObject *d = args[0], *emap = args[1], *keep = args[3];
+    PyObject *d = args[0], *emap = args[1];
     if (!is_map(d) || !is_map(emap)) {
         PyErr_SetString(PyExc_TypeError, "remove_engine(): expected two maps");
         return NULL;
     }
+    maskarg keep;
     keys_t ks;
-    if (keys_open(args[2], &ks) < 0)
+    if (keep_open(args[3], &keep) < 0 || keys_open(args[2], &ks) < 0)
         return NULL;
     PyObject *tiers = tiers_open(args[4], "remove_engine");
     PyObject *keys = PyList_New(0);
@@ -1634,7 +1927,7 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *e = keys_get(&ks, i);
         if (e == NULL)
             goto fail;
-        PyObject *r = map_get(emap, e);
+        PyObject *r = map_get_ref(emap, e); /* a reference: emap's entry may go below */
         if (r == NULL) {
             Py_DECREF(e);
             if (PyErr_Occurred())
@@ -1642,10 +1935,9 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             unknown++;
             continue;
         }
-        Py_INCREF(r); /* emap's entry may go below */
         int rc = PyList_Append(keys, r);
         if (rc == 0) {
-            int gone = clear_bits(d, r, keep); /* a table's key is found once */
+            int gone = clear_bits(d, r, &keep); /* a table's key is found once */
             rc = gone < 0 ? -1 : 0;
             deleted += gone > 0;
         }
@@ -1747,6 +2039,39 @@ clear_one(PyObject **vp, PyObject *clear)
     return 0;
 }
 
+/* clear_one for a table's value (clear_lo: clear's low 64 bits). */
+static int
+tv_clear(tval *vp, PyObject *clear, uint64_t clear_lo)
+{
+    uint64_t a;
+    if (tv_u64(*vp, &a)) {
+        if ((a & clear_lo) == 0)
+            return 0;
+        if ((a & ~clear_lo) == 0)
+            return 1;
+        tval m = tv_of_u64(a & ~clear_lo);
+        if (m == 0)
+            return -1;
+        tv_set(vp, m);
+        return 0;
+    }
+    PyObject *o = tv_box(*vp), *orig = o;
+    if (o == NULL)
+        return -1;
+    Py_INCREF(orig);
+    int rc = clear_one(&o, clear);
+    if (rc == 0 && o != orig) {
+        tval m = tv_of_obj(o);
+        if (m == 0)
+            rc = -1;
+        else
+            tv_set(vp, m);
+    }
+    Py_DECREF(o);
+    Py_DECREF(orig);
+    return rc;
+}
+
 static PyObject *
 clear_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1767,11 +2092,14 @@ clear_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         uint64_t *dead = NULL;
         Py_ssize_t cap = 0;
         Py_ssize_t n;
+        uint64_t clear_lo = (uint64_t)PyLong_AsUnsignedLongLongMask(clear);
+        if (clear_lo == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
         u64slot *slots = tb_slots(d, &n);
         for (Py_ssize_t i = 0; i < n; i++) {
-            if (slots[i].val == NULL)
+            if (slots[i].val == 0)
                 continue;
-            int gone = clear_one(&slots[i].val, clear);
+            int gone = tv_clear(&slots[i].val, clear, clear_lo);
             if (gone < 0) {
                 PyMem_Free(dead);
                 return NULL;
@@ -1837,13 +2165,9 @@ PyDoc_STRVAR(slot_keys_doc,
 
 /* The set bits of a non-negative int, as little-endian bytes in *buf (grown as needed);
  * returns the byte count, or -1 with an exception. */
-static Py_ssize_t
-mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap)
+static int
+buf_reserve(unsigned char **buf, Py_ssize_t *cap, Py_ssize_t n)
 {
-    size_t nbits = _PyLong_NumBits(bits);
-    if (nbits == (size_t)-1 && PyErr_Occurred())
-        return -1;
-    Py_ssize_t n = (Py_ssize_t)((nbits + 7) / 8);
     if (n > *cap) {
         unsigned char *grown = PyMem_Realloc(*buf, (size_t)n);
         if (grown == NULL) {
@@ -1853,6 +2177,18 @@ mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap)
         *buf = grown;
         *cap = n;
     }
+    return 0;
+}
+
+static Py_ssize_t
+mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap)
+{
+    size_t nbits = _PyLong_NumBits(bits);
+    if (nbits == (size_t)-1 && PyErr_Occurred())
+        return -1;
+    Py_ssize_t n = (Py_ssize_t)((nbits + 7) / 8);
+    if (buf_reserve(buf, cap, n) < 0)
+        return -1;
     if (n == 0)
         return 0;
 #if PY_VERSION_HEX >= 0x030D0000
@@ -1863,6 +2199,27 @@ mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap)
     if (_PyLong_AsByteArray((PyLongObject *)bits, *buf, (size_t)n, 1, 0) < 0)
         return -1;
 #endif
+    return n;
+}
+
+/* mask_bytes of a table value: a mask in the word is written without an int object. */
+static Py_ssize_t
+tv_mask_bytes(tval v, unsigned char **buf, Py_ssize_t *cap)
+{
+    if (TV_IS_OBJ(v))
+        return mask_bytes((PyObject *)v, buf, cap);
+    uint64_t a = (uint64_t)(v >> 1), e = (uint64_t)(v >> 2);
+    Py_ssize_t n = (v & 1) ? (a ? (64 - __builtin_clzll(a) + 7) / 8 : 0) : (Py_ssize_t)(e / 8 + 1);
+    if (buf_reserve(buf, cap, n) < 0)
+        return -1;
+    if (v & 1) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            (*buf)[i] = (unsigned char)(a >> (8 * i));
+    }
+    else {
+        memset(*buf, 0, (size_t)n);
+        (*buf)[e / 8] = (unsigned char)(1u << (e % 8));
+    }
     return n;
 }
 
@@ -2018,10 +2375,10 @@ slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t n;
         u64slot *slots = tb_slots(d, &n);
         for (Py_ssize_t i = 0; i < n; i++) {
-            if (slots[i].val == NULL)
+            if (slots[i].val == 0)
                 continue;
             PyObject *key = NULL;
-            Py_ssize_t nb = mask_bytes(slots[i].val, &buf, &cap);
+            Py_ssize_t nb = tv_mask_bytes(slots[i].val, &buf, &cap);
             int rc = nb < 0    ? -1
                      : packed ? slot_keys_push(&vecs, &nvecs, slots[i].key, buf, nb, lbuf, nl)
                               : slot_keys_add(out, &lists, &nlists, slots[i].key, &key, buf, nb,
@@ -2763,7 +3120,8 @@ copies_step(PyObject *copies, uint64_t e, int delta)
 /* What apply_frames shares across the frames of one call: the holder's tables,
  * the outputs, and scratch buffers. */
 typedef struct {
-    PyObject *d, *emap, *tiers, *bit, *keep, *copies;
+    PyObject *d, *emap, *tiers, *copies;
+    maskarg bit, keep;
     int recency;
     uint64_t tag, root;
     Py_ssize_t bs;
@@ -2787,14 +3145,12 @@ fapply_open(fapply *c, PyObject *const *args)
         return -1;
     c->d = args[0];
     c->emap = args[1];
-    c->bit = args[3];
-    c->keep = args[4];
     c->copies = args[9];
     if (!IS_TABLE(c->d) || !IS_U64MAP(c->emap) || !PyDict_CheckExact(c->copies)) {
         PyErr_SetString(PyExc_TypeError, "apply_frames(): d, emap must be tables, copies a dict");
         return -1;
     }
-    if (tb_check_val(c->bit) < 0 || tb_check_val(c->keep) < 0)
+    if (bit_open(args[3], &c->bit) < 0 || keep_open(args[4], &c->keep) < 0)
         return -1;
     c->recency = PyObject_IsTrue(args[5]);
     if (c->recency < 0 || get_u64(args[6], &c->tag) < 0 || get_u64(args[7], &c->root) < 0)
@@ -2822,6 +3178,7 @@ fapply_close(fapply *c)
     Py_XDECREF(c->tiers);
     Py_XDECREF(c->ops);
     Py_XDECREF(c->pools);
+    mask_close(&c->bit);
     PyMem_Free(c->keys);
     PyMem_Free(c->block);
     PyMem_Free(c->run.v);
@@ -2931,10 +3288,10 @@ fapply_one(fapply *c, PyObject *payload)
                     c->unknown_removed++;
                     continue;
                 }
-                if (get_u64(*um_val(emap, at), &r) < 0 || u64vec_push(run, r) < 0)
+                if (tv_get_u64(*um_val(emap, at), &r) < 0 || u64vec_push(run, r) < 0)
                     goto done;
                 Py_ssize_t dat = op->find(d, r);
-                int gone = dat >= 0 ? tb_and_at(d, dat, c->keep) : 1;
+                int gone = dat >= 0 ? tb_and_at(d, dat, &c->keep) : 1;
                 if (gone < 0)
                     goto done;
                 c->deleted += dat >= 0 && gone;
@@ -2957,7 +3314,7 @@ fapply_one(fapply *c, PyObject *payload)
                 c->unknown_parent += ev->n;
                 continue;
             }
-            if (get_u64(*um_val(emap, at), &key) < 0)
+            if (tv_get_u64(*um_val(emap, at), &key) < 0)
                 goto done;
         }
         const unsigned char *tp = ev->tokens;
@@ -2978,29 +3335,17 @@ fapply_one(fapply *c, PyObject *payload)
             (void)mp_u64(&hp, end, &h);
             uint64_t e = h ^ tag;
             Py_ssize_t at = op->find(d, keys[j]);
+            int same = 0, rc;
             if (at < 0) {
-                if (op->add(d, keys[j], c->bit) < 0)
-                    goto done;
-                c->added++;
+                rc = op->add(d, keys[j], tv_dup(c->bit.tv));
+                c->added += rc == 0;
             }
             else {
-                int same = 0;
-                PyObject *m = mask_or(*op->val(d, at), c->bit, &same);
-                if (m == NULL)
-                    goto done;
-                int rc = same ? copies_step(copies, e, 1) : 0;
-                if (rc == 0 && c->recency && IS_U64DICT(d))
-                    rc = ud_move_last(d, keys[j], at, m);
-                else if (rc == 0)
-                    Py_SETREF(*op->val(d, at), Py_NewRef(m));
-                Py_DECREF(m);
-                if (rc < 0)
-                    goto done;
+                rc = tb_or_at(d, keys[j], at, &c->bit, c->recency, &same);
             }
-            PyObject *kv = PyLong_FromUnsignedLongLong(keys[j]);
-            int rc = kv == NULL ? -1 : tb_set(emap, e, kv);
-            Py_XDECREF(kv);
-            if (rc < 0)
+            if (rc == 0 && same)
+                rc = copies_step(copies, e, 1);
+            if (rc < 0 || tb_set(emap, e, tv_of_u64(keys[j])) < 0)
                 goto done;
         }
         if (push_op(c->ops, 0, keys, ev->n) < 0)
@@ -3143,49 +3488,44 @@ apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "apply_ops(): tiers must be tables");
             return NULL;
         }
-        PyObject *bit = slot_bit(slot);
-        if (bit == NULL)
-            return NULL;
-        PyObject *keep = kind == 1 ? PyNumber_Invert(bit) : NULL;
-        if (kind == 1 && keep == NULL) {
-            Py_DECREF(bit);
+        PyObject *bito = slot_bit(slot);
+        PyObject *keepo = bito != NULL && kind == 1 ? PyNumber_Invert(bito) : NULL;
+        maskarg bit, keep;
+        int rc = bito == NULL || (kind == 1 && keepo == NULL) ? -1 : bit_open(bito, &bit);
+        if (rc == 0 && kind == 1 && keep_open(keepo, &keep) < 0) {
+            mask_close(&bit);
+            rc = -1;
+        }
+        if (rc < 0) {
+            Py_XDECREF(bito);
+            Py_XDECREF(keepo);
             return NULL;
         }
-        const table_ops *t = ops_of(d);
+        const table_ops *t = ops_of(d); /* bit and keep borrow bito and keepo until the end */
         const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(raw);
         Py_ssize_t n = PyBytes_GET_SIZE(raw) / 8;
-        int rc = 0;
         for (Py_ssize_t j = 0; rc == 0 && j < n; j++) {
             uint64_t k = 0;
             for (int x = 7; x >= 0; x--)
                 k = (k << 8) | b[j * 8 + x];
             Py_ssize_t at = t->find(d, k);
-            if (kind == 0) {
-                if (at < 0) {
-                    rc = t->add(d, k, bit);
-                    added += rc == 0;
-                    continue;
-                }
-                int same = 0;
-                PyObject *m = mask_or(*t->val(d, at), bit, &same);
-                if (m == NULL) {
-                    rc = -1;
-                    break;
-                }
-                if (IS_U64DICT(d)) /* a U64Dict keeps recency order */
-                    rc = ud_move_last(d, k, at, m);
-                else
-                    Py_SETREF(*t->val(d, at), Py_NewRef(m));
-                Py_DECREF(m);
+            if (kind == 0 && at < 0) {
+                rc = t->add(d, k, tv_dup(bit.tv));
+                added += rc == 0;
+            }
+            else if (kind == 0) {
+                int same;
+                rc = tb_or_at(d, k, at, &bit, 1, &same); /* a U64Dict keeps recency order */
             }
             else if (at >= 0) {
-                int gone = tb_and_at(d, at, keep);
+                int gone = tb_and_at(d, at, &keep);
                 rc = gone < 0 ? -1 : 0;
                 deleted += gone > 0;
             }
         }
-        Py_DECREF(bit);
-        Py_XDECREF(keep);
+        mask_close(&bit);
+        Py_DECREF(bito);
+        Py_XDECREF(keepo);
         if (rc == 0 && kind == 0)
             rc = PySet_Add(holders, holder);
         if (rc < 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from array import array
 from typing import Any
 
@@ -210,10 +211,14 @@ def test_array_count_longer_than_the_bytes_is_rejected_before_allocating(head: b
         assert same("chain_msgpack", raw, 1, 0) is None
 
 
-masks = st.integers(0, 2**80)
+# Where a table value's representation changes (kept in the slot's word below 2**63 and for a
+# single bit at any slot, an int object otherwise), and either side of it.
+EDGES = [0, 1, 2**62 - 1, 2**62, 2**63 - 1, 2**63, 2**63 + 1, 2**63 | 1, 2**64 - 1, 2**64]
+EDGES += [2**64 + 1, 2**64 | 2**63, 2**200, 2**200 + 1]
+bits = st.integers(0, 130).map(lambda s: 1 << s)
+masks = st.one_of(st.integers(0, 2**80), st.integers(0, 2**64 - 1), bits, st.sampled_from(EDGES))
 mask_dicts = st.dictionaries(st.integers(0, 40), masks, max_size=30)
 key_lists = st.lists(st.integers(0, 50), max_size=30)
-bits = st.integers(0, 70).map(lambda s: 1 << s)
 
 
 @settings(max_examples=300, deadline=None)
@@ -403,7 +408,11 @@ ops = st.lists(
     st.tuples(
         st.sampled_from(["set", "set", "del", "pop", "get", "in"]),
         st.one_of(st.integers(0, 300), u64),  # a small range: collisions, long probe runs
-        st.integers(-(2**70), 2**70),
+        st.one_of(
+            st.integers(-(2**70), 2**70),
+            masks,
+            st.sampled_from(EDGES).map(lambda v: -v),
+        ),
     ),
     max_size=400,
 )
@@ -468,6 +477,65 @@ def test_u64dict_keeps_lru_order_through_growth_and_squeezes(
             del m[k]
             del d[k]
     assert m.items() == list(d.items())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    d=mask_dicts,
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1]), st.sampled_from([0, 5, 62, 63, 64, 65, 130, 700]), key_lists
+        ),
+        max_size=12,
+    ),
+    kind=st.sampled_from(["U64Map", "U64Dict"]),
+)
+@needs_c
+def test_apply_ops_at_every_slot_width(
+    d: dict[int, int], steps: list[tuple[int, int, list[int]]], kind: str
+) -> None:
+    """A replica's ops OR a holder's bit in and clear it, whatever the slot (bits below 63, at
+    63 and beyond a u64 are kept differently), as a dict does by definition."""
+    t = getattr(C, kind)(d)
+    want, holders = dict(d), set()
+    ops = []
+    for op, slot, keys in steps:
+        ops.append((op, f"h{slot}", "GPU", array("Q", keys).tobytes(), 0.0))
+        bit = 1 << slot
+        for k in keys:
+            if op == 0:
+                want[k] = want.get(k, 0) | bit
+            elif k in want and not (m := want[k] & ~bit):
+                del want[k]
+            elif k in want:
+                want[k] = m
+        holders |= {f"h{slot}"} if op == 0 else set()
+    got_holders: set[str] = set()
+    slots = {f"h{s}": s for s in (0, 5, 62, 63, 64, 65, 130, 700)}
+    assert C.apply_ops(ops, 0, {"GPU": t}, slots, got_holders)[0] == len(ops)
+    assert sorted(t.items()) == sorted(want.items())
+    assert got_holders == holders
+
+
+@pytest.mark.parametrize("kind", ["U64Map", "U64Dict"])
+@needs_c
+def test_masks_and_request_keys_need_no_int_objects(kind: str) -> None:
+    """Values below 2**63 and single bits at any slot are kept in the table's own slots; only
+    other ints are held as objects (``boxed_bytes`` counts them)."""
+    word = [0, 1, 2**62, 2**63 - 1] + [1 << s for s in range(0, 600, 7)]
+    objects = [2**63 + 1, 2**64 - 1, 2**64 + 1, 2**200 + 2**3, -1, -(2**70)]
+    m = getattr(C, kind)((k, v) for k, v in enumerate(word))
+    assert m.boxed_bytes() == 0
+    assert [m[k] for k in range(len(word))] == word
+    for k, v in enumerate(objects, len(word)):
+        m[k] = v
+    assert m.boxed_bytes() == sum(sys.getsizeof(v) for v in objects)
+    C.or_bits(m, list(range(len(word))), 1 << 500, False)  # two bits or more: objects
+    assert m.boxed_bytes() > 0
+    C.and_bits(m, list(range(len(word))), ~(1 << 500))  # back to one bit each: in the word
+    assert m.boxed_bytes() == sum(sys.getsizeof(v) for v in objects)
+    assert 0 not in m  # 0 | bit & ~bit: emptied, deleted
+    assert [m[k] for k in range(1, len(word))] == word[1:]
 
 
 @pytest.mark.parametrize("kind", ["U64Map", "U64Dict"])

@@ -456,12 +456,13 @@ class MemoryIndex:
         mask_bytes = 0
         live = self._live
         for d in self._tiers.values():
+            in_dict = type(d) is dict  # a C table's masks: in its slots or its boxed_bytes
             for m in d.values():
                 pairs += (m & live).bit_count()
-                if m > 255:
+                if in_dict and m > 255:
                     mask_bytes += sys.getsizeof(m)
         # The tables' real size (pop + re-insert leaves dummies until the next resize), plus
-        # the key int objects a dict holds (a U64Map holds none); the engine map likewise.
+        # the key int objects a dict holds (a C table holds none); the engine map likewise.
         key_bytes = sum(_map_bytes(d) for d in self._tiers.values())
         emap_bytes = _map_bytes(self._emap)
         return IndexStats(
@@ -508,9 +509,13 @@ def _oldest(d: dict[int, int], n: int) -> list[tuple[int, int]]:
 
 
 def _map_bytes(d: dict[int, int]) -> int:
-    """A dict's or U64Map's table plus, for a dict, its key int objects."""
+    """A dict's or C table's size plus, for a dict, its key int objects (its values are counted
+    by the caller: they are shared small ints or masks); for a C table, the int objects of the
+    values its slots cannot hold (``boxed_bytes``)."""
     size = sys.getsizeof(d)
-    return size + len(d) * _KEY_INT_BYTES if type(d) is dict else size
+    if type(d) is dict:
+        return size + len(d) * _KEY_INT_BYTES
+    return size + d.boxed_bytes()  # type: ignore[attr-defined]
 
 
 def _or_all(*masks: int) -> int:
