@@ -515,7 +515,7 @@ def _map_bytes(d: dict[int, int]) -> int:
     size = sys.getsizeof(d)
     if type(d) is dict:
         return size + len(d) * _KEY_INT_BYTES
-    return size + d.boxed_bytes()  # type: ignore[attr-defined]
+    return size + int(d.boxed_bytes())  # type: ignore[attr-defined]
 
 
 def _or_all(*masks: int) -> int:
