@@ -448,6 +448,7 @@ typedef struct {
     Py_ssize_t cap; /* 0 or a power of two */
     Py_ssize_t used;
     uint64_t seed; /* this table's hash seed (table_seed) */
+    uint64_t xk;   /* u64 values (the engine map): each stored as v ^ xk, never 0; 0: tagged */
 } U64Map;
 
 typedef struct {
@@ -653,6 +654,91 @@ table_seed(void)
     return (uint64_t)mix64(seed_base + ++seed_count * 0x9E3779B97F4A7C15ULL);
 }
 
+/* - a U64Map of u64 values (the engine map: engine key -> request key) -
+ *
+ * Request keys are uniform u64s: half of them are 2**63 or more, which a tagged value would hold
+ * as an int object. A U64Map made with u64_values=True stores each value v as v ^ xk instead
+ * (xk: the table's own random word), so every value is in the slot; 0 still marks an empty
+ * slot. The one value that would encode as 0 (v == xk) makes the table pick another xk and
+ * re-encode what it holds. Such a table only takes ints in [0, 2**64). */
+
+#define IS_RAW(o) (IS_U64MAP(o) && ((U64Map *)(o))->xk != 0)
+
+static inline PyObject *
+tb_box(PyObject *m, tval v)
+{
+    return IS_RAW(m) ? PyLong_FromUnsignedLongLong((uint64_t)v ^ ((U64Map *)m)->xk) : tv_box(v);
+}
+
+static inline void
+tb_drop(PyObject *m, tval v)
+{
+    if (!IS_RAW(m))
+        tv_drop(v);
+}
+
+/* A stored value's int as a u64: 0, or -1 with an exception when it is not one. */
+static inline int
+tb_get_u64(PyObject *m, tval v, uint64_t *u)
+{
+    if (IS_RAW(m)) {
+        *u = (uint64_t)v ^ ((U64Map *)m)->xk;
+        return 0;
+    }
+    return tv_get_u64(v, u);
+}
+
+/* A new xk for a u64-values table, none of whose values (nor `also`) equals it. */
+static void
+raw_rekey(U64Map *m, uint64_t also)
+{
+    uint64_t old = m->xk, xk;
+    for (;;) {
+        xk = table_seed();
+        int clash = xk == 0 || xk == also;
+        for (Py_ssize_t i = 0; !clash && i < m->cap; i++)
+            clash = m->slots[i].val != 0 && ((uint64_t)m->slots[i].val ^ old) == xk;
+        if (!clash)
+            break;
+    }
+    for (Py_ssize_t i = 0; i < m->cap; i++)
+        if (m->slots[i].val != 0)
+            m->slots[i].val = (tval)((uint64_t)m->slots[i].val ^ old ^ xk);
+    m->xk = xk;
+}
+
+/* u as a value of table m (owned); 0 with an exception on error. */
+static inline tval
+tb_of_u64(PyObject *m, uint64_t u)
+{
+    if (!IS_RAW(m))
+        return tv_of_u64(u);
+    U64Map *t = (U64Map *)m;
+    if (u == t->xk)
+        raw_rekey(t, u);
+    return (tval)(u ^ t->xk);
+}
+
+/* The int o as a value of table m (owned); 0 with an exception on error. */
+static tval
+tb_of_obj(PyObject *m, PyObject *o)
+{
+    uint64_t u;
+    if (!IS_RAW(m))
+        return tv_of_obj(o);
+    return get_u64(o, &u) < 0 ? 0 : tb_of_u64(m, u);
+}
+
+/* Mask operations need tagged values: -1 with TypeError for a u64-values table. */
+static int
+mask_table(PyObject *d, const char *name)
+{
+    if (!IS_RAW(d))
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s(): a U64Map of u64 values holds no masks", name);
+    return -1;
+}
+
 /* Delete position `hole` of a linear-probing table of `cap` positions by shifting later members
  * of its probe run back; key_at(i) is the key at a full position, full(i) whether it is full. */
 #define BACKWARD_SHIFT(cap, start, full, key_at, move)                                       \
@@ -721,7 +807,7 @@ um_add(PyObject *o, uint64_t k, tval v)
 {
     U64Map *m = (U64Map *)o;
     if ((m->used + 1) * 4 > m->cap * 3 && um_resize(m, m->cap ? m->cap * 2 : 8) < 0) {
-        tv_drop(v);
+        tb_drop(o, v);
         return -1;
     }
     size_t mask = (size_t)m->cap - 1, i = mix64(k ^ m->seed) & mask;
@@ -753,7 +839,7 @@ um_del_at(PyObject *o, Py_ssize_t at)
     m->slots[hole].val = 0;
     m->slots[hole].key = 0;
     m->used--;
-    tv_drop(v);
+    tb_drop(o, v);
     if (m->cap > 64 && m->used * 8 < m->cap && um_resize(m, m->cap / 2) < 0)
         PyErr_Clear(); /* could not shrink: stay as large, still correct */
 }
@@ -1027,7 +1113,9 @@ tb_set(PyObject *m, uint64_t k, tval v)
     Py_ssize_t at = op->find(m, k);
     if (at < 0)
         return op->add(m, k, v);
-    tv_set(op->val(m, at), v); /* an int: its dealloc runs no code */
+    tval *vp = op->val(m, at), prev = *vp;
+    *vp = v;
+    tb_drop(m, prev); /* an int: its dealloc runs no code */
     return 0;
 }
 
@@ -1039,19 +1127,36 @@ static int tb_update_from(PyObject *m, PyObject *src);
 static PyObject *
 tb_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
-    PyObject *src = NULL;
-    if (kw != NULL && PyDict_GET_SIZE(kw)) {
-        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", type->tp_name);
+    PyObject *src = NULL, *u64_values = NULL;
+    int is_map = type == &U64Map_Type || PyType_IsSubtype(type, &U64Map_Type);
+    static char *map_kw[] = {"", "u64_values", NULL}, *dict_kw[] = {"", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, is_map ? "|OO:U64Map" : "|O:U64Dict",
+                                     is_map ? map_kw : dict_kw, &src, &u64_values))
         return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, type->tp_name, 0, 1, &src))
+    /* u64_values may also be the table's first xk (an int other than a bool: tests) */
+    uint64_t xk0 = 0;
+    int raw = u64_values == NULL ? 0 : PyObject_IsTrue(u64_values);
+    if (raw > 0 && PyLong_CheckExact(u64_values) && get_u64(u64_values, &xk0) < 0)
         return NULL;
+    if (raw < 0)
+        return NULL;
+    if (src == Py_None)
+        src = NULL;
     PyObject *m = type->tp_alloc(type, 0); /* zero-filled: an empty table */
     if (m != NULL) {
-        if (type == &U64Map_Type || PyType_IsSubtype(type, &U64Map_Type))
-            ((U64Map *)m)->seed = table_seed();
-        else
+        if (is_map) {
+            U64Map *t = (U64Map *)m;
+            t->seed = table_seed();
+#if UINTPTR_MAX >= UINT64_MAX /* a slot's word holds a u64 */
+            if (raw && xk0)
+                t->xk = xk0;
+            else if (raw)
+                raw_rekey(t, 0);
+#endif
+        }
+        else {
             ((U64Dict *)m)->seed = table_seed();
+        }
     }
     if (m != NULL && src != NULL && tb_update_from(m, src) < 0)
         Py_CLEAR(m);
@@ -1064,7 +1169,7 @@ tb_clear_all(PyObject *o)
     Py_ssize_t n;
     u64slot *s = tb_slots(o, &n);
     for (Py_ssize_t i = 0; i < n; i++) {
-        tv_drop(s[i].val);
+        tb_drop(o, s[i].val);
         s[i].val = 0;
     }
     if (IS_U64MAP(o)) {
@@ -1103,7 +1208,7 @@ tb_subscript(PyObject *m, PyObject *k)
     int rc = tb_lookup(m, k, &at);
     if (rc == 0)
         set_key_error(k);
-    return rc > 0 ? tv_box(*ops_of(m)->val(m, at)) : NULL;
+    return rc > 0 ? tb_box(m, *ops_of(m)->val(m, at)) : NULL;
 }
 
 static int
@@ -1122,7 +1227,7 @@ tb_ass_subscript(PyObject *m, PyObject *k, PyObject *v)
     uint64_t u;
     if (get_u64(k, &u) < 0 || tb_check_val(v) < 0)
         return -1;
-    return tb_set(m, u, tv_of_obj(v));
+    return tb_set(m, u, tb_of_obj(m, v));
 }
 
 static int
@@ -1150,7 +1255,7 @@ tb_get_or_pop(PyObject *m, PyObject *const *args, Py_ssize_t nargs, int pop)
         set_key_error(args[0]);
         return NULL;
     }
-    PyObject *v = tv_box(*ops_of(m)->val(m, at));
+    PyObject *v = tb_box(m, *ops_of(m)->val(m, at));
     if (v != NULL && pop)
         ops_of(m)->del_at(m, at);
     return v;
@@ -1182,11 +1287,11 @@ tb_list(PyObject *m, int what, Py_ssize_t limit)
             continue;
         PyObject *x;
         if (what == 1) {
-            x = tv_box(s->val);
+            x = tb_box(m, s->val);
         }
         else {
             PyObject *k = PyLong_FromUnsignedLongLong(s->key);
-            PyObject *v = what == 0 || k == NULL ? NULL : tv_box(s->val);
+            PyObject *v = what == 0 || k == NULL ? NULL : tb_box(m, s->val);
             x = what == 0 || k == NULL ? k : v == NULL ? NULL : PyTuple_Pack(2, k, v);
             if (what == 2) {
                 Py_XDECREF(k);
@@ -1268,7 +1373,7 @@ tb_update_from(PyObject *m, PyObject *src)
             PyErr_SetString(PyExc_ValueError, "update: expected (key, value) pairs");
         else if (get_u64(PySequence_Fast_GET_ITEM(fast, 0), &u) == 0
                  && tb_check_val(PySequence_Fast_GET_ITEM(fast, 1)) == 0)
-            rc = tb_set(m, u, tv_of_obj(PySequence_Fast_GET_ITEM(fast, 1)));
+            rc = tb_set(m, u, tb_of_obj(m, PySequence_Fast_GET_ITEM(fast, 1)));
         Py_DECREF(fast);
         if (rc < 0)
             goto fail;
@@ -1316,7 +1421,7 @@ tb_boxed_bytes(PyObject *o, PyObject *unused)
 {
     Py_ssize_t n, size = 0;
     u64slot *s = tb_slots(o, &n);
-    for (Py_ssize_t i = 0; i < n; i++)
+    for (Py_ssize_t i = 0; !IS_RAW(o) && i < n; i++)
         if (s[i].val != 0 && TV_IS_OBJ(s[i].val))
             size += long_bytes((PyObject *)s[i].val);
     return PyLong_FromSsize_t(size);
@@ -1326,7 +1431,9 @@ static PyObject *
 tb_reduce(PyObject *m, PyObject *unused)
 {
     PyObject *items = tb_list(m, 2, PY_SSIZE_T_MAX);
-    return items == NULL ? NULL : Py_BuildValue("(O(N))", Py_TYPE(m), items);
+    if (items == NULL || !IS_RAW(m))
+        return items == NULL ? NULL : Py_BuildValue("(O(N))", Py_TYPE(m), items);
+    return Py_BuildValue("(O(NO))", Py_TYPE(m), items, Py_True);
 }
 
 static PyObject *
@@ -1366,9 +1473,11 @@ static PySequenceMethods tb_as_sequence = {.sq_contains = tb_contains};
 
 static PyTypeObject U64Map_Type = TABLE_TYPE(
     "U64Map", U64Map,
-    "U64Map([mapping or pairs]): a table of u64 keys to int values, in C, without order.\n\n"
+    "U64Map([mapping or pairs], u64_values=False): a table of u64 keys to int values, in C,\n"
+    "without order.\n\n"
     "Supports len, [], in, del, get, pop, keys, values, items (lists), update, clear.\n"
-    "Keys must be ints in [0, 2**64); other keys are never present.");
+    "Keys must be ints in [0, 2**64); other keys are never present. With u64_values, values\n"
+    "must be too, and each is kept in its slot (no int object for any value).");
 
 static PyTypeObject U64Dict_Type = TABLE_TYPE(
     "U64Dict", U64Dict,
@@ -1392,7 +1501,7 @@ map_get_ref(PyObject *m, PyObject *k)
     if (!IS_TABLE(m))
         return Py_XNewRef(PyDict_GetItemWithError(m, k));
     Py_ssize_t at;
-    return tb_lookup(m, k, &at) > 0 ? tv_box(*ops_of(m)->val(m, at)) : NULL;
+    return tb_lookup(m, k, &at) > 0 ? tb_box(m, *ops_of(m)->val(m, at)) : NULL;
 }
 
 static inline int
@@ -1620,7 +1729,7 @@ or_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (IS_TABLE(d)) {
         const table_ops *op = ops_of(d);
         maskarg b;
-        if (bit_open(bit, &b) < 0)
+        if (mask_table(d, "or_bits") < 0 || bit_open(bit, &b) < 0)
             goto fail;
         for (Py_ssize_t i = 0; i < ks.n; i++) {
             uint64_t u;
@@ -1738,7 +1847,7 @@ and_bits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     maskarg keep;
     Py_ssize_t deleted = 0;
     PyObject *d = args[0];
-    if (keep_open(args[2], &keep) < 0)
+    if (mask_table(d, "and_bits") < 0 || keep_open(args[2], &keep) < 0)
         goto fail;
     if (IS_TABLE(d)) {
         const table_ops *op = ops_of(d);
@@ -1916,7 +2025,8 @@ remove_engine(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     maskarg keep;
     keys_t ks;
-    if (keep_open(args[3], &keep) < 0 || keys_open(args[2], &ks) < 0)
+    if (mask_table(d, "remove_engine") < 0 || keep_open(args[3], &keep) < 0
+        || keys_open(args[2], &ks) < 0)
         return NULL;
     PyObject *tiers = tiers_open(args[4], "remove_engine");
     PyObject *keys = PyList_New(0);
@@ -2086,6 +2196,8 @@ clear_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "clear_slots: expected a dict or a kvray table");
         return NULL;
     }
+    if (mask_table(d, "clear_slots") < 0)
+        return NULL;
     /* Keys to delete are collected and deleted after the pass: a deletion moves entries. */
     Py_ssize_t ndead = 0;
     if (IS_TABLE(d)) {
@@ -2363,6 +2475,8 @@ slot_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "slot_keys: expected a dict or a kvray table");
         return NULL;
     }
+    if (mask_table(d, "slot_keys") < 0)
+        return NULL;
     PyObject *out = PyDict_New();
     PyObject **lists = NULL; /* by slot: the list in `out`, borrowed */
     u64vec *vecs = NULL;     /* packed: by slot, the keys so far */
@@ -3150,6 +3264,8 @@ fapply_open(fapply *c, PyObject *const *args)
         PyErr_SetString(PyExc_TypeError, "apply_frames(): d, emap must be tables, copies a dict");
         return -1;
     }
+    if (mask_table(c->d, "apply_frames") < 0)
+        return -1;
     if (bit_open(args[3], &c->bit) < 0 || keep_open(args[4], &c->keep) < 0)
         return -1;
     c->recency = PyObject_IsTrue(args[5]);
@@ -3288,7 +3404,7 @@ fapply_one(fapply *c, PyObject *payload)
                     c->unknown_removed++;
                     continue;
                 }
-                if (tv_get_u64(*um_val(emap, at), &r) < 0 || u64vec_push(run, r) < 0)
+                if (tb_get_u64(emap, *um_val(emap, at), &r) < 0 || u64vec_push(run, r) < 0)
                     goto done;
                 Py_ssize_t dat = op->find(d, r);
                 int gone = dat >= 0 ? tb_and_at(d, dat, &c->keep) : 1;
@@ -3314,7 +3430,7 @@ fapply_one(fapply *c, PyObject *payload)
                 c->unknown_parent += ev->n;
                 continue;
             }
-            if (tv_get_u64(*um_val(emap, at), &key) < 0)
+            if (tb_get_u64(emap, *um_val(emap, at), &key) < 0)
                 goto done;
         }
         const unsigned char *tp = ev->tokens;
@@ -3345,7 +3461,7 @@ fapply_one(fapply *c, PyObject *payload)
             }
             if (rc == 0 && same)
                 rc = copies_step(copies, e, 1);
-            if (rc < 0 || tb_set(emap, e, tv_of_u64(keys[j])) < 0)
+            if (rc < 0 || tb_set(emap, e, tb_of_u64(emap, keys[j])) < 0)
                 goto done;
         }
         if (push_op(c->ops, 0, keys, ev->n) < 0)
@@ -3488,6 +3604,8 @@ apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_TypeError, "apply_ops(): tiers must be tables");
             return NULL;
         }
+        if (mask_table(d, "apply_ops") < 0)
+            return NULL;
         PyObject *bito = slot_bit(slot);
         PyObject *keepo = bito != NULL && kind == 1 ? PyNumber_Invert(bito) : NULL;
         maskarg bit, keep;

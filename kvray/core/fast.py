@@ -295,6 +295,15 @@ and its lookups touch both). It has the dict operations the index uses (``len``,
 ``in``, ``del``, ``get``, ``pop``, ``update``, ``clear``; ``keys``/``values``/``items`` as lists)
 and no order. Without the extension it is ``dict``. The functions above accept either."""
 
+
+def U64Values() -> dict[int, int]:  # noqa: N802 (a table type's constructor)
+    """A ``U64Map`` whose values are u64s too (the engine map: engine key → request key): each
+    value is kept in its slot, so no int object is held for any (a plain ``U64Map`` keeps ints
+    below 2**63 in the slot and holds an object for the other half of uniform u64s). Without
+    the extension it is ``dict``."""
+    return _impl.U64Map(u64_values=True) if _impl else {}
+
+
 U64Dict: Callable[[], dict[int, int]] = _impl.U64Dict if _impl else dict
 """The same with a dict's order (new keys last, assignment keeps a key's place, ``or_bits`` with
 recency moves it last), for tiers evicted oldest first: CPython's compact-dict layout for u64

@@ -8,6 +8,7 @@ it; only ``KVRAY_PURE_PYTHON=1`` (a deliberate pure run) lets these tests pass w
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 import sys
 from array import array
@@ -515,6 +516,62 @@ def test_apply_ops_at_every_slot_width(
     assert C.apply_ops(ops, 0, {"GPU": t}, slots, got_holders)[0] == len(ops)
     assert sorted(t.items()) == sorted(want.items())
     assert got_holders == holders
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["set", "set", "del", "pop", "get", "in"]),
+            st.one_of(st.integers(0, 300), u64),
+            st.one_of(u64, st.sampled_from([v for v in EDGES if v < 2**64])),
+        ),
+        max_size=300,
+    ),
+    xk=st.one_of(st.just(True), st.integers(1, 2**64 - 1)),
+)
+@needs_c
+def test_u64_values_table_behaves_as_a_dict(steps: list[tuple[str, int, int]], xk: Any) -> None:
+    """The engine map's table (u64 values kept in their slots) is a dict of u64 → u64: also
+    when a value equals the word it is stored against (``u64_values=<int>`` sets that word; the
+    table picks another and re-encodes what it holds)."""
+    m, d = C.U64Map(u64_values=xk), {}
+    if xk is not True:
+        steps = [("set", 7, xk), *steps, ("set", 8, xk)]
+    for op, k, v in steps:
+        if op == "set":
+            m[k] = d[k] = v
+        elif op == "del" and k in d:
+            del m[k], d[k]
+        elif op == "pop":
+            assert m.pop(k, None) == d.pop(k, None)
+        elif op == "get":
+            assert m.get(k) == d.get(k)
+        else:
+            assert (k in m) == (k in d)
+    assert sorted(m.items()) == sorted(d.items()) and len(m) == len(d)
+    assert m.boxed_bytes() == 0
+    again = pickle.loads(pickle.dumps(m))
+    assert sorted(again.items()) == sorted(d.items()) and again.boxed_bytes() == 0
+
+
+@needs_c
+def test_u64_values_table_takes_u64s_only_and_no_masks() -> None:
+    m = C.U64Map({1: 2**64 - 1}, u64_values=True)
+    for bad in (-1, 2**64, "x", 1.0):
+        with pytest.raises((OverflowError, TypeError)):
+            m[2] = bad
+    assert m.items() == [(1, 2**64 - 1)]
+    for call in (
+        lambda: C.or_bits(m, [1], 1, False),
+        lambda: C.and_bits(m, [1], ~1),
+        lambda: C.clear_slots(m, 1),
+        lambda: C.slot_keys(m, 1),
+        lambda: C.apply_ops([(0, "a", "GPU", b"\0" * 8, 0.0)], 0, {"GPU": m}, {"a": 0}, set()),
+    ):
+        with pytest.raises(TypeError, match="u64 values"):
+            call()
+    assert m.items() == [(1, 2**64 - 1)]
 
 
 @pytest.mark.parametrize("kind", ["U64Map", "U64Dict"])

@@ -41,6 +41,7 @@ from typing import Any
 from kvray.core.fast import (
     U64Dict,
     U64Map,
+    U64Values,
     add_engine,
     and_bits,
     apply_frames,
@@ -120,7 +121,8 @@ class MemoryIndex:
         self._retired = 0  # slots cleared, bits still present in some masks
         self._sweeping = 0  # the retired bits the current sweep removes
         self._sweep_iter: Iterator[tuple[Tier, int]] | None = None
-        self._emap: dict[int, int] = U64Map()  # engine key → request key
+        # engine key → request key; u64 values: every request key in its slot, no int object
+        self._emap: dict[int, int] = U64Values()
         self._emap_sweep: Iterator[int] | None = None
         self._nkeys = 0
 
