@@ -1552,7 +1552,8 @@ dict_keys(PyObject *const *args, const char *name, keys_t *k)
 /* A mask argument of a call (a holder's bit, or keep: the complement of one or more bits), read
  * once per call rather than per key. */
 typedef struct {
-    PyObject *o;   /* borrowed */
+    PyObject *o;   /* borrowed, or owned (own); keep from slot_masks: made when first needed */
+    int own;
     tval tv;       /* a bit: the value a new key gets (owned) */
     uint64_t lo;   /* the low 64 bits (two's complement) */
     int fits;      /* a bit: o is in [0, 2**64), so lo is all of it */
@@ -1611,11 +1612,45 @@ keep_open(PyObject *o, maskarg *a)
     return 0;
 }
 
+/* bit = 1 << s and keep = ~bit for slot s >= 0, from the slot number: a replica applies an op
+ * per event, and building ~(1 << s) from wide ints for each cost more than the op. */
+static int
+slot_masks(long s, maskarg *bit, maskarg *keep)
+{
+    memset(bit, 0, sizeof(*bit));
+    memset(keep, 0, sizeof(*keep));
+    bit->cut = -1;
+    keep->cut = s;
+    bit->fits = s < 64;
+    bit->lo = s < 64 ? (uint64_t)1 << s : 0;
+    keep->lo = ~bit->lo;
+    bit->o = s < 64 ? PyLong_FromUnsignedLongLong(bit->lo) : pow2_new((uint64_t)s);
+    bit->own = 1;
+    bit->tv = s < 64 ? tv_of_u64(bit->lo) : tv_pow2((uint64_t)s);
+    return bit->o == NULL || bit->tv == 0 ? -1 : 0;
+}
+
+/* keep's int (slot_masks makes it when the int path first needs it); NULL on error. */
+static PyObject *
+keep_obj(maskarg *keep)
+{
+    if (keep->o == NULL) {
+        PyObject *b = pow2_new((uint64_t)keep->cut);
+        keep->o = b == NULL ? NULL : PyNumber_Invert(b);
+        keep->own = keep->o != NULL;
+        Py_XDECREF(b);
+    }
+    return keep->o;
+}
+
 static void
 mask_close(maskarg *a)
 {
     tv_drop(a->tv);
     a->tv = 0;
+    if (a->own)
+        Py_CLEAR(a->o);
+    a->own = 0;
 }
 
 /* old | bit, as a new value (0 with an exception on error); *same set when that equals old.
@@ -1653,7 +1688,7 @@ mask_or(tval old, const maskarg *bit, int *same)
 
 /* old & keep as a new value, or 0: *zero set when it is 0 (no exception), else an error. */
 static tval
-mask_and(tval old, const maskarg *keep, int *zero)
+mask_and(tval old, maskarg *keep, int *zero)
 {
     uint64_t a;
     *zero = 0;
@@ -1666,8 +1701,8 @@ mask_and(tval old, const maskarg *keep, int *zero)
         *zero = (long long)(old >> 2) == keep->cut;
         return *zero ? 0 : old;
     }
-    PyObject *o = tv_box(old);
-    PyObject *m = o == NULL ? NULL : PyNumber_And(o, keep->o);
+    PyObject *o = tv_box(old), *k = keep_obj(keep);
+    PyObject *m = o == NULL || k == NULL ? NULL : PyNumber_And(o, k);
     int nonzero = m == NULL ? -1 : PyObject_IsTrue(m);
     tval out = nonzero > 0 ? tv_of_obj(m) : 0;
     *zero = nonzero == 0;
@@ -1796,7 +1831,7 @@ fail:
 /* The mask at a table position &= keep, the entry deleted when that is 0: 1 when deleted, 0 when
  * kept, -1 on error. */
 static int
-tb_and_at(PyObject *d, Py_ssize_t at, const maskarg *keep)
+tb_and_at(PyObject *d, Py_ssize_t at, maskarg *keep)
 {
     const table_ops *op = ops_of(d);
     int zero;
@@ -1814,7 +1849,7 @@ tb_and_at(PyObject *d, Py_ssize_t at, const maskarg *keep)
 /* d[k] &= keep when k is present (found once), deleting k when that is 0: 1 when k was deleted,
  * 0 when kept or absent, -1 on error. */
 static int
-clear_bits(PyObject *d, PyObject *k, const maskarg *keep)
+clear_bits(PyObject *d, PyObject *k, maskarg *keep)
 {
     if (IS_TABLE(d)) {
         Py_ssize_t at;
@@ -3532,25 +3567,6 @@ apply_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* --- a read replica's change messages: apply_ops ----------------------------------------- */
 
-/* 1 << slot as an int (slot a non-negative int). */
-static PyObject *
-slot_bit(PyObject *slot)
-{
-    long s = PyLong_AsLong(slot);
-    if (s == -1 && PyErr_Occurred())
-        return NULL;
-    if (s < 0) {
-        PyErr_SetString(PyExc_ValueError, "apply_ops(): negative slot");
-        return NULL;
-    }
-    if (s < 62)
-        return PyLong_FromLong(1L << s);
-    PyObject *one = PyLong_FromLong(1);
-    PyObject *out = one == NULL ? NULL : PyNumber_Lshift(one, slot);
-    Py_XDECREF(one);
-    return out;
-}
-
 PyDoc_STRVAR(apply_ops_doc,
 "apply_ops(ops, start, tiers, slots, holders) -> (stop, added, deleted)\n\n"
 "Apply change-stream ops (op, holder, tier, packed keys, ttl) from ops[start] on to an index\n"
@@ -3606,20 +3622,20 @@ apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (mask_table(d, "apply_ops") < 0)
             return NULL;
-        PyObject *bito = slot_bit(slot);
-        PyObject *keepo = bito != NULL && kind == 1 ? PyNumber_Invert(bito) : NULL;
-        maskarg bit, keep;
-        int rc = bito == NULL || (kind == 1 && keepo == NULL) ? -1 : bit_open(bito, &bit);
-        if (rc == 0 && kind == 1 && keep_open(keepo, &keep) < 0) {
-            mask_close(&bit);
-            rc = -1;
-        }
-        if (rc < 0) {
-            Py_XDECREF(bito);
-            Py_XDECREF(keepo);
+        long sl = PyLong_AsLong(slot);
+        if (sl == -1 && PyErr_Occurred())
+            return NULL;
+        if (sl < 0) {
+            PyErr_SetString(PyExc_ValueError, "apply_ops(): negative slot");
             return NULL;
         }
-        const table_ops *t = ops_of(d); /* bit and keep borrow bito and keepo until the end */
+        maskarg bit, keep;
+        int rc = slot_masks(sl, &bit, &keep);
+        if (rc < 0) {
+            mask_close(&bit);
+            return NULL;
+        }
+        const table_ops *t = ops_of(d);
         const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(raw);
         Py_ssize_t n = PyBytes_GET_SIZE(raw) / 8;
         for (Py_ssize_t j = 0; rc == 0 && j < n; j++) {
@@ -3642,8 +3658,7 @@ apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         mask_close(&bit);
-        Py_DECREF(bito);
-        Py_XDECREF(keepo);
+        mask_close(&keep);
         if (rc == 0 && kind == 0)
             rc = PySet_Add(holders, holder);
         if (rc < 0)
