@@ -429,7 +429,11 @@ keys_close(keys_t *k)
  * block (in every shard and every read replica). So most values live in the word itself:
  *   v == 0:      an empty slot (U64Map) or a hole (U64Dict);
  *   v & 1:       the int v >> 1 (0 <= n < 2**63: masks of slots below 63, half the request keys);
- *   v & 3 == 2:  the int 1 << (v >> 2) (one holder's bit, at any slot);
+ *   v & 3 == 2:  a set of k = ((v >> 2) & 7) + 1 slots s_i, the int sum(1 << s_i): slots
+ *                sorted, 59 // k bits each from bit 5 up (a key's holders when they are few:
+ *                one at any slot, 2 below slot 2**29, 4 below 16,384, 5 below 2,048, 8 below
+ *                128);
+ *                used only for ints of 2**63 and more (smaller ones are the form above);
  *   otherwise:   an int object (a strong reference), for every other int.
  * Object pointers are at least 4-aligned, so the tags never collide with them. */
 typedef uintptr_t tval;
@@ -482,10 +486,75 @@ tv_drop(tval v)
         Py_DECREF((PyObject *)v);
 }
 
+#define SET_MAX 8
+
+static inline int
+set_k(tval v)
+{
+    return (int)((v >> 2) & 7) + 1;
+}
+
+static inline uint64_t
+set_slot(tval v, int k, int i)
+{
+    int w = 59 / k;
+    return ((uint64_t)v >> (5 + i * w)) & (((uint64_t)1 << w) - 1);
+}
+
+/* The set of sorted slots s[0..k) (1 <= k <= SET_MAX) as a value, or 0 when a slot does not fit
+ * 59 // k bits. */
+static inline tval
+set_make(const uint64_t *sl, int k)
+{
+    int w = 59 / k;
+    uint64_t v = (uint64_t)(k - 1) << 2 | 2;
+    for (int i = 0; i < k; i++) {
+        if (sl[i] >> w)
+            return 0;
+        v |= sl[i] << (5 + i * w);
+    }
+    return (tval)v;
+}
+
 static inline tval
 tv_pow2(uint64_t e)
 {
-    return (tval)((e << 2) | 2);
+    return set_make(&e, 1);
+}
+
+/* sum(1 << sl[i]) for sorted slots sl[0..k) as an int object; NULL on error. */
+static PyObject *
+long_of_slots(const uint64_t *sl, int k)
+{
+    size_t n = (size_t)(sl[k - 1] / 8 + 1);
+    unsigned char stack[512], *b = n <= sizeof(stack) ? stack : PyMem_Calloc(n, 1);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return 0;
+    }
+    if (b == stack)
+        memset(b, 0, n);
+    for (int i = 0; i < k; i++)
+        b[sl[i] / 8] |= (unsigned char)(1u << (sl[i] % 8));
+    PyObject *o = _PyLong_FromByteArray(b, n, 1, 0);
+    if (b != stack)
+        PyMem_Free(b);
+    return o;
+}
+
+/* The int of sorted slots sl[0..k) (1 <= k <= SET_MAX) as a value (owned): a word int below
+ * 2**63, else a set, else an int object; 0 with an exception on error. */
+static tval
+tv_of_slots(const uint64_t *sl, int k)
+{
+    if (sl[k - 1] < 63) {
+        uint64_t u = 0;
+        for (int i = 0; i < k; i++)
+            u |= (uint64_t)1 << sl[i];
+        return (tval)((u << 1) | 1);
+    }
+    tval v = set_make(sl, k);
+    return v != 0 ? v : (tval)long_of_slots(sl, k);
 }
 
 /* u as a value (owned); 0 with an exception when an int object could not be made. */
@@ -494,9 +563,39 @@ tv_of_u64(uint64_t u)
 {
     if (u <= TV_INT_MAX)
         return (tval)((u << 1) | 1);
-    if ((u & (u - 1)) == 0)
-        return tv_pow2((uint64_t)__builtin_ctzll(u));
+    uint64_t sl[SET_MAX];
+    int k = 0;
+    for (uint64_t x = u; x && k <= SET_MAX; x &= x - 1)
+        if (k++ < SET_MAX)
+            sl[k - 1] = (uint64_t)__builtin_ctzll(x);
+    if (k <= SET_MAX) {
+        tval v = set_make(sl, k);
+        if (v != 0)
+            return v;
+    }
     return (tval)PyLong_FromUnsignedLongLong(u);
+}
+
+/* The slots of a word int or a set, sorted, into sl[0..SET_MAX): their count, or -1 for an int
+ * object or a word int of more than SET_MAX bits. */
+static inline int
+tv_slots(tval v, uint64_t *sl)
+{
+    if ((v & 3) == 2) {
+        int k = set_k(v);
+        for (int i = 0; i < k; i++)
+            sl[i] = set_slot(v, k, i);
+        return k;
+    }
+    if (!(v & 1))
+        return -1;
+    int k = 0;
+    for (uint64_t x = (uint64_t)(v >> 1); x; x &= x - 1) {
+        if (k == SET_MAX)
+            return -1;
+        sl[k++] = (uint64_t)__builtin_ctzll(x);
+    }
+    return k;
 }
 
 /* 1 with *u set when v's int is in [0, 2**64), else 0 (no exception left set). */
@@ -508,9 +607,13 @@ tv_u64(tval v, uint64_t *u)
         return 1;
     }
     if ((v & 3) == 2) {
-        uint64_t e = (uint64_t)(v >> 2);
-        *u = e < 64 ? (uint64_t)1 << e : 0;
-        return e < 64;
+        int k = set_k(v);
+        if (set_slot(v, k, k - 1) >= 64)
+            return 0;
+        *u = 0;
+        for (int i = 0; i < k; i++)
+            *u |= (uint64_t)1 << set_slot(v, k, i);
+        return 1;
     }
     PyObject *o = (PyObject *)v; /* sized first: an OverflowError raised and cleared costs more */
     if (_PyLong_Sign(o) < 0 || _PyLong_NumBits(o) > 64)
@@ -549,15 +652,21 @@ tv_box(tval v)
     if (v & 1)
         return PyLong_FromUnsignedLongLong((uint64_t)(v >> 1));
     if ((v & 3) == 2) {
-        uint64_t e = (uint64_t)(v >> 2);
-        return e < 64 ? PyLong_FromUnsignedLongLong((uint64_t)1 << e) : pow2_new(e);
+        uint64_t u, sl[SET_MAX];
+        int k = tv_slots(v, sl);
+        if (k == 1 && sl[0] >= 64)
+            return pow2_new(sl[0]);
+        if (tv_u64(v, &u))
+            return PyLong_FromUnsignedLongLong(u);
+        return long_of_slots(sl, k);
     }
     return Py_NewRef((PyObject *)v);
 }
 
-/* e when the int o (>= 2**64) is 1 << e, -1 when it is not a power of two, -2 on error. */
-static long long
-long_pow2_exp(PyObject *o)
+/* The set bits of the int o (> 0), up to SET_MAX, into sl: their count, -1 when more, -2 on
+ * error. */
+static int
+long_slots(PyObject *o, uint64_t *sl)
 {
     size_t nbits = _PyLong_NumBits(o);
     if (nbits == (size_t)-1 && PyErr_Occurred())
@@ -575,15 +684,18 @@ long_pow2_exp(PyObject *o)
 #else
     int rc = _PyLong_AsByteArray((PyLongObject *)o, b, n, 1, 0) < 0;
 #endif
-    long long e = rc ? -2 : (long long)nbits - 1;
-    for (size_t i = 0; e >= 0 && i + 1 < n; i++)
-        if (b[i])
-            e = -1;
-    if (e >= 0 && (b[n - 1] & (b[n - 1] - 1)))
-        e = -1;
+    int k = rc ? -2 : 0;
+    for (size_t i = 0; k >= 0 && i < n; i++) {
+        for (unsigned int x = b[i]; x && k >= 0; x &= x - 1) {
+            if (k == SET_MAX)
+                k = -1;
+            else
+                sl[k++] = i * 8 + (uint64_t)__builtin_ctz(x);
+        }
+    }
     if (b != stack)
         PyMem_Free(b);
-    return e;
+    return k;
 }
 
 /* The int o (exact) as a value (owned); 0 with an exception on error. */
@@ -593,11 +705,13 @@ tv_of_obj(PyObject *o)
     if (_PyLong_Sign(o) >= 0) {
         if (_PyLong_NumBits(o) <= 64)
             return tv_of_u64((uint64_t)PyLong_AsUnsignedLongLong(o));
-        long long e = long_pow2_exp(o);
-        if (e == -2)
+        uint64_t sl[SET_MAX];
+        int k = long_slots(o, sl);
+        if (k == -2)
             return 0;
-        if (e >= 0)
-            return tv_pow2((uint64_t)e);
+        tval v = k > 0 ? set_make(sl, k) : 0;
+        if (v != 0)
+            return v;
     }
     return (tval)Py_NewRef(o);
 }
@@ -1558,6 +1672,7 @@ typedef struct {
     uint64_t lo;   /* the low 64 bits (two's complement) */
     int fits;      /* a bit: o is in [0, 2**64), so lo is all of it */
     long long cut; /* keep: e when o == ~(1 << e), else -1 */
+    long long slot; /* a bit: e when o == 1 << e, else -1 */
 } maskarg;
 
 static int
@@ -1580,6 +1695,8 @@ bit_open(PyObject *o, maskarg *a)
         return -1;
     }
     a->tv = tv_of_obj(o);
+    uint64_t sl[SET_MAX];
+    a->slot = a->tv != 0 && tv_slots(a->tv, sl) == 1 ? (long long)sl[0] : -1;
     return a->tv == 0 ? -1 : 0;
 }
 
@@ -1602,11 +1719,9 @@ keep_open(PyObject *o, maskarg *a)
         Py_DECREF(inv);
         if (t == 0)
             return -1;
-        uint64_t u;
-        if ((t & 3) == 2)
-            a->cut = (long long)(t >> 2);
-        else if (tv_u64(t, &u) && u && (u & (u - 1)) == 0)
-            a->cut = __builtin_ctzll(u);
+        uint64_t sl[SET_MAX];
+        if (tv_slots(t, sl) == 1)
+            a->cut = (long long)sl[0];
         tv_drop(t);
     }
     return 0;
@@ -1619,8 +1734,8 @@ slot_masks(long s, maskarg *bit, maskarg *keep)
 {
     memset(bit, 0, sizeof(*bit));
     memset(keep, 0, sizeof(*keep));
-    bit->cut = -1;
-    keep->cut = s;
+    bit->cut = keep->slot = -1;
+    keep->cut = bit->slot = s;
     bit->fits = s < 64;
     bit->lo = s < 64 ? (uint64_t)1 << s : 0;
     keep->lo = ~bit->lo;
@@ -1672,6 +1787,22 @@ mask_or(tval old, const maskarg *bit, int *same)
         *same = 0;
         return tv_dup(bit->tv);
     }
+    uint64_t sl[SET_MAX + 1];
+    int k = bit->slot >= 0 ? tv_slots(old, sl) : -1;
+    if (k >= 0) { /* a holder's bit into a few holders' slots */
+        uint64_t b = (uint64_t)bit->slot;
+        int i = 0;
+        while (i < k && sl[i] < b)
+            i++;
+        *same = i < k && sl[i] == b;
+        if (*same)
+            return tv_dup(old);
+        if (k < SET_MAX) {
+            memmove(&sl[i + 1], &sl[i], (size_t)(k - i) * sizeof(uint64_t));
+            sl[i] = b;
+            return tv_of_slots(sl, k + 1);
+        }
+    }
     PyObject *o = tv_box(old);
     PyObject *m = o == NULL ? NULL : PyNumber_Or(o, bit->o);
     int eq = m == NULL ? -1 : PyObject_RichCompareBool(m, o, Py_EQ);
@@ -1697,9 +1828,18 @@ mask_and(tval old, maskarg *keep, int *zero)
         *zero = r == 0;
         return r == 0 ? 0 : r == a ? tv_dup(old) : tv_of_u64(r);
     }
-    if ((old & 3) == 2 && keep->cut >= 0) { /* one bit, and keep clears one bit */
-        *zero = (long long)(old >> 2) == keep->cut;
-        return *zero ? 0 : old;
+    if ((old & 3) == 2 && keep->cut >= 0) { /* a few holders' slots, less one */
+        uint64_t sl[SET_MAX];
+        int k = tv_slots(old, sl), i = 0;
+        while (i < k && sl[i] != (uint64_t)keep->cut)
+            i++;
+        if (i == k)
+            return old; /* a set holds no reference */
+        *zero = k == 1;
+        if (*zero)
+            return 0;
+        memmove(&sl[i], &sl[i + 1], (size_t)(k - i - 1) * sizeof(uint64_t));
+        return tv_of_slots(sl, k - 1);
     }
     PyObject *o = tv_box(old), *k = keep_obj(keep);
     PyObject *m = o == NULL || k == NULL ? NULL : PyNumber_And(o, k);
@@ -2355,8 +2495,10 @@ tv_mask_bytes(tval v, unsigned char **buf, Py_ssize_t *cap)
 {
     if (TV_IS_OBJ(v))
         return mask_bytes((PyObject *)v, buf, cap);
-    uint64_t a = (uint64_t)(v >> 1), e = (uint64_t)(v >> 2);
-    Py_ssize_t n = (v & 1) ? (a ? (64 - __builtin_clzll(a) + 7) / 8 : 0) : (Py_ssize_t)(e / 8 + 1);
+    uint64_t a = (uint64_t)(v >> 1), sl[SET_MAX];
+    int k = (v & 1) ? 0 : tv_slots(v, sl);
+    Py_ssize_t n = (v & 1) ? (a ? (64 - __builtin_clzll(a) + 7) / 8 : 0)
+                           : (Py_ssize_t)(sl[k - 1] / 8 + 1);
     if (buf_reserve(buf, cap, n) < 0)
         return -1;
     if (v & 1) {
@@ -2365,7 +2507,8 @@ tv_mask_bytes(tval v, unsigned char **buf, Py_ssize_t *cap)
     }
     else {
         memset(*buf, 0, (size_t)n);
-        (*buf)[e / 8] = (unsigned char)(1u << (e % 8));
+        for (int i = 0; i < k; i++)
+            (*buf)[sl[i] / 8] |= (unsigned char)(1u << (sl[i] % 8));
     }
     return n;
 }

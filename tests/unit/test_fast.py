@@ -216,8 +216,16 @@ def test_array_count_longer_than_the_bytes_is_rejected_before_allocating(head: b
 # single bit at any slot, an int object otherwise), and either side of it.
 EDGES = [0, 1, 2**62 - 1, 2**62, 2**63 - 1, 2**63, 2**63 + 1, 2**63 | 1, 2**64 - 1, 2**64]
 EDGES += [2**64 + 1, 2**64 | 2**63, 2**200, 2**200 + 1]
-bits = st.integers(0, 130).map(lambda s: 1 << s)
-masks = st.one_of(st.integers(0, 2**80), st.integers(0, 2**64 - 1), bits, st.sampled_from(EDGES))
+bits = st.one_of(st.integers(0, 130), st.integers(0, 3000)).map(lambda s: 1 << s)
+# a few holders' bits, at slots of any width (kept as a set of slots in the word when they fit)
+few_bits = st.lists(st.one_of(st.integers(0, 140), st.integers(0, 20000)), min_size=1, max_size=9)
+masks = st.one_of(
+    st.integers(0, 2**80),
+    st.integers(0, 2**64 - 1),
+    bits,
+    st.sampled_from(EDGES),
+    few_bits.map(lambda ss: sum(1 << s for s in set(ss))),
+)
 mask_dicts = st.dictionaries(st.integers(0, 40), masks, max_size=30)
 key_lists = st.lists(st.integers(0, 50), max_size=30)
 
@@ -577,22 +585,34 @@ def test_u64_values_table_takes_u64s_only_and_no_masks() -> None:
 @pytest.mark.parametrize("kind", ["U64Map", "U64Dict"])
 @needs_c
 def test_masks_and_request_keys_need_no_int_objects(kind: str) -> None:
-    """Values below 2**63 and single bits at any slot are kept in the table's own slots; only
-    other ints are held as objects (``boxed_bytes`` counts them)."""
+    """Values below 2**63 and the bits of a few holders (5 at slots below 2,048, 2 at any slot
+    below 2**29) are kept in the table's own slots; only other ints are held as objects
+    (``boxed_bytes`` counts them)."""
     word = [0, 1, 2**62, 2**63 - 1] + [1 << s for s in range(0, 600, 7)]
-    objects = [2**63 + 1, 2**64 - 1, 2**64 + 1, 2**200 + 2**3, -1, -(2**70)]
+    few = [k for k, v in enumerate(word) if v.bit_count() <= 2]  # a bit or two
+    word += [2**63 + 1 + 2**9, 2**64 + 1 + 2**33, 2**200 + 2**3 + 2**40, 2**64 | 2 ** (1 << 19)]
+    # more than 8 bits, negative, or a slot too wide for the set's share of the word
+    objects = [2**64 - 1, 2**63 + 2**62 - 1, -1, -(2**70), sum(1 << s for s in range(64, 73))]
+    objects += [1 | 2 | 2 ** (1 << 19)]
     m = getattr(C, kind)((k, v) for k, v in enumerate(word))
     assert m.boxed_bytes() == 0
     assert [m[k] for k in range(len(word))] == word
     for k, v in enumerate(objects, len(word)):
         m[k] = v
     assert m.boxed_bytes() == sum(sys.getsizeof(v) for v in objects)
-    C.or_bits(m, list(range(len(word))), 1 << 500, False)  # two bits or more: objects
-    assert m.boxed_bytes() > 0
-    C.and_bits(m, list(range(len(word))), ~(1 << 500))  # back to one bit each: in the word
+    m2 = {k: m[k] for k in m.keys()}
+    high = [1 << s for s in range(500, 503)]
+    for bit in high:  # up to 5 holders below slot 2,048: still in the word
+        C.or_bits(m, few, bit, False)
     assert m.boxed_bytes() == sum(sys.getsizeof(v) for v in objects)
+    assert all(m[k] == m2[k] | sum(high) for k in few)
+    C.or_bits(m, few, 1 << 3000, False)  # one more, at a slot too wide for 5 or 6: objects
+    assert m.boxed_bytes() > sum(sys.getsizeof(v) for v in objects)
+    for bit in [*high, 1 << 3000]:  # back to what they were: in the word
+        C.and_bits(m, few, ~bit)
+    assert m.boxed_bytes() == sum(sys.getsizeof(v) for v in objects)
+    assert all(m[k] == m2[k] for k in m2 if k)
     assert 0 not in m  # 0 | bit & ~bit: emptied, deleted
-    assert [m[k] for k in range(1, len(word))] == word[1:]
 
 
 @pytest.mark.parametrize("kind", ["U64Map", "U64Dict"])
