@@ -600,7 +600,7 @@ def test_masks_and_request_keys_need_no_int_objects(kind: str) -> None:
     for k, v in enumerate(objects, len(word)):
         m[k] = v
     assert m.boxed_bytes() == sum(sys.getsizeof(v) for v in objects)
-    m2 = {k: m[k] for k in m.keys()}
+    m2 = dict(m.items())
     high = [1 << s for s in range(500, 503)]
     for bit in high:  # up to 5 holders below slot 2,048: still in the word
         C.or_bits(m, few, bit, False)
