@@ -1676,12 +1676,18 @@ typedef struct {
 } maskarg;
 
 static int
-bit_open(PyObject *o, maskarg *a)
+mask_open(PyObject *o, maskarg *a)
 {
     memset(a, 0, sizeof(*a));
     a->o = o;
-    a->cut = -1;
-    if (tb_check_val(o) < 0)
+    a->cut = a->slot = -1;
+    return tb_check_val(o);
+}
+
+static int
+bit_open(PyObject *o, maskarg *a)
+{
+    if (mask_open(o, a) < 0)
         return -1;
     uint64_t u;
     if (get_u64(o, &u) == 0) {
@@ -1703,10 +1709,7 @@ bit_open(PyObject *o, maskarg *a)
 static int
 keep_open(PyObject *o, maskarg *a)
 {
-    memset(a, 0, sizeof(*a));
-    a->o = o;
-    a->cut = -1;
-    if (tb_check_val(o) < 0)
+    if (mask_open(o, a) < 0)
         return -1;
     a->lo = (uint64_t)PyLong_AsUnsignedLongLongMask(o);
     if (a->lo == (uint64_t)-1 && PyErr_Occurred())
