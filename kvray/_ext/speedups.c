@@ -418,8 +418,9 @@ keys_close(keys_t *k)
  *
  * U64Dict (a dict's order): CPython's compact-dict layout specialised for u64 keys. Entries
  * (key, value) are appended in order, deletions leave holes; an open-addressing index of entry
- * numbers (linear probing, backward-shift deletion) finds a key with one compare of two machine
- * words. Holes are squeezed out when the entry array fills or is 7/8 empty. A shard's tiers
+ * numbers (linear probing, backward-shift deletion), each with 32 bits of its key's hash, finds
+ * a key reading only the entry whose hash matches, and shifts on deletion without reading
+ * entries. Holes are squeezed out when the entry array fills or is 7/8 empty. A shard's tiers
  * (recency order: the index re-inserts a stored key and evicts from the front).
  *
  * The Python-facing methods are written once, over the small set of operations below. */
@@ -455,6 +456,15 @@ typedef struct {
     uint64_t xk;   /* u64 values (the engine map): each stored as v ^ xk, never 0; 0: tagged */
 } U64Map;
 
+/* A U64Dict index position: an entry number and the low 32 bits of its key's hash, so a probe
+ * skips other keys and a deletion shifts entries back without reading the entries. */
+typedef struct {
+    uint32_t e;
+    uint32_t h;
+} udix;
+
+#define UD_EMPTY UINT32_MAX
+
 typedef struct {
     PyObject_HEAD
     u64slot *ent;       /* entries in order */
@@ -462,7 +472,7 @@ typedef struct {
     Py_ssize_t ent_n;   /* entries appended so far (holes included) */
     Py_ssize_t head;    /* no live entry before this one */
     Py_ssize_t used;    /* live entries */
-    Py_ssize_t *idx;    /* entry number or -1 */
+    udix *idx;          /* entry numbers (UD_EMPTY: none) with their keys' hashes */
     Py_ssize_t idx_cap; /* 0 or a power of two, > used * 4 / 3 */
     uint64_t seed;      /* this table's hash seed (table_seed) */
 } U64Dict;
@@ -854,15 +864,16 @@ mask_table(PyObject *d, const char *name)
 }
 
 /* Delete position `hole` of a linear-probing table of `cap` positions by shifting later members
- * of its probe run back; key_at(i) is the key at a full position, full(i) whether it is full. */
-#define BACKWARD_SHIFT(cap, start, full, key_at, move)                                       \
+ * of its probe run back; hash_at(i) is the hash of the key at a full position (its home is the
+ * hash's low bits), full(i) whether it is full. */
+#define BACKWARD_SHIFT(cap, start, full, hash_at, move)                                      \
     do {                                                                                     \
         size_t mask_ = (size_t)(cap) - 1, hole_ = (size_t)(start), j_ = hole_;               \
         for (;;) {                                                                           \
             j_ = (j_ + 1) & mask_;                                                           \
             if (!(full(j_)))                                                                 \
                 break;                                                                       \
-            size_t home_ = mix64(key_at(j_) ^ m->seed) & mask_;                              \
+            size_t home_ = (size_t)(hash_at(j_)) & mask_;                                    \
             /* j_ may fill the hole when its home is not within (hole_, j_] (cyclically) */  \
             if (((j_ - home_) & mask_) >= ((j_ - hole_) & mask_)) {                          \
                 move(hole_, j_);                                                             \
@@ -940,7 +951,7 @@ um_val(PyObject *o, Py_ssize_t at)
 }
 
 #define UM_FULL(i) (m->slots[(i)].val != 0)
-#define UM_KEY(i) (m->slots[(i)].key)
+#define UM_HASH(i) mix64(m->slots[(i)].key ^ m->seed)
 #define UM_MOVE(to, from) (m->slots[(to)] = m->slots[(from)])
 
 static void
@@ -949,7 +960,7 @@ um_del_at(PyObject *o, Py_ssize_t at)
     U64Map *m = (U64Map *)o;
     tval v = m->slots[at].val;
     size_t hole = (size_t)at;
-    BACKWARD_SHIFT(m->cap, hole, UM_FULL, UM_KEY, UM_MOVE);
+    BACKWARD_SHIFT(m->cap, hole, UM_FULL, UM_HASH, UM_MOVE);
     m->slots[hole].val = 0;
     m->slots[hole].key = 0;
     m->used--;
@@ -966,12 +977,13 @@ ud_slot(PyObject *o, uint64_t k)
     U64Dict *m = (U64Dict *)o;
     if (m->idx_cap == 0)
         return -1;
-    size_t mask = (size_t)m->idx_cap - 1, i = mix64(k ^ m->seed) & mask;
+    uint32_t h = (uint32_t)mix64(k ^ m->seed);
+    size_t mask = (size_t)m->idx_cap - 1, i = h & mask;
     for (;;) {
-        Py_ssize_t e = m->idx[i];
-        if (e < 0)
+        udix x = m->idx[i];
+        if (x.e == UD_EMPTY)
             return -1;
-        if (m->ent[e].key == k)
+        if (x.h == h && m->ent[x.e].key == k)
             return (Py_ssize_t)i;
         i = (i + 1) & mask;
     }
@@ -981,20 +993,22 @@ ud_slot(PyObject *o, uint64_t k)
 static int
 ud_reindex(U64Dict *m, Py_ssize_t idx_cap)
 {
-    Py_ssize_t *idx = PyMem_Malloc((size_t)idx_cap * sizeof(Py_ssize_t));
+    udix *idx = PyMem_Malloc((size_t)idx_cap * sizeof(udix));
     if (idx == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    memset(idx, 0xff, (size_t)idx_cap * sizeof(Py_ssize_t)); /* all -1 */
+    memset(idx, 0xff, (size_t)idx_cap * sizeof(udix)); /* all UD_EMPTY */
     size_t mask = (size_t)idx_cap - 1;
     for (Py_ssize_t e = m->head; e < m->ent_n; e++) {
         if (m->ent[e].val == 0)
             continue;
-        size_t i = mix64(m->ent[e].key ^ m->seed) & mask;
-        while (idx[i] >= 0)
+        uint32_t h = (uint32_t)mix64(m->ent[e].key ^ m->seed);
+        size_t i = h & mask;
+        while (idx[i].e != UD_EMPTY)
             i = (i + 1) & mask;
-        idx[i] = e;
+        idx[i].e = (uint32_t)e;
+        idx[i].h = h;
     }
     PyMem_Free(m->idx);
     m->idx = idx;
@@ -1039,6 +1053,10 @@ ud_reserve(U64Dict *m)
     Py_ssize_t cap = m->ent_cap ? m->ent_cap : 8;
     while (cap < (m->used + 1) * 3 / 2 + 1) /* room for holes before the next squeeze */
         cap *= 2;
+    if ((uint64_t)cap >= UD_EMPTY) { /* entry numbers are 32-bit */
+        PyErr_SetString(PyExc_MemoryError, "U64Dict: more than 2**32 - 2 entries");
+        return -1;
+    }
     return ud_compact(m, cap) < 0 ? -1 : 1;
 }
 
@@ -1051,13 +1069,15 @@ ud_append(U64Dict *m, uint64_t k, tval v, Py_ssize_t slot)
     m->ent[e].key = k;
     m->ent[e].val = v;
     if (slot < 0) {
-        size_t mask = (size_t)m->idx_cap - 1, i = mix64(k ^ m->seed) & mask;
-        while (m->idx[i] >= 0)
+        uint32_t h = (uint32_t)mix64(k ^ m->seed);
+        size_t mask = (size_t)m->idx_cap - 1, i = h & mask;
+        while (m->idx[i].e != UD_EMPTY)
             i = (i + 1) & mask;
         slot = (Py_ssize_t)i;
+        m->idx[slot].h = h;
         m->used++;
     }
-    m->idx[slot] = e;
+    m->idx[slot].e = (uint32_t)e; /* a moved key keeps its position and hash */
 }
 
 static int
@@ -1075,25 +1095,25 @@ static inline tval *
 ud_val(PyObject *o, Py_ssize_t slot)
 {
     U64Dict *m = (U64Dict *)o;
-    return &m->ent[m->idx[slot]].val;
+    return &m->ent[m->idx[slot].e].val;
 }
 
-#define UD_FULL(i) (m->idx[(i)] >= 0)
-#define UD_KEY(i) (m->ent[m->idx[(i)]].key)
+#define UD_FULL(i) (m->idx[(i)].e != UD_EMPTY)
+#define UD_HASH(i) (m->idx[(i)].h)
 #define UD_MOVE(to, from) (m->idx[(to)] = m->idx[(from)])
 
 static void
 ud_del_at(PyObject *o, Py_ssize_t slot)
 {
     U64Dict *m = (U64Dict *)o;
-    Py_ssize_t e = m->idx[slot];
+    Py_ssize_t e = m->idx[slot].e;
     tval v = m->ent[e].val;
     m->ent[e].val = 0;
     if (e == m->ent_n - 1)
         m->ent_n--; /* the last entry: no hole left behind */
     size_t hole = (size_t)slot;
-    BACKWARD_SHIFT(m->idx_cap, hole, UD_FULL, UD_KEY, UD_MOVE);
-    m->idx[hole] = -1;
+    BACKWARD_SHIFT(m->idx_cap, hole, UD_FULL, UD_HASH, UD_MOVE);
+    m->idx[hole].e = UD_EMPTY;
     m->used--;
     tv_drop(v);
     if (m->used == 0)
@@ -1107,8 +1127,8 @@ static int
 ud_move_last(PyObject *o, uint64_t k, Py_ssize_t slot, tval v)
 {
     U64Dict *m = (U64Dict *)o;
-    if (m->idx[slot] == m->ent_n - 1) {
-        tval *vp = &m->ent[m->idx[slot]].val;
+    if (m->idx[slot].e == m->ent_n - 1) {
+        tval *vp = &m->ent[m->idx[slot].e].val;
         tval prev = *vp;
         *vp = v;
         tv_drop(prev);
@@ -1121,7 +1141,7 @@ ud_move_last(PyObject *o, uint64_t k, Py_ssize_t slot, tval v)
     }
     if (moved)
         slot = ud_slot(o, k); /* the entries were renumbered */
-    u64slot *old = &m->ent[m->idx[slot]];
+    u64slot *old = &m->ent[m->idx[slot].e];
     tval prev = old->val;
     old->val = 0; /* a hole */
     ud_append(m, k, v, slot);
@@ -1525,7 +1545,7 @@ tb_sizeof(PyObject *o, PyObject *unused)
     else {
         U64Dict *m = (U64Dict *)o;
         size = (Py_ssize_t)sizeof(U64Dict) + m->ent_cap * (Py_ssize_t)sizeof(u64slot)
-               + m->idx_cap * (Py_ssize_t)sizeof(Py_ssize_t);
+               + m->idx_cap * (Py_ssize_t)sizeof(udix);
     }
     return PyLong_FromSsize_t(size);
 }
