@@ -1561,6 +1561,51 @@ tb_boxed_bytes(PyObject *o, PyObject *unused)
     return PyLong_FromSsize_t(size);
 }
 
+/* The set bits of a non-negative int, as little-endian bytes in *buf (grown as needed). */
+static Py_ssize_t mask_bytes(PyObject *bits, unsigned char **buf, Py_ssize_t *cap);
+
+static PyObject *
+tb_pairs(PyObject *o, PyObject *live)
+{
+    if (!PyLong_Check(live) || _PyLong_Sign(live) < 0) {
+        PyErr_SetString(PyExc_TypeError, "pairs: live must be a non-negative int");
+        return NULL;
+    }
+    if (mask_table(o, "pairs") < 0)
+        return NULL;
+    unsigned char *lb = NULL, *buf = NULL;
+    Py_ssize_t lcap = 0, cap = 0, n;
+    Py_ssize_t nl = mask_bytes(live, &lb, &lcap);
+    long long pairs = 0;
+    uint64_t lo = 0;
+    for (Py_ssize_t i = 0; i < nl && i < 8; i++)
+        lo |= (uint64_t)lb[i] << (8 * i);
+    int ok = nl >= 0;
+    u64slot *s = tb_slots(o, &n);
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        tval v = s[i].val;
+        uint64_t sl[SET_MAX];
+        if (v == 0)
+            continue;
+        if (v & 1) { /* no int object per value: counted in the word */
+            pairs += __builtin_popcountll((uint64_t)(v >> 1) & lo);
+            continue;
+        }
+        if ((v & 3) == 2) {
+            for (int j = 0, k = tv_slots(v, sl); j < k; j++)
+                pairs += (Py_ssize_t)(sl[j] / 8) < nl && (lb[sl[j] / 8] >> (sl[j] % 8)) & 1;
+            continue;
+        }
+        Py_ssize_t nb = mask_bytes((PyObject *)v, &buf, &cap);
+        ok = nb >= 0;
+        for (Py_ssize_t b = 0; b < nb && b < nl; b++)
+            pairs += __builtin_popcount(buf[b] & lb[b]);
+    }
+    PyMem_Free(lb);
+    PyMem_Free(buf);
+    return ok ? PyLong_FromLongLong(pairs) : NULL;
+}
+
 static PyObject *
 tb_reduce(PyObject *m, PyObject *unused)
 {
@@ -1586,6 +1631,8 @@ static PyMethodDef tb_methods[] = {
     {"update", (PyCFunction)tb_update, METH_O, "From a mapping or (key, value) pairs."},
     {"clear", (PyCFunction)tb_clear, METH_NOARGS, "Remove every entry (frees the tables)."},
     {"__sizeof__", (PyCFunction)tb_sizeof, METH_NOARGS, NULL},
+    {"pairs", (PyCFunction)tb_pairs, METH_O,
+     "pairs(live): the bits of every mask within live, summed (no int object per value)."},
     {"boxed_bytes", (PyCFunction)tb_boxed_bytes, METH_NOARGS,
      "Bytes of the int objects held for values that do not fit a slot's word (O(n))."},
     {"__reduce__", (PyCFunction)tb_reduce, METH_NOARGS, NULL},

@@ -340,6 +340,9 @@ def test_slot_keys_agree(d: dict[int, int], live: int, table: str) -> None:
     assert unpacked(c_packed) == unpacked(py_packed) == {s: sorted(ks) for s, ks in want.items()}
     if table != "U64Map":
         assert c_packed == py_packed
+    if table != "dict":  # a table counts its (key, holder) pairs in C
+        pairs = sum((m & live).bit_count() for m in d.values())
+        assert getattr(C, table)(d).pairs(live) == pairs == sum(map(len, want.values()))
     with pytest.raises(TypeError):
         C.slot_keys(d, -1)
     with pytest.raises(TypeError):
@@ -575,6 +578,7 @@ def test_u64_values_table_takes_u64s_only_and_no_masks() -> None:
         lambda: C.and_bits(m, [1], ~1),
         lambda: C.clear_slots(m, 1),
         lambda: C.slot_keys(m, 1),
+        lambda: m.pairs(1),
         lambda: C.apply_ops([(0, "a", "GPU", b"\0" * 8, 0.0)], 0, {"GPU": m}, {"a": 0}, set()),
     ):
         with pytest.raises(TypeError, match="u64 values"):

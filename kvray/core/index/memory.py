@@ -458,10 +458,12 @@ class MemoryIndex:
         mask_bytes = 0
         live = self._live
         for d in self._tiers.values():
-            in_dict = type(d) is dict  # a C table's masks: in its slots or its boxed_bytes
+            if type(d) is not dict:  # a C table counts in C, without an int per value; its
+                pairs += d.pairs(live)  # type: ignore[attr-defined]  # masks: boxed_bytes
+                continue
             for m in d.values():
                 pairs += (m & live).bit_count()
-                if in_dict and m > 255:
+                if m > 255:
                     mask_bytes += sys.getsizeof(m)
         # The tables' real size (pop + re-insert leaves dummies until the next resize), plus
         # the key int objects a dict holds (a C table holds none); the engine map likewise.
