@@ -36,6 +36,7 @@ def start(
     *,
     detached: bool = False,
     snapshot_interval_s: float = 10.0,
+    snapshot_dir: str | None = None,
     timeout_s: float = 120.0,
 ) -> dict[str, Any]:
     """Deploy kvray's actors in ``config.namespace``; returns the controller's ``info()``.
@@ -44,6 +45,8 @@ def start(
         config: the deployment's configuration.
         detached: keep the actors alive after this driver exits (``kvray serve``).
         snapshot_interval_s: how often shard snapshots are taken for restarts.
+        snapshot_dir: the directory, on the controller's node, that holds them (default: a
+            directory per namespace and cluster in the machine's temporary directory).
         timeout_s: how long to wait for every actor to come up.
     """
     life = {"lifetime": "detached"} if detached else {}
@@ -63,7 +66,7 @@ def start(
             max_task_retries=-1,
             **life,
         )
-        .remote(config.model_dump(), snapshot_interval_s, detached, actors["pg"])
+        .remote(config.model_dump(), snapshot_interval_s, detached, actors["pg"], snapshot_dir)
     )
     _controllers[config.namespace] = ctl
     return ray.get(ctl.ready.remote(timeout_s), timeout=timeout_s + 10)  # type: ignore[no-any-return]

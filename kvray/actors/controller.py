@@ -17,18 +17,24 @@ nothing that matters when it does:
   from every live shard at once instead. A shard that dies before that restarts empty, and the
   ingestors replay its pods' streams from their buffers (seq 0 when the buffer still has it).
 
-A snapshot thread copies every shard's index into the controller's memory every
-``snapshot_interval_s``; a restarted shard loads its latest copy in ``__init__`` and the
-ingestors replay what came after from the pods.
+A snapshot thread copies every shard's index every ``snapshot_interval_s`` into a file on the
+controller's node (``SnapshotFiles``; not its memory: a snapshot is as big as the shard's
+index); a restarted shard loads its latest copy in ``__init__`` and the ingestors replay what
+came after from the pods.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -49,6 +55,68 @@ at most ~1/20 of its time snapshotting (the snapshot holds its write lock; at te
 of pairs it takes seconds, and every write waits)."""
 _KV_NAMESPACE = "kvray"
 _STATE_VERSION = 1
+
+
+class SnapshotFiles:
+    """The shards' latest snapshots, a file per shard in a directory on the controller's node.
+
+    They are kept on disk, not in the controller's memory: a snapshot is as big as the shard's
+    index (17 B per pair at 16 pods x 1 M pairs, ``benchmarks/results/scale.md``), and it is
+    read only when a shard restarts. A snapshot is written to a temporary file and renamed over
+    the previous one, so a reader never sees half of one. A restarted controller keeps the
+    previous life's files (``keep``): a shard that dies before the fresh pull still restores
+    from one. If the directory cannot be written, snapshots stay in memory (logged)."""
+
+    def __init__(self, directory: Path, keep: bool) -> None:
+        self.dir = directory
+        self._mem: dict[int, bytes] = {}
+        self.on_disk = True
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not keep:  # a new deployment: nothing of an earlier one is restored
+                for old in directory.glob("shard-*"):
+                    old.unlink()
+        except OSError as exc:
+            log.warning("snapshots kept in memory: cannot use %s: %s", directory, exc)
+            self.on_disk = False
+
+    def _path(self, shard_id: int) -> Path:
+        return self.dir / f"shard-{shard_id}.snapshot"
+
+    def put(self, shard_id: int, data: bytes) -> None:
+        if self.on_disk:
+            tmp = self._path(shard_id).with_suffix(".tmp")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, self._path(shard_id))
+                self._mem.pop(shard_id, None)
+                return
+            except OSError as exc:  # disk full, directory removed: this one stays in memory
+                log.warning("snapshot of shard %d kept in memory: %s", shard_id, exc)
+        self._mem[shard_id] = data
+
+    def get(self, shard_id: int) -> bytes | None:
+        if shard_id in self._mem:
+            return self._mem[shard_id]
+        try:
+            return self._path(shard_id).read_bytes() if self.on_disk else None
+        except FileNotFoundError:
+            return None
+
+    def in_memory_bytes(self) -> int:
+        return sum(len(b) for b in self._mem.values())
+
+    def remove(self) -> None:
+        self._mem.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def default_snapshot_dir(namespace: str) -> Path:
+    """The default directory of a deployment's snapshots: the machine's temporary directory,
+    named by the namespace and the Ray cluster (two clusters on one machine never share)."""
+    cluster = hashlib.sha1(ray.get_runtime_context().gcs_address.encode()).hexdigest()[:12]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in namespace)
+    return Path(tempfile.gettempdir()) / "kvray-snapshots" / f"{safe}-{cluster}"
 
 
 def _state_key(namespace: str) -> bytes:
@@ -140,6 +208,7 @@ class Controller:
     Args:
         config: the deployment's configuration.
         snapshot_interval_s: how often every shard's snapshot is pulled.
+        snapshot_dir: where the snapshots are kept (default: ``default_snapshot_dir(namespace)``).
         detached: the deployment outlives its driver (informational).
         pg: the shards' placement group (``create_actors``), removed by ``shutdown``.
     """
@@ -150,6 +219,7 @@ class Controller:
         snapshot_interval_s: float = 10.0,
         detached: bool = False,
         pg: Any = None,
+        snapshot_dir: str | None = None,
     ) -> None:
         from kvray import runtime
 
@@ -176,7 +246,10 @@ class Controller:
         if self.restarted:
             self._load()
         self._save()
-        self._snapshots: dict[int, bytes] = {}
+        self._snapshots = SnapshotFiles(
+            Path(snapshot_dir) if snapshot_dir else default_snapshot_dir(ns),
+            keep=self.restarted,
+        )
         self._snapshot_times: dict[int, float] = {}
         self._snapshot_versions: dict[int, tuple[str, int]] = {}
         self._interval = snapshot_interval_s
@@ -344,7 +417,8 @@ class Controller:
                 version, data = ray.get(ref, timeout=60)
                 if data is not None:
                     took = max(took, time.monotonic() - t0)
-                    self._snapshots[i] = data
+                    self._snapshots.put(i, data)
+                    del data  # not held here: the file is the copy
                     self._snapshot_versions[i] = version
                 self._snapshot_times[i] = time.time()  # the held snapshot is current now
                 done += 1
@@ -367,6 +441,8 @@ class Controller:
         return {
             "restarted": self.restarted,
             "snapshot_ages_s": self.snapshot_ages(),
+            "snapshots": str(self._snapshots.dir) if self._snapshots.on_disk else "memory",
+            "snapshot_bytes_in_memory": self._snapshots.in_memory_bytes(),
             "pods": len(self._pods),
             "replay_sockets": len(self._replay),
             "pins": len(self.placement.pins()),
@@ -387,3 +463,4 @@ class Controller:
             with contextlib.suppress(Exception):
                 remove_placement_group(self.pg)
         clear_state(self.config.namespace)
+        self._snapshots.remove()

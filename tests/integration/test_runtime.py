@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -296,5 +297,10 @@ def test_an_unchanged_shard_is_not_copied_again(deployment: Client, fleet: Fleet
     after, data2 = ray.get(shard.snapshot_if_changed.remote(version))
     assert data2 is not None and tuple(after) != tuple(version)
     assert ray.get(deployment.controller.snapshot_now.remote()) == len(deployment.shards)
-    held = ray.get(deployment.controller.latest_snapshot.remote(deployment.owner("10.9.0.1")))
+    i = deployment.owner("10.9.0.1")
+    held = ray.get(deployment.controller.latest_snapshot.remote(i))
     assert held == ray.get(shard.snapshot.remote())  # what it holds is the shard's state now
+    # ... in a file on the controller's node (this machine), not in the controller's memory
+    st = ray.get(deployment.controller.status.remote())
+    assert st["snapshot_bytes_in_memory"] == 0
+    assert (Path(st["snapshots"]) / f"shard-{i}.snapshot").read_bytes() == held
