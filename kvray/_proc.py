@@ -29,6 +29,32 @@ def rss_anon_bytes() -> int:
     return 0
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_DEFAULT_THRESHOLD = 128 * 1024
+
+
+def pin_malloc_thresholds() -> bool:
+    """Keep glibc's mmap and trim thresholds at their defaults (128 KiB) in this process, so
+    that memory freed after a burst goes back to the OS. Returns whether glibc took them.
+
+    By default glibc raises the mmap threshold to the size of any mmapped chunk freed (up to
+    32 MiB) and the trim threshold to twice that. After a burst of large buffers (ZMQ
+    messages, Ray's 256 KiB-1 MiB msgpack buffers per call) such chunks come from the heap
+    instead, and in a thread's arena the freed space stays at the arena's top: ``malloc_trim``
+    returns only the main heap's top and the free chunks inside the heaps. An ingestor kept
+    20-47 MiB that way after a 1 M-block-event burst (``benchmarks/bench_scale.py``, 16 pods);
+    with pinned thresholds, 1 MiB. Call it in kvray's own actors, never in a user's process."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+            and libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def release_memory() -> int:
     """Return freed heap pages to the OS (glibc ``malloc_trim``): bursts of buffered
     messages leave freed-but-resident arenas behind. Returns the RSS change in bytes."""

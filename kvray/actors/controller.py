@@ -222,7 +222,9 @@ class Controller:
         snapshot_dir: str | None = None,
     ) -> None:
         from kvray import runtime
+        from kvray._proc import pin_malloc_thresholds
 
+        pin_malloc_thresholds()  # each snapshot pull is a burst of large buffers
         self.config = Config.model_validate(config)
         self.detached = detached
         self.pg = pg

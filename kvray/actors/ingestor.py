@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import ray
 
-from kvray._proc import release_memory
+from kvray._proc import pin_malloc_thresholds, release_memory
 from kvray.actors.naming import ask_controller, ingestor_name, shard_name
 from kvray.actors.shipping import LocalShard, ShardLinks
 from kvray.config import Config, PodEndpoint
@@ -60,6 +60,7 @@ class Ingestor:
         log_interval_s: float = 10.0,
         local: LocalShard | None = None,
     ) -> None:
+        pin_malloc_thresholds()  # bursts' buffers go back to the OS (see there)
         self.id = ingestor_id
         self.config = cfg = Config.model_validate(config)
         ev = cfg.events

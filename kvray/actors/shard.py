@@ -22,7 +22,7 @@ import msgspec
 
 import kvray.backends  # noqa: F401  (registers the Redis backend)
 from kvray._env import freeze_heap
-from kvray._proc import node_ip, release_memory
+from kvray._proc import node_ip, pin_malloc_thresholds, release_memory
 from kvray.actors._locking import locked
 from kvray.actors.naming import ask_controller
 from kvray.actors.own_pods import OwnPods
@@ -71,6 +71,7 @@ class IndexShard:
     """The shard actor's body (wrapped with ``ray.remote`` by ``kvray.runtime``)."""
 
     def __init__(self, shard_id: int, config: dict[str, Any], restore: bool = True) -> None:
+        pin_malloc_thresholds()  # bursts' buffers go back to the OS (see there)
         self._lock = threading.RLock()
         self.shard_id = shard_id
         self.config = cfg = Config.model_validate(config)

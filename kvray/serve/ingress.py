@@ -93,8 +93,11 @@ class Ingress:
             from kvray.serve.app import wait_for_runtime
 
             wait_for_runtime(namespace, config_fingerprint)
-        if client is None:
+        if client is None:  # a Serve replica: a process of kvray's own
+            from kvray._proc import pin_malloc_thresholds
             from kvray.client import connect_when_ready
+
+            pin_malloc_thresholds()  # the change stream's bursts go back to the OS
 
             client = connect_when_ready(namespace)
         self.client: Client = client
