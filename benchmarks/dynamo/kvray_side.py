@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -34,6 +35,7 @@ from benchmarks.dynamo.publish import (
     wait_all,
 )
 from benchmarks.dynamo.workload import MODEL, SIZES, Stream
+from kvray._proc import release_memory
 
 
 @dataclass
@@ -121,6 +123,11 @@ def _ingest(
     res: dict[str, Any] = {}
     shards, ingestor = roles.get("IndexShard", []), roles.get("Ingestor", [])
     rss0, ing_rss0, anon0 = rss(shards), rss(ingestor), rss_anon(shards)
+    # Every kvray process (issue 16 counts all copies): each actor role, and this process,
+    # which holds the connect() client's read replica (and the publishers' sockets).
+    kinds = [r for r in roles if r != "ray-system"]
+    anon_roles0 = {r: rss_anon(roles[r]) for r in kinds}
+    self0 = rss_anon([Proc(os.getpid())])
     cpu0 = {r: cpu_s(ps) for r, ps in roles.items()}
     rep_cpu0 = client.replica.stats().cpu_s if client.replica is not None else 0.0
     t0 = time.perf_counter()
@@ -142,6 +149,11 @@ def _ingest(
 
     ray.get([s.release_memory.remote() for s in client.shards])
     res["anon_delta"] = rss_anon(shards) - anon0
+    gc.collect()
+    release_memory()  # this process: what the publishers' burst freed
+    res["anon_by_role"] = {r: rss_anon(roles[r]) - anon_roles0[r] for r in kinds}
+    res["anon_by_role"]["connect() replica (this process)"] = rss_anon([Proc(os.getpid())]) - self0
+    res["anon_all"] = sum(res["anon_by_role"].values())
     return res
 
 
