@@ -127,6 +127,8 @@ def _ingest(
     # which holds the connect() client's read replica (and the publishers' sockets).
     kinds = [r for r in roles if r != "ray-system"]
     anon_roles0 = {r: rss_anon(roles[r]) for r in kinds}
+    gc.collect()
+    release_memory()  # this process trimmed at both ends: its delta is what the stream left
     self0 = rss_anon([Proc(os.getpid())])
     cpu0 = {r: cpu_s(ps) for r, ps in roles.items()}
     rep_cpu0 = client.replica.stats().cpu_s if client.replica is not None else 0.0

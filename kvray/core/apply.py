@@ -470,8 +470,11 @@ class IndexWriter:
         hasher = h.hasher
         if hasher.block_size != ev.block_size:
             hasher = BlockHasher(hasher.algo, hasher.seed, ev.block_size)
-        digests = hasher.hashes(ev.token_ids, tagged, parent)
         c = self._contract(holder)
+        tokens: Sequence[int] = ev.token_ids
+        if self.verify_blocks:  # only what is left of this run's budget (a prefix chains alone)
+            tokens = tokens[: (self.verify_blocks - c.run_checked) * hasher.block_size]
+        digests = hasher.hashes(tokens, tagged, parent)
         c.checked += len(digests)
         c.run_checked += len(digests)
         bad = 0

@@ -157,14 +157,15 @@ def test_index_follows_a_pod_that_stores_duplicates(backend: str, key_mode: KeyM
 
 def test_hash_checks_stop_after_verify_blocks_per_pod_run() -> None:
     """The contract check re-hashes ``verify_blocks`` blocks per run of a pod, then stops (a
-    pod's hash settings cannot change until it restarts); a restart arms it again."""
+    pod's hash settings cannot change until it restarts); a restart arms it again. An event
+    is cut to what is left of the budget: exactly ``verify_blocks`` blocks a run."""
     w = IndexWriter(MemoryIndex(), lambda _m: ModelHashing(BS, HASHER), verify_blocks=3)
-    for i in range(4):  # 4 chains of 2 blocks: checked until 3 blocks agree (2 events)
+    for i in range(4):  # 4 chains of 2 blocks: 2 blocks of the first, 1 of the second
         _apply(w, [_stored(list(range(1000 * i, 1000 * i + 2 * BS)))])
-    assert w.contract("pod")["pod"]["checked"] == 4
+    assert w.contract("pod")["pod"]["checked"] == 3
     w.clear_holder(POD)
     _apply(w, [_stored(list(range(9000, 9000 + 2 * BS)))])
-    assert w.contract("pod")["pod"]["checked"] == 6
+    assert w.contract("pod")["pod"]["checked"] == 5
     # verify_blocks=0: every block, as before.
     every = IndexWriter(MemoryIndex(), lambda _m: ModelHashing(BS, HASHER), verify_blocks=0)
     for i in range(4):
