@@ -33,9 +33,6 @@ fleet of thousands uses. Not measured here yet: a multi-node cluster (docs/scali
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import random
@@ -67,7 +64,13 @@ from benchmarks.dynamo.kvray_side import (  # noqa: E402
     kvray_stop,
     ray_processes,
 )
-from benchmarks.dynamo.measure import Http, Proc, rss_anon, timed  # noqa: E402
+from benchmarks.dynamo.measure import (  # noqa: E402
+    Http,
+    Proc,
+    rss_anon,
+    timed,
+    trimmed_self_anon,
+)
 from kvray.core.events import WireBlockRemoved, WireBlockStored, encode_batch  # noqa: E402
 from kvray.core.hashing import BlockHasher  # noqa: E402
 
@@ -215,12 +218,6 @@ def truth(s: Stream, chain: int, size: int) -> dict[str, float]:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _send(endpoint: str, s: Stream) -> dict[str, int]:
     """Publish every frame through one XPUB connected to kvray's bound endpoint; returns
     once ZMQ has handed every frame over (a 5 s linger dropped the tail of a 50 M-pair
@@ -322,10 +319,6 @@ def _anon(roles: dict[str, list[Proc]]) -> dict[str, int]:
     return {r: rss_anon(ps) for r, ps in roles.items() if r != "ray-system"}
 
 
-def _self_anon() -> int:
-    return rss_anon([Proc(os.getpid())])
-
-
 def run_point(
     corpus: Corpus, pods: int, pairs: int, n_queries: int, seed: int, lag_seconds: float = 10.0
 ) -> dict[str, Any]:
@@ -343,8 +336,7 @@ def run_point(
     cfg, client, base = kvray_runtime(ns)
     try:
         roles = ray_processes()
-        _trim()
-        anon0, self0 = _anon(roles), _self_anon()
+        anon0, self0 = _anon(roles), trimmed_self_anon()
         t0 = time.perf_counter()
         expect = _send(client.endpoints[0][0], s)
         if not wait_applied(client, expect, timeout_s=1800):
@@ -354,10 +346,9 @@ def run_point(
         done = time.monotonic()
         res["snapshot_wait_s"] = _until(lambda: _snapshotted_since(client, done))
         ray.get([sh.release_memory.remote() for sh in client.shards])
-        _trim()
         anon1 = _anon(roles)
         res["anon_delta"] = {r: anon1[r] - anon0.get(r, 0) for r in anon1}
-        res["anon_delta"]["connect() replica"] = _self_anon() - self0
+        res["anon_delta"]["connect() replica"] = trimmed_self_anon() - self0
         st = client.stats()
         res["shard_pairs"] = sum(x.pairs for x in st.shards)
         res["change_bytes"] = sum(x.change_bytes for x in st.shards)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from benchmarks.dynamo.measure import (
     rss,
     rss_anon,
     timed,
+    trimmed_self_anon,
 )
 from benchmarks.dynamo.publish import (
     BoundPublisher,
@@ -35,7 +35,6 @@ from benchmarks.dynamo.publish import (
     wait_all,
 )
 from benchmarks.dynamo.workload import MODEL, SIZES, Stream
-from kvray._proc import release_memory
 
 
 @dataclass
@@ -127,9 +126,7 @@ def _ingest(
     # which holds the connect() client's read replica (and the publishers' sockets).
     kinds = [r for r in roles if r != "ray-system"]
     anon_roles0 = {r: rss_anon(roles[r]) for r in kinds}
-    gc.collect()
-    release_memory()  # this process trimmed at both ends: its delta is what the stream left
-    self0 = rss_anon([Proc(os.getpid())])
+    self0 = trimmed_self_anon()  # trimmed at both ends: its delta is what the stream left
     cpu0 = {r: cpu_s(ps) for r, ps in roles.items()}
     rep_cpu0 = client.replica.stats().cpu_s if client.replica is not None else 0.0
     t0 = time.perf_counter()
@@ -151,10 +148,8 @@ def _ingest(
 
     ray.get([s.release_memory.remote() for s in client.shards])
     res["anon_delta"] = rss_anon(shards) - anon0
-    gc.collect()
-    release_memory()  # this process: what the publishers' burst freed
     res["anon_by_role"] = {r: rss_anon(roles[r]) - anon_roles0[r] for r in kinds}
-    res["anon_by_role"]["connect() replica (this process)"] = rss_anon([Proc(os.getpid())]) - self0
+    res["anon_by_role"]["connect() replica (this process)"] = trimmed_self_anon() - self0
     res["anon_all"] = sum(res["anon_by_role"].values())
     return res
 

@@ -87,6 +87,18 @@ def rss_anon(procs: list[Proc]) -> int:
     return _status_bytes(procs, "RssAnon")
 
 
+def trimmed_self_anon() -> int:
+    """This process's ``RssAnon`` after a collection and ``malloc_trim``: what it still
+    holds (here, a ``kvray.connect()`` client's read replica), not freed buffers."""
+    import gc
+
+    from kvray._proc import release_memory
+
+    gc.collect()
+    release_memory()
+    return rss_anon([Proc(os.getpid())])
+
+
 def foreign_cpu(root: int) -> dict[tuple[int, str], float]:
     """CPU seconds so far of every process outside ``root``'s tree (other people's work)."""
     mine = {root} | {p.pid for p in descendants(root)}
