@@ -168,6 +168,11 @@ class Replica:
 
         try:
             while not self._stop.is_set():
+                if not ray.is_initialized():
+                    # The owner shut Ray down without closing us: any Ray call from here would
+                    # auto-connect this process to whichever cluster it finds.
+                    log.debug("replica: Ray was shut down; the follower stops")
+                    break
                 now = time.monotonic()
                 if to_resolve and now >= next_resolve:
                     ids = sorted(to_resolve)

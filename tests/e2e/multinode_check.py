@@ -41,11 +41,16 @@ def main() -> int:
         cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+    unclosed = None
+    follower = None
     try:
         runtime.start(
             Config(namespace="mn", num_shards=2, events=EventsConfig(bind=["tcp://127.0.0.1:0"]))
         )
         client = kvray.connect("mn")
+        # Left open on purpose: its follower must stop by itself once Ray is shut down, and
+        # never auto-connect this process to another cluster (which broke cluster.shutdown()).
+        unclosed = kvray.connect("mn")
         nodes = ray.get([s.node_id.remote() for s in client.shards])
         assert len(set(nodes)) == 2, f"shards share a node: {nodes}"
         ref = kvray.Indexer()
@@ -122,11 +127,21 @@ def main() -> int:
             print("NODE REMOVAL OK", flush=True)
         for pub in pubs:
             pub.close()
+        client.close()
         runtime.stop("mn")
-        return 0
     finally:
         ray.shutdown()
+        follower = unclosed.replica._thread if unclosed and unclosed.replica else None
+        if follower is not None:
+            follower.join(timeout=10)
         cluster.shutdown()
+    if follower is not None and follower.is_alive():
+        print("an unclosed client's follower outlived ray.shutdown()", flush=True)
+        return 1
+    if ray.is_initialized():
+        print("a background thread re-connected Ray after ray.shutdown()", flush=True)
+        return 1
+    return 0
 
 
 def _wait(done: Callable[[], bool], timeout_s: float, interval_s: float = 0.5) -> bool:
