@@ -281,6 +281,18 @@ class ReplicaConfig(_Strict):
     )
 
 
+class SnapshotConfig(_Strict):
+    """The controller's snapshots of the shards (what a restarted shard is restored from)."""
+
+    dir: str | None = Field(
+        None,
+        description="Directory on the controller's node holding the snapshot files; null: one "
+        "per namespace and Ray cluster under the machine's temporary directory. Set it to a "
+        "persistent disk for snapshots that survive a reboot or a /tmp cleaner.",
+    )
+    interval_s: float = Field(10.0, gt=0, description="How often every shard's snapshot is taken.")
+
+
 class RoutingConfig(_Strict):
     """How ``/route``, ``Client.route`` and the Serve request router pick a pod
     (``kvray.core.routing``): the lowest estimated cost, in KV blocks, of
@@ -348,6 +360,9 @@ class Config(_Strict):
     )
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="How a pod is chosen for a prompt."
+    )
+    snapshots: SnapshotConfig = Field(
+        default_factory=SnapshotConfig, description="Shard snapshots kept by the controller."
     )
 
     def replicas_on(self) -> bool:

@@ -35,7 +35,7 @@ def start(
     config: Config,
     *,
     detached: bool = False,
-    snapshot_interval_s: float = 10.0,
+    snapshot_interval_s: float | None = None,
     snapshot_dir: str | None = None,
     timeout_s: float = 120.0,
 ) -> dict[str, Any]:
@@ -44,9 +44,11 @@ def start(
     Args:
         config: the deployment's configuration.
         detached: keep the actors alive after this driver exits (``kvray serve``).
-        snapshot_interval_s: how often shard snapshots are taken for restarts.
-        snapshot_dir: the directory, on the controller's node, that holds them (default: a
-            directory per namespace and cluster in the machine's temporary directory).
+        snapshot_interval_s: how often shard snapshots are taken for restarts (default:
+            ``config.snapshots.interval_s``).
+        snapshot_dir: the directory, on the controller's node, that holds them (default:
+            ``config.snapshots.dir``, else a directory per namespace and cluster in the
+            machine's temporary directory).
         timeout_s: how long to wait for every actor to come up.
     """
     life = {"lifetime": "detached"} if detached else {}
@@ -66,7 +68,13 @@ def start(
             max_task_retries=-1,
             **life,
         )
-        .remote(config.model_dump(), snapshot_interval_s, detached, actors["pg"], snapshot_dir)
+        .remote(
+            config.model_dump(),
+            snapshot_interval_s or config.snapshots.interval_s,
+            detached,
+            actors["pg"],
+            snapshot_dir or config.snapshots.dir,
+        )
     )
     _controllers[config.namespace] = ctl
     return ray.get(ctl.ready.remote(timeout_s), timeout=timeout_s + 10)  # type: ignore[no-any-return]

@@ -269,10 +269,21 @@ def test_replica_answers_like_the_shards_without_calling_them(
     assert sum(s.ops for s in deployment.stats().shards) == ops_before
 
 
-def test_connect_refuses_a_replica_the_shards_do_not_feed(ray_session: None) -> None:
-    cfg = Config(namespace=NS + "-norep", num_shards=1, replica={"enabled": False})
-    runtime.start(cfg, snapshot_interval_s=3600)
+def test_connect_refuses_a_replica_the_shards_do_not_feed(
+    ray_session: None, tmp_path: Path
+) -> None:
+    cfg = Config(
+        namespace=NS + "-norep",
+        num_shards=1,
+        replica={"enabled": False},
+        snapshots={"dir": str(tmp_path / "snaps"), "interval_s": 3600},
+    )
+    runtime.start(cfg)
     try:
+        # The snapshot directory comes from the config (kvray.yaml, KVRAY_SNAPSHOTS__DIR or a
+        # Serve config's args), not only from runtime.start's argument.
+        st = ray.get(kvray.connect(cfg.namespace).controller.status.remote())
+        assert Path(st["snapshots"]) == tmp_path / "snaps"
         assert kvray.connect(cfg.namespace).replica is None
         with pytest.raises(ConfigError, match="do not publish"):
             kvray.connect(cfg.namespace, replica=True)

@@ -50,6 +50,7 @@ def test_env_reads_declared_fields_only(tmp_path: Path) -> None:
         "KVRAY_INDEX__BACKEND": "budget",
         "KVRAY_EVENTS__BIND": '["tcp://127.0.0.1:5557"]',
         "KVRAY_ROUTING__LOAD_WEIGHT": "2.5",
+        "KVRAY_SNAPSHOTS__DIR": "/var/lib/kvray/snapshots",
         "OTHER_NUM_SHARDS": "9",
     }
     cfg = load_config(f, env=env)
@@ -57,6 +58,7 @@ def test_env_reads_declared_fields_only(tmp_path: Path) -> None:
     assert (cfg.index.backend, cfg.index.max_keys) == ("budget", 5000)
     assert cfg.events.bind == ["tcp://127.0.0.1:5557"] and cfg.events.flush_messages == 64
     assert cfg.routing.load_weight == 2.5 and cfg.num_shards == 2
+    assert cfg.snapshots.dir == "/var/lib/kvray/snapshots" and cfg.snapshots.interval_s == 10
     with pytest.raises(ConfigError, match="index.bakend"):
         load_config(f, env={"KVRAY_INDEX__BAKEND": "budget"})  # a typo inside a section
     with pytest.raises(ConfigError, match="num_shards"):
