@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import random
@@ -192,7 +194,7 @@ def wait_ready(base: str, replicas: int, run: int, timeout_s: float = 300.0) -> 
                     break
             except httpx.HTTPError:
                 pass
-        time.sleep(1.0)
+        time.sleep(0.25)
     else:
         raise TimeoutError(f"Serve LLM app not ready in {timeout_s:.0f} s")
 
@@ -215,9 +217,9 @@ def wait_ready(base: str, replicas: int, run: int, timeout_s: float = 300.0) -> 
             time.sleep(1.0)
         raise TimeoutError("the app answers no warm-up request")
 
-    for i in range(2 * replicas):
-        hello(i)
-    time.sleep(3.0)  # routing stats refreshed; the routers report the warm-up's counts
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(hello, range(2 * replicas)))  # re-raises a warm-up's TimeoutError
+    time.sleep(2.0)  # routing stats refreshed (every 1 s); the routers report the warm-up's counts
 
 
 async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[str, Any]]:
@@ -258,11 +260,16 @@ async def replay(base: str, requests: list[Any], concurrency: int) -> list[dict[
 # --- the oracle ---------------------------------------------------------------------------------
 
 
-def tokenize_all(requests: list[Any]) -> list[tuple[list[int], str | None]]:
-    """Each request's prompt tokens, as the stand-in engine renders them, and its adapter."""
+@functools.cache
+def _tokenizer() -> Any:
     from kvray.tokenization.hf import find_bundled_qwen3, load_tokenizer
 
-    tok = load_tokenizer(find_bundled_qwen3())
+    return load_tokenizer(find_bundled_qwen3())
+
+
+def tokenize_all(requests: list[Any]) -> list[tuple[list[int], str | None]]:
+    """Each request's prompt tokens, as the stand-in engine renders them, and its adapter."""
+    tok = _tokenizer()
     return [
         (tok.encode_chat(r.body["messages"]), r.body["model"] if r.body["model"] != MODEL else None)
         for r in requests
@@ -380,12 +387,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = [(r, i) for r in sizes for i in ingresses]
     results: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
-    oracle_cache: dict[tuple[int, str], float] = {}
     try:
         runs = [(r, i, router) for r, i in plan for router in routers]
         for n, (replicas, ingress, router) in enumerate(runs):
             key = f"{replicas}x{ingress}"
             t0 = time.monotonic()
+            salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
+            requests = generate(wl, salt=salt)
+            # The oracle is computed in this process while Serve deploys in others (it needs
+            # only the requests), not while the run is measured.
+            oracle = concurrent.futures.ThreadPoolExecutor(1)
+            oracle_rate = oracle.submit(
+                oracle_hit_rate, tokenize_all(requests), replicas, args.num_blocks, args.seed
+            )
+            oracle.shutdown(wait=False)
             try:
                 serve.run(
                     llm_app(router, replicas, ingress, args, store),
@@ -394,25 +409,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     logging_config=SERVE_LOGGING,
                 )
                 wait_ready(base, replicas, n)
+                oracle_value = oracle_rate.result()
+                t_ready = time.monotonic()
                 ray.get(ledger.take.remote())  # drop the warm-up's rows
                 ray.get(ledger.routers.remote())
-                salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
-                requests = generate(wl, salt=salt)
                 client = asyncio.run(replay(base, requests, args.concurrency))
+                t_replayed = time.monotonic()
                 time.sleep(1.0)  # the last fire-and-forget rows
                 rows, overheads, tokenize, fallbacks = ray.get(ledger.take.remote())
                 routed = ray.get(ledger.routers.remote())
                 if routed != [TIMED[router].__name__]:
                     raise RuntimeError(f"configured {TIMED[router].__name__}, routed by {routed}")
-                okey = (replicas, salt)
-                if okey not in oracle_cache:
-                    oracle_cache[okey] = oracle_hit_rate(
-                        tokenize_all(requests), replicas, args.num_blocks, args.seed
-                    )
-                s = summarize(rows, client, overheads, tokenize, fallbacks, oracle_cache[okey],
+                s = summarize(rows, client, overheads, tokenize, fallbacks, oracle_value,
                               replicas)  # fmt: skip
                 s["replicas"], s["ingress_replicas"] = replicas, ingress
                 s["seconds"] = round(time.monotonic() - t0, 1)
+                s["deploy_s"] = round(t_ready - t0, 1)  # serve.run, warm-up (and the oracle)
+                s["replay_s"] = round(t_replayed - t_ready, 1)
                 results.setdefault(router, {})[key] = s
                 print(
                     f"{router:>22} {key:>6}: hit {s['hit_rate']:.3f} "
@@ -421,7 +434,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"overhead p50/p99 {s['overhead_p50_ms']:.2f}/{s['overhead_p99_ms']:.2f} ms "
                     f"(tokenizing p50 {s['tokenize_p50_ms']:.2f}), "
                     f"fallbacks {s['fallbacks']}, errors {s['errors']}, load CV {s['load_cv']} "
-                    f"[{s['seconds']} s]",
+                    f"[{s['seconds']} s: deploy {s['deploy_s']}, replay {s['replay_s']}]",
                     flush=True,
                 )
             except Exception as exc:  # one configuration failing does not lose the others
