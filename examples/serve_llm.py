@@ -276,9 +276,7 @@ def tokenize_all(requests: list[Any]) -> list[tuple[list[int], str | None]]:
     ]
 
 
-def oracle_hit_rate(
-    prompts: list[tuple[list[int], str | None]], pods: int, num_blocks: int, seed: int
-) -> float:
+def oracle_hit_rate(requests: list[Any], pods: int, num_blocks: int, seed: int) -> float:
     """Hit rate of routing each request to the pod with the longest cached prefix (ties at
     random), on simulated vLLM pools of the same size, in arrival order."""
     from kvray.core.keys import LoRA
@@ -287,7 +285,7 @@ def oracle_hit_rate(
     rng = random.Random(seed)
     fleet = [SimPod(f"oracle-{i}", MODEL, num_blocks=num_blocks) for i in range(pods)]
     cached = total = 0
-    for tokens, adapter in prompts:
+    for tokens, adapter in tokenize_all(requests):
         lora = LoRA(adapter) if adapter else None
         hits = [p.cached_prefix_blocks(tokens, lora) for p in fleet]
         best = max(hits)
@@ -387,6 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = [(r, i) for r in sizes for i in ingresses]
     results: dict[str, dict[str, Any]] = {}
     t_start = time.monotonic()
+    background = concurrent.futures.ThreadPoolExecutor(1)
     try:
         runs = [(r, i, router) for r, i in plan for router in routers]
         for n, (replicas, ingress, router) in enumerate(runs):
@@ -394,13 +393,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             salt = f"[run {n:03d}]"  # the same length for every run: the same token counts
             requests = generate(wl, salt=salt)
-            # The oracle is computed in this process while Serve deploys in others (it needs
-            # only the requests), not while the run is measured.
-            oracle = concurrent.futures.ThreadPoolExecutor(1)
-            oracle_rate = oracle.submit(
-                oracle_hit_rate, tokenize_all(requests), replicas, args.num_blocks, args.seed
+            # The oracle (tokenizing included) is computed in this process while Serve deploys
+            # in others (it needs only the requests), not while the run is measured.
+            oracle_rate = background.submit(
+                oracle_hit_rate, requests, replicas, args.num_blocks, args.seed
             )
-            oracle.shutdown(wait=False)
             try:
                 serve.run(
                     llm_app(router, replicas, ingress, args, store),
@@ -443,6 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 drop_prefix_trees()
     finally:
+        background.shutdown(wait=False, cancel_futures=True)
         serve.delete("llm")
         runtime.stop(NS)
         store.close()

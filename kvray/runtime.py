@@ -68,13 +68,7 @@ def start(
             max_task_retries=-1,
             **life,
         )
-        .remote(
-            config.model_dump(),
-            snapshot_interval_s or config.snapshots.interval_s,
-            detached,
-            actors["pg"],
-            snapshot_dir or config.snapshots.dir,
-        )
+        .remote(config.model_dump(), snapshot_interval_s, detached, actors["pg"], snapshot_dir)
     )
     _controllers[config.namespace] = ctl
     return ray.get(ctl.ready.remote(timeout_s), timeout=timeout_s + 10)  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ nothing that matters when it does:
   from every live shard at once instead. A shard that dies before that restarts empty, and the
   ingestors replay its pods' streams from their buffers (seq 0 when the buffer still has it).
 
-A snapshot thread copies every shard's index every ``snapshot_interval_s`` into a file on the
+A snapshot thread copies every shard's index every ``snapshots.interval_s`` into a file on the
 controller's node (``SnapshotFiles``; not its memory: a snapshot is as big as the shard's
 index); a restarted shard loads its latest copy in ``__init__`` and the ingestors replay what
 came after from the pods.
@@ -207,8 +207,10 @@ class Controller:
 
     Args:
         config: the deployment's configuration.
-        snapshot_interval_s: how often every shard's snapshot is pulled.
-        snapshot_dir: where the snapshots are kept (default: ``default_snapshot_dir(namespace)``).
+        snapshot_interval_s: how often every shard's snapshot is pulled (default:
+            ``config.snapshots.interval_s``).
+        snapshot_dir: where the snapshots are kept (default: ``config.snapshots.dir``, else
+            ``default_snapshot_dir(namespace)``).
         detached: the deployment outlives its driver (informational).
         pg: the shards' placement group (``create_actors``), removed by ``shutdown``.
     """
@@ -216,7 +218,7 @@ class Controller:
     def __init__(
         self,
         config: dict[str, Any],
-        snapshot_interval_s: float = 10.0,
+        snapshot_interval_s: float | None = None,
         detached: bool = False,
         pg: Any = None,
         snapshot_dir: str | None = None,
@@ -249,12 +251,14 @@ class Controller:
             self._load()
         self._save()
         self._snapshots = SnapshotFiles(
-            Path(snapshot_dir) if snapshot_dir else default_snapshot_dir(ns),
+            Path(snapshot_dir or self.config.snapshots.dir or default_snapshot_dir(ns)),
             keep=self.restarted,
         )
         self._snapshot_times: dict[int, float] = {}
         self._snapshot_versions: dict[int, tuple[str, int]] = {}
-        self._interval = snapshot_interval_s
+        self._interval = (
+            self.config.snapshots.interval_s if snapshot_interval_s is None else snapshot_interval_s
+        )
         self._snapshot_took = 0.0  # the slowest shard's last snapshot, seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._snapshot_loop, daemon=True)
