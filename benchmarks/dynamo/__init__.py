@@ -36,7 +36,9 @@ phase, and redoes a disturbed phase (``--retries``). Linux only (reads ``/proc``
 proposed changes: ``docs/dynamo.md``.
 
 Targets (kvray/Dynamo): ingest ≥ 1.0× (issue 16); memory per pair ≤ 1.0×; ``kvray.connect()``
-query p50 ≤ 1.0× Dynamo's HTTP p50; kvray HTTP p50 ≤ 3×; zero disagreements.
+query p50 ≤ 1.0× Dynamo's HTTP p50; kvray HTTP p50 ≤ 3×; kvray's
+scores equal the simulated caches' on every query (Dynamo's disagreements are reported, not a
+target: when the two differ the simulated caches say who is right).
 
 Modules: ``workload`` (the event stream and prompts), ``publish`` (binding PUB sockets),
 ``measure`` (/proc CPU and memory, timing, quiet-machine checks), ``dynamo_side`` and

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -240,7 +241,7 @@ def find_door(path: str, marker: str, timeout_s: float = 60.0) -> str | None:
             try:
                 if marker in Http(f"http://127.0.0.1:{port}").get(path):
                     return f"http://127.0.0.1:{port}"
-            except OSError:
+            except (OSError, http.client.HTTPException):  # closed, or not HTTP (Serve's gRPC)
                 continue
         time.sleep(0.2)
     return None

@@ -1160,15 +1160,44 @@ tv_set(tval *vp, tval v)
 
 /* - the operations the shared code uses - */
 
+/* Prefetching: the tables are far larger than the caches, so a lookup is a cache miss or two
+ * (a U64Map slot; a U64Dict index position, then its entry). Loops over a batch of keys ask for
+ * key j + PF_DIST's lines while working on key j. Stage 0 fetches the first line (the slot, the
+ * index position); stage 1, asked for a nearer key, reads the index position stage 0 fetched and
+ * fetches the entry it names (a U64Map has no second line). Hints only: nothing is changed. */
+#define PF_DIST 8
+
+static inline void
+um_prefetch(PyObject *o, uint64_t k, int stage)
+{
+    U64Map *m = (U64Map *)o;
+    if (stage == 0 && m->cap)
+        __builtin_prefetch(&m->slots[mix64(k ^ m->seed) & ((size_t)m->cap - 1)]);
+}
+
+static inline void
+ud_prefetch(PyObject *o, uint64_t k, int stage)
+{
+    U64Dict *m = (U64Dict *)o;
+    if (m->idx_cap == 0)
+        return;
+    const udix *x = &m->idx[(uint32_t)mix64(k ^ m->seed) & ((size_t)m->idx_cap - 1)];
+    if (stage == 0)
+        __builtin_prefetch(x);
+    else if (x->e != UD_EMPTY)
+        __builtin_prefetch(&m->ent[x->e]);
+}
+
 typedef struct {
     Py_ssize_t (*find)(PyObject *m, uint64_t k); /* a position, or -1 */
     tval *(*val)(PyObject *m, Py_ssize_t at);    /* the value at a position */
     int (*add)(PyObject *m, uint64_t k, tval v); /* insert an absent key (v taken) */
     void (*del_at)(PyObject *m, Py_ssize_t at);
+    void (*prefetch)(PyObject *m, uint64_t k, int stage);
 } table_ops;
 
-static const table_ops um_ops = {um_find, um_val, um_add, um_del_at};
-static const table_ops ud_ops = {ud_slot, ud_val, ud_add, ud_del_at};
+static const table_ops um_ops = {um_find, um_val, um_add, um_del_at, um_prefetch};
+static const table_ops ud_ops = {ud_slot, ud_val, ud_add, ud_del_at, ud_prefetch};
 
 static inline const table_ops *
 ops_of(PyObject *m)
@@ -3380,6 +3409,16 @@ scan_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(dlN)", ts, rank, capsule);
 }
 
+/* A little-endian u64 (a packed key). */
+static inline uint64_t
+le64(const unsigned char *b)
+{
+    uint64_t k = 0;
+    for (int x = 7; x >= 0; x--)
+        k = (k << 8) | b[x];
+    return k;
+}
+
 /* u64 keys as little-endian bytes (kvray.core.snapshot.pack_keys). */
 static PyObject *
 packed_bytes(const uint64_t *keys, Py_ssize_t n)
@@ -3491,7 +3530,7 @@ typedef struct {
     const table_ops *op;
     PyObject *ops, *pools;
     long long stored, removed, unknown_removed, unknown_parent, added, deleted;
-    uint64_t *keys;
+    uint64_t *keys; /* keys_cap request keys, then keys_cap engine keys, then keys_cap guesses */
     Py_ssize_t keys_cap;
     uint32_t *block;
     u64vec run;
@@ -3548,6 +3587,18 @@ fapply_close(fapply *c)
     PyMem_Free(c->run.v);
 }
 
+/* *g = the request key engine key e maps to (0: none), its first line in c->d prefetched. */
+static inline void
+guess_key(fapply *c, PyObject *emap, uint64_t e, uint64_t *g)
+{
+    *g = 0;
+    Py_ssize_t at = um_find(emap, e);
+    if (at >= 0 && tb_get_u64(emap, *um_val(emap, at), g) == 0)
+        c->op->prefetch(c->d, *g, 0);
+    else if (at >= 0)
+        PyErr_Clear(); /* not a u64 (cannot be: emap holds request keys); only a hint */
+}
+
 /* Apply one fast-form frame: 1 applied, 0 declined with nothing changed (not in fast form, or a
  * BlockStored's block_size differs), -1 on error. */
 static int
@@ -3586,11 +3637,11 @@ fapply_one(fapply *c, PyObject *payload)
     for (Py_ssize_t i = 0; ok > 0 && i < nev; i++) {
         if (evs[i].stored && evs[i].block_size != c->bs)
             ok = 0; /* the contract's block_size_mismatch: the Python path counts it */
-        if (evs[i].stored && evs[i].n > maxn)
+        if (evs[i].n > maxn)
             maxn = evs[i].n;
     }
     if (ok > 0 && maxn > c->keys_cap) {
-        uint64_t *k = PyMem_Realloc(c->keys, (size_t)maxn * sizeof(uint64_t));
+        uint64_t *k = PyMem_Realloc(c->keys, (size_t)maxn * 3 * sizeof(uint64_t));
         if (k == NULL) {
             PyErr_NoMemory();
             ok = -1;
@@ -3610,6 +3661,8 @@ fapply_one(fapply *c, PyObject *payload)
     PyObject *d = c->d, *emap = c->emap, *copies = c->copies;
     const table_ops *op = c->op;
     uint64_t *keys = c->keys, tag = c->tag;
+    uint64_t *eks = keys + c->keys_cap, *guess = eks + c->keys_cap;
+    const table_ops *emops = ops_of(emap);
     uint32_t *block = c->block;
     Py_ssize_t bs = c->bs;
     u64vec *run = &c->run;
@@ -3638,9 +3691,24 @@ fapply_one(fapply *c, PyObject *payload)
             run_medium = ev->medium;
             run_hashes += ev->n;
             for (Py_ssize_t j = 0; j < ev->n; j++) {
-                uint64_t h = 0, r;
+                uint64_t h = 0;
                 (void)mp_u64(&hp, end, &h); /* checked by frame_parse */
-                uint64_t e = h ^ tag;
+                eks[j] = h ^ tag;
+                emops->prefetch(emap, eks[j], 0);
+            }
+            /* Lookahead: the request key block j + PF_DIST maps to now, and its lines in d
+             * (emap's line for it was fetched above). A guess for prefetching only: the loop
+             * looks every key up again when it gets there. */
+            for (Py_ssize_t x = 0; x < ev->n && x < PF_DIST; x++)
+                guess_key(c, emap, eks[x], &guess[x]);
+            for (Py_ssize_t j = 0; j < ev->n; j++) {
+                uint64_t r;
+                Py_ssize_t ahead = j + PF_DIST, near = j + PF_DIST / 2;
+                if (ahead < ev->n)
+                    guess_key(c, emap, eks[ahead], &guess[ahead]);
+                if (near < ev->n && guess[near])
+                    op->prefetch(d, guess[near], 1);
+                uint64_t e = eks[j];
                 int extra = copies_step(copies, e, -1);
                 if (extra < 0)
                     goto done;
@@ -3683,6 +3751,12 @@ fapply_one(fapply *c, PyObject *payload)
         }
         const unsigned char *tp = ev->tokens;
         for (Py_ssize_t j = 0; j < ev->n; j++) {
+            uint64_t h = 0;
+            (void)mp_u64(&hp, end, &h);
+            eks[j] = h ^ tag;
+            emops->prefetch(emap, eks[j], 0);
+        }
+        for (Py_ssize_t j = 0; j < ev->n; j++) {
             for (Py_ssize_t t = 0; t < bs; t++) {
                 uint32_t v = next_u32(&tp, end); /* checked by frame_parse */
                 unsigned char *b = (unsigned char *)&block[t];
@@ -3693,11 +3767,14 @@ fapply_one(fapply *c, PyObject *payload)
             }
             key = XXH3_64bits_withSeed(block, (size_t)bs * 4, key);
             keys[j] = key;
+            op->prefetch(d, key, 0);
+            if (j >= PF_DIST / 2)
+                op->prefetch(d, keys[j - PF_DIST / 2], 1);
         }
         for (Py_ssize_t j = 0; j < ev->n; j++) {
-            uint64_t h = 0;
-            (void)mp_u64(&hp, end, &h);
-            uint64_t e = h ^ tag;
+            if (j + PF_DIST / 2 >= ev->n - PF_DIST / 2 && j + PF_DIST / 2 < ev->n)
+                op->prefetch(d, keys[j + PF_DIST / 2], 1); /* the last ones the loop above left */
+            uint64_t e = eks[j];
             Py_ssize_t at = op->find(d, keys[j]);
             int same = 0, rc;
             if (at < 0) {
@@ -3852,9 +3929,11 @@ apply_ops(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(raw);
         Py_ssize_t n = PyBytes_GET_SIZE(raw) / 8;
         for (Py_ssize_t j = 0; rc == 0 && j < n; j++) {
-            uint64_t k = 0;
-            for (int x = 7; x >= 0; x--)
-                k = (k << 8) | b[j * 8 + x];
+            if (j + PF_DIST < n)
+                t->prefetch(d, le64(b + (j + PF_DIST) * 8), 0);
+            if (j + PF_DIST / 2 < n)
+                t->prefetch(d, le64(b + (j + PF_DIST / 2) * 8), 1);
+            uint64_t k = le64(b + j * 8);
             Py_ssize_t at = t->find(d, k);
             if (kind == 0 && at < 0) {
                 rc = t->add(d, k, tv_dup(bit.tv));

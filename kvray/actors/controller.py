@@ -40,7 +40,7 @@ from typing import Any
 import ray
 
 from kvray.actors.ingestor import Ingestor
-from kvray.actors.naming import ingestor_name, shard_name, tokenizer_name
+from kvray.actors.naming import WAIT_GROUPS, ingestor_name, shard_name, tokenizer_name
 from kvray.actors.shard import IndexShard
 from kvray.actors.tokenizer import TokenizerActor
 from kvray.config import Config, PodEndpoint
@@ -174,7 +174,7 @@ def create_actors(config: Config, detached: bool = False) -> dict[str, Any]:
         lifetime="detached" if detached else None,
     )
     ray.get(pg.ready(), timeout=120)
-    shard_cls = ray.remote(IndexShard)
+    shard_cls = ray.remote(concurrency_groups=WAIT_GROUPS)(IndexShard)
     shard_common = {**common, "num_cpus": _SHARD_CPU}
     shards = [
         shard_cls.options(
@@ -192,7 +192,7 @@ def create_actors(config: Config, detached: bool = False) -> dict[str, Any]:
         for i in range(config.num_tokenizers)
     ]
     names = [shard_name(i) for i in range(config.num_shards)]
-    ing_cls = ray.remote(Ingestor)
+    ing_cls = ray.remote(concurrency_groups=WAIT_GROUPS)(Ingestor)
     ingestors = [
         ing_cls.options(
             name=ingestor_name(i), scheduling_strategy="SPREAD", max_concurrency=4, **common

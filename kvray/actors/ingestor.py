@@ -27,7 +27,7 @@ import msgspec
 import ray
 
 from kvray._proc import pin_malloc_thresholds, release_memory
-from kvray.actors.naming import ask_controller, ingestor_name, shard_name
+from kvray.actors.naming import ask_controller, in_wait_group, ingestor_name, shard_name
 from kvray.actors.shipping import LocalShard, ShardLinks
 from kvray.config import Config, PodEndpoint
 from kvray.core.messages import IngestorStats
@@ -47,6 +47,19 @@ spend ~8 % of a core turning its loop 500 times a second. The poll holds the act
 this also bounds how long a control call waits."""
 _RESYNC_S = 1.0  # how often idle shards' positions are compared with the streams
 _TRIM_IDLE_S = 2.0  # no message for this long after a burst: return freed heap to the OS
+
+
+class _Waiter:
+    """One ``Ingestor.wait_streams`` call: the streams it waits for, released by the loop."""
+
+    def __init__(self, want: dict[str, int]) -> None:
+        self.want = want
+        self.keys: dict[str, tuple[str, int]] = {}
+        for name in want:
+            pod, _, rank = name.rpartition("#")
+            self.keys[name] = (pod, int(rank)) if pod and rank.isdigit() else (name, 0)
+        self.done = threading.Event()
+        self.streams: dict[str, int] = {}
 
 
 class Ingestor:
@@ -107,6 +120,7 @@ class Ingestor:
         self._trimmed_at = 0  # _received_total when freed heap was last returned to the OS
         self._last_msg = time.monotonic()
         self._shipped_upto = 0
+        self._waiters: list[_Waiter] = []  # wait_streams calls, checked by the loop
         self._thread = threading.Thread(target=self._run, name="kvray-ingest", daemon=True)
         self._thread.start()
 
@@ -192,6 +206,31 @@ class Ingestor:
         """Next expected seq per stream ``"<pod>#<rank>"``."""
         return {f"{p}#{r}": s for (p, r), s in self.follow.seq.streams().items()}
 
+    @in_wait_group  # blocks: in threads of its own
+    def wait_streams(self, want: dict[str, int], timeout_s: float = 1.0) -> dict[str, int] | None:
+        """Block until the streams of ``want`` (``"<pod>#<rank>"`` → the next seq its publisher
+        will use) that this reader has seen, at least one, have reached their seqs and all it
+        received is shipped; returns those streams' next seqs, or None after ``timeout_s``
+        (this reader has seen none of them, or they are not there yet). The loop checks after
+        each turn, so the answer comes as the stream completes (``kvray.sim.wait_applied``)."""
+        w = _Waiter(want)
+        self._waiters.append(w)
+        try:
+            return w.streams if w.done.wait(timeout_s) else None
+        finally:
+            self._waiters.remove(w)
+
+    def _check_waiters(self) -> None:
+        """Release the ``wait_streams`` calls whose streams are complete (loop thread)."""
+        if self._shipped_upto < self._received_total or self.links.in_flight():
+            return
+        seen = self.follow.seq.streams()
+        for w in list(self._waiters):
+            mine = {name: seen[st] for name, st in w.keys.items() if st in seen}
+            if mine and all(v >= w.want[name] for name, v in mine.items()):
+                w.streams = mine
+                w.done.set()
+
     def progress(self) -> tuple[int, int, int]:
         """(messages received, received messages fully shipped, calls in flight): a caller
         waits for everything received so far by polling until shipped reaches it with no
@@ -247,6 +286,8 @@ class Ingestor:
                             self.follow.idle_answer(shard, incarnation, positions)
                     if not any(self.links.pending):
                         self._shipped_upto = self._received_total
+                    if self._waiters:
+                        self._check_waiters()
             except Exception:  # the loop must not die; log and back off briefly
                 log.exception("ingestor %d loop error", self.id)
                 time.sleep(0.1)

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 CONTROLLER = "kvray-controller"
+
+WAIT_GROUP = "wait"
+"""The concurrency group of the blocking ``IndexShard.ingest_wait`` / ``Ingestor.wait_streams``
+calls: threads of their own, so they never hold up the actor's other calls (a shard's default
+group runs one call at a time)."""
+WAIT_GROUPS = {WAIT_GROUP: 4}
+"""``concurrency_groups`` of the shard and ingestor actors."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def in_wait_group(fn: _F) -> _F:
+    """``ray.method(concurrency_group=WAIT_GROUP)``, typed (a plain call is unchanged)."""
+    import ray
+
+    return ray.method(concurrency_group=WAIT_GROUP)(fn)  # type: ignore[no-any-return]
 
 
 def shard_name(i: int) -> str:

@@ -8,6 +8,7 @@ its own holders are decoded once and applied by a direct call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,13 @@ class OwnPods:
 
     def progress(self) -> tuple[int, int, int]:
         return self.reader.progress() if self.reader is not None else (0, 0, 0)
+
+    def wait_streams(self, want: dict[str, int], timeout_s: float) -> dict[str, int] | None:
+        if self.reader is None:  # reads nothing (yet): nothing of ``want`` will complete here
+            time.sleep(timeout_s)
+            return None
+        got: dict[str, int] | None = self.reader.wait_streams(want, timeout_s)
+        return got
 
     def stats(self) -> IngestorStats | None:
         """The reader's stats, named ``shard<i>``."""

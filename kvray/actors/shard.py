@@ -24,7 +24,7 @@ import kvray.backends  # noqa: F401  (registers the Redis backend)
 from kvray._env import freeze_heap
 from kvray._proc import node_ip, pin_malloc_thresholds, release_memory
 from kvray.actors._locking import locked
-from kvray.actors.naming import ask_controller
+from kvray.actors.naming import ask_controller, in_wait_group
 from kvray.actors.own_pods import OwnPods
 from kvray.actors.shard_status import pods_info, shard_stats
 from kvray.changes.journal import Journal, ReplicaSnapshot, change_encoder, packed_holders
@@ -221,6 +221,11 @@ class IndexShard:
 
     def ingest_progress(self) -> tuple[int, int, int]:
         return self.own.progress()
+
+    @in_wait_group  # blocks: not in the default group, which runs one call at a time
+    def ingest_wait(self, want: dict[str, int], timeout_s: float = 1.0) -> dict[str, int] | None:
+        """``Ingestor.wait_streams`` of the pods this shard reads itself."""
+        return self.own.wait_streams(want, timeout_s)
 
     def ingest_stats(self) -> IngestorStats | None:
         return self.own.stats()

@@ -255,3 +255,26 @@ def test_a_pod_added_while_publishing_is_caught_up_from_its_replay_buffer(
     finally:
         pub.close()
         deployment.remove_pod("10.15.0.1")
+
+
+def test_a_shard_answers_a_wait_when_its_streams_are_applied(deployment: Client) -> None:
+    """``IndexShard.ingest_wait`` (what ``wait_applied`` calls): None after its timeout for a
+    stream it does not read, at once for one already applied, and, while it blocks, the shard
+    still answers its other calls (the wait has threads of its own)."""
+    pub = SimPublisher("tcp://127.0.0.1:0", "")
+    deployment.add_pod(pub.endpoint, None, "10.8.0.7", "m")
+    assert pub.wait_connected()
+    pod = SimPod("10.8.0.7", "m", publisher=pub)
+    pod.serve(list(range(300, 364)))
+    pod.serve(list(range(400, 432)))
+    shard = deployment.shards[deployment.owner("10.8.0.7")]
+    blocked = shard.ingest_wait.remote({"10.8.0.99#0": 1}, 2.0)  # nobody reads this pod
+    t0 = time.monotonic()
+    assert ray.get(shard.ping.remote(), timeout=10) is not None
+    assert time.monotonic() - t0 < 1.5  # not queued behind the blocked wait
+    got = ray.get(shard.ingest_wait.remote({"10.8.0.7#0": pub.seq}, 10.0), timeout=15)
+    assert got == {"10.8.0.7#0": pub.seq}
+    assert sync(deployment, {"10.8.0.7": pub.seq})  # applied in the shard; now in the replica
+    assert deployment.score_tokens(list(range(300, 364)), "m") == {"10.8.0.7": 4.0}
+    assert ray.get(blocked, timeout=10) is None
+    pub.close()
