@@ -37,9 +37,18 @@ class BoundPublisher:
         self.sock.close(linger=0)
 
 
+_ctx: zmq.Context[Any] | None = None
+
+
 def make_publishers(pods: int) -> list[BoundPublisher]:
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    ctx.setsockopt(zmq.MAX_SOCKETS, 4096)
+    global _ctx
+    if _ctx is None:
+        # A context of its own: 3 sockets a pod (the PUB, its monitor and the monitor's inproc
+        # peer), and a phase may hold two sets; libzmq's default of 1,023 fits ~300 pods, and
+        # the shared instance kept that default whatever was set on it.
+        _ctx = zmq.Context()
+        _ctx.set(zmq.MAX_SOCKETS, 32768)
+    ctx = _ctx
     return [BoundPublisher(ctx, f"kv@pod{i}@{MODEL}") for i in range(pods)]
 
 
