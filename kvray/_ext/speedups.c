@@ -3662,7 +3662,6 @@ fapply_one(fapply *c, PyObject *payload)
     const table_ops *op = c->op;
     uint64_t *keys = c->keys, tag = c->tag;
     uint64_t *eks = keys + c->keys_cap, *guess = eks + c->keys_cap;
-    const table_ops *emops = ops_of(emap);
     uint32_t *block = c->block;
     Py_ssize_t bs = c->bs;
     u64vec *run = &c->run;
@@ -3694,7 +3693,7 @@ fapply_one(fapply *c, PyObject *payload)
                 uint64_t h = 0;
                 (void)mp_u64(&hp, end, &h); /* checked by frame_parse */
                 eks[j] = h ^ tag;
-                emops->prefetch(emap, eks[j], 0);
+                um_prefetch(emap, eks[j], 0); /* emap is a U64Map (fapply_open) */
             }
             /* Lookahead: the request key block j + PF_DIST maps to now, and its lines in d
              * (emap's line for it was fetched above). A guess for prefetching only: the loop
@@ -3754,7 +3753,7 @@ fapply_one(fapply *c, PyObject *payload)
             uint64_t h = 0;
             (void)mp_u64(&hp, end, &h);
             eks[j] = h ^ tag;
-            emops->prefetch(emap, eks[j], 0);
+            um_prefetch(emap, eks[j], 0);
         }
         for (Py_ssize_t j = 0; j < ev->n; j++) {
             for (Py_ssize_t t = 0; t < bs; t++) {
@@ -3771,9 +3770,10 @@ fapply_one(fapply *c, PyObject *payload)
             if (j >= PF_DIST / 2)
                 op->prefetch(d, keys[j - PF_DIST / 2], 1);
         }
+        for (Py_ssize_t j = ev->n - PF_DIST / 2; j < ev->n; j++)
+            if (j >= 0)
+                op->prefetch(d, keys[j], 1); /* the last ones the loop above left */
         for (Py_ssize_t j = 0; j < ev->n; j++) {
-            if (j + PF_DIST / 2 >= ev->n - PF_DIST / 2 && j + PF_DIST / 2 < ev->n)
-                op->prefetch(d, keys[j + PF_DIST / 2], 1); /* the last ones the loop above left */
             uint64_t e = eks[j];
             Py_ssize_t at = op->find(d, keys[j]);
             int same = 0, rc;

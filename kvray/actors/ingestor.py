@@ -202,10 +202,6 @@ class Ingestor:
                 shard_calls=self.links.calls, streams=len(self.follow.seq.streams()),
             )  # fmt: skip
 
-    def streams(self) -> dict[str, int]:
-        """Next expected seq per stream ``"<pod>#<rank>"``."""
-        return {f"{p}#{r}": s for (p, r), s in self.follow.seq.streams().items()}
-
     @in_wait_group  # blocks: in threads of its own
     def wait_streams(self, want: dict[str, int], timeout_s: float = 1.0) -> dict[str, int] | None:
         """Block until the streams of ``want`` (``"<pod>#<rank>"`` → the next seq its publisher

@@ -76,9 +76,6 @@ class OwnPods:
     def forget(self, pod: str) -> int:
         return self.reader.forget_pod(pod) if self.reader is not None else 0
 
-    def streams(self) -> dict[str, int]:
-        return self.reader.streams() if self.reader is not None else {}
-
     def progress(self) -> tuple[int, int, int]:
         return self.reader.progress() if self.reader is not None else (0, 0, 0)
 

@@ -216,9 +216,6 @@ class IndexShard:
         """Stop tracking a removed pod's streams here (see ``Ingestor.forget_pod``)."""
         return self.own.forget(pod)
 
-    def ingest_streams(self) -> dict[str, int]:
-        return self.own.streams()
-
     def ingest_progress(self) -> tuple[int, int, int]:
         return self.own.progress()
 
